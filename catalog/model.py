@@ -58,13 +58,19 @@ class LoadedModel:
             digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
         return digest.hexdigest()
 
-    def run(self, tokens):
-        """Forward pass on a [batch, pos] token tensor; returns the activation cache of HOOK_SUFFIXES."""
+    def run(self, tokens, hooks: tuple[str, ...] = HOOK_SUFFIXES, with_logits: bool = False):
+        """Forward pass on a [batch, pos] token tensor; returns the activation cache of the hooks
+        whose names end with one of `hooks` (and the logits first, with_logits=True)."""
         import torch
 
         with torch.no_grad():
-            _, cache = self.bridge.run_with_cache(tokens, names_filter=lambda n: n.endswith(HOOK_SUFFIXES))
-        return cache
+            logits, cache = self.bridge.run_with_cache(tokens, names_filter=lambda n: n.endswith(hooks))
+        return (logits, cache) if with_logits else cache
+
+    def output_weights(self):
+        """b_O [layer, d_model] (value biases folded in), W_U [d_model, vocab] (centred), b_U [vocab]."""
+        b = self.bridge
+        return b.b_O.detach(), b.W_U.detach(), b.b_U.detach()
 
 
 def load_model(name: str = "gpt2", path: str | Path | None = None, device: str = "cpu") -> LoadedModel:

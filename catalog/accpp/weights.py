@@ -1,0 +1,39 @@
+"""Per-head weights of ACC++ (ACCPP.md section 1), computed once per model.
+
+Omega = W_Q W_K^T (no bias augmentation) has rank d_head, so its SVD comes from the factors
+(thin QR of each, then the SVD of the small core), batched over every head in float64, as in
+catalog.decompose. The biases enter as additive d_model vectors, the "AH offset":
+c_d = b_Q W_Q^+ and c_s = b_K W_K^+, so that q_t = (x_t + c_d) W_Q and k_t = (x_t + c_s) W_K.
+No sign convention is needed: every ACC++ quantity uses u_k and v_k in pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AccppWeights:
+    U: torch.Tensor  # [layer, head, d_model, sv] query-side singular vectors u_k
+    S: torch.Tensor  # [layer, head, sv] singular values, descending
+    V: torch.Tensor  # [layer, head, d_model, sv] key-side singular vectors v_k
+    c_d: torch.Tensor  # [layer, head, d_model] query bias offset b_Q W_Q^+
+    c_s: torch.Tensor  # [layer, head, d_model] key bias offset b_K W_K^+
+
+
+def plain_svd(W_Q: torch.Tensor, W_K: torch.Tensor):
+    """U, S, V of W_Q W_K^T for every head ([layer, head, d_model, d_head] factors), float64."""
+    Qa, Ra = torch.linalg.qr(W_Q.double())
+    Qb, Rb = torch.linalg.qr(W_K.double())
+    core_U, S, core_Vh = torch.linalg.svd(Ra @ Rb.transpose(-1, -2))
+    return Qa @ core_U, S, Qb @ core_Vh.transpose(-1, -2)
+
+
+def accpp_weights(W_Q, b_Q, W_K, b_K) -> AccppWeights:
+    """The SVD of every head's Omega and its bias offsets, stored as float32."""
+    U, S, V = plain_svd(W_Q, W_K)
+    c_d = (b_Q.double().unsqueeze(-2) @ torch.linalg.pinv(W_Q.double())).squeeze(-2)
+    c_s = (b_K.double().unsqueeze(-2) @ torch.linalg.pinv(W_K.double())).squeeze(-2)
+    return AccppWeights(U=U.float(), S=S.float(), V=V.float(), c_d=c_d.float(), c_s=c_s.float())
