@@ -74,15 +74,41 @@ def analyse_batch(model, decomposition: Decomposition, W_O, token_lists, end_pos
             result = trace_side(side, firings, signals, U, V, sigma, upstream, scale,
                                 settings.append_constant, settings.edge_threshold)
             f, up = result.is_edge.nonzero(as_tuple=True)
+            first_row = sum(len(part["prompt_id"]) for part in rows["edges"])
             edge = dict(_take(key, f), side=np.full(len(f), side), up_layer=(up // model.n_heads).numpy(),
                         up_head=(up % model.n_heads).numpy())
             rows["edges"].append(dict(edge, weight=result.weight[f, up].numpy()))
-            # One row per (edge, direction of the firing's signal).
+            # One row per (edge, direction of the firing's signal), in the signal's order.
             e, rank = selected[f, : result.terms.shape[2]].nonzero(as_tuple=True)
-            rows["edge_svs"].append(dict(
-                _take(edge, e), sv=signals.order[f[e], rank].numpy(), weight=result.terms[f[e], up[e], rank].numpy(),
-            ))
+            rows["edge_svs"].append(dict(edge_row=first_row + e.numpy(), rank=rank.numpy(),
+                                         sv=signals.order[f[e], rank].numpy(), weight=result.terms[f[e], up[e], rank].numpy()))
+    if rows["edges"]:
+        edges, edge_svs = number_edges(_concat(rows["edges"]), _concat(rows["edge_svs"]))
+        rows["edges"], rows["edge_svs"] = [edges], [edge_svs]
     return {name: _table(name, parts) for name, parts in rows.items()}
+
+
+# The order edges are numbered in within a prompt (the order migration 004 gave older catalogs).
+EDGE_ORDER = ("layer", "head", "dest_pos", "src_pos", "side", "up_layer", "up_head")
+
+
+def number_edges(edges: dict, edge_svs: dict) -> tuple[dict, dict]:
+    """Give each edge its edge_id (0-based within its prompt, in EDGE_ORDER) and each edge_svs row,
+    which names its edge by row (`edge_row`), the edge's prompt_id and edge_id."""
+    n = len(edges["prompt_id"])
+    order = np.lexsort([edges[c] for c in reversed(("prompt_id",) + EDGE_ORDER)])
+    prompt_sorted = edges["prompt_id"][order]
+    starts = np.r_[0, np.flatnonzero(np.diff(prompt_sorted)) + 1] if n else np.zeros(0, int)
+    position = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    edge_id = np.empty(n, dtype=np.int64)
+    edge_id[order] = position
+    numbered = dict(edges, edge_id=edge_id, up_kind=np.full(n, "head"))
+    rows = edge_svs.pop("edge_row")
+    return numbered, dict(edge_svs, prompt_id=edges["prompt_id"][rows], edge_id=edge_id[rows])
+
+
+def _concat(parts: list[dict]) -> dict:
+    return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]} if parts else {}
 
 
 def _take(columns: dict, index) -> dict:
@@ -95,15 +121,15 @@ _TYPES = {
     "src_pos": pa.int16(), "attn_weight": pa.float32(), "score": pa.float32(), "n_svs": pa.int16(),
     "rank": pa.int16(), "sv": pa.int16(), "contribution": pa.float32(), "dest_proj": pa.float32(),
     "src_proj": pa.float32(), "side": pa.string(), "up_layer": pa.int16(), "up_head": pa.int16(),
-    "weight": pa.float32(),
+    "weight": pa.float32(), "edge_id": pa.int32(), "up_kind": pa.string(),
 }
 _COLUMNS = {
     "firings": ["prompt_id", "layer", "head", "dest_pos", "src_pos", "attn_weight", "score", "n_svs"],
     "firing_svs": ["prompt_id", "layer", "head", "dest_pos", "src_pos", "rank", "sv", "contribution",
                    "dest_proj", "src_proj"],
-    "edges": ["prompt_id", "layer", "head", "dest_pos", "src_pos", "side", "up_layer", "up_head", "weight"],
-    "edge_svs": ["prompt_id", "layer", "head", "dest_pos", "src_pos", "side", "up_layer", "up_head", "sv",
-                 "weight"],
+    "edges": ["prompt_id", "edge_id", "layer", "head", "dest_pos", "src_pos", "side", "up_kind", "up_layer",
+              "up_head", "weight"],
+    "edge_svs": ["prompt_id", "edge_id", "rank", "sv", "weight"],
 }
 
 

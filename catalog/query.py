@@ -126,34 +126,59 @@ def check_side(side: str | None) -> None:
         raise CatalogError(f"side must be 'query' or 'key', not '{side}'")
 
 
-# The token an upstream head writes to: the destination on the query side, the source on the key side.
+# The token an upstream component writes to: the destination on the query side, the source on the key side.
 _TOKEN_POS = "CASE WHEN e.side = 'query' THEN e.dest_pos ELSE e.src_pos END"
 
 # Shares of the edge weight per singular direction, largest first, as "sv:share" strings.
 _TOP_SVS = "list(printf('%d:%.2f', sv, sv_weight / nullif(total, 0)) ORDER BY sv_weight DESC)[1:{n}]"
 
+# Upstream component kinds (edges.up_kind): heads for both methods, the rest from ACC++ runs.
+KINDS = ("head", "mlp", "attn_bias", "embed", "offset")
 
-def _edge_table(con, run: Run, fixed: tuple[str, str], layer_head: tuple[int, int], group: list[str],
-                head_column: str, side: str | None, role: str | None, top: int | None, n_svs: int) -> pa.Table:
-    """Edges with one end fixed (`fixed` columns = layer_head), grouped by the other end.
 
-    `group` lists the grouping columns of `chosen`; `head_column` names the "L.H" output column
-    built from the first two of them.
+def component_name(prefix: str = "") -> str:
+    """SQL for a component's display name from {prefix}up_kind, up_layer, up_head: "L.H" for a head,
+    "MLP L", "b_O L", "embed", "offset"."""
+    p = prefix
+    return (f"CASE {p}up_kind WHEN 'head' THEN {p}up_layer || '.' || {p}up_head "
+            f"WHEN 'mlp' THEN 'MLP ' || {p}up_layer WHEN 'attn_bias' THEN 'b_O ' || {p}up_layer "
+            f"ELSE {p}up_kind END")
+
+
+def check_kinds(kinds) -> list[str] | None:
+    """The component kinds to keep (None: all); CatalogError on an unknown kind."""
+    if kinds is None:
+        return None
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    kinds = [k.strip() for text in kinds for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise CatalogError(f"unknown component kind '{unknown[0]}' (kinds: {', '.join(KINDS)})")
+    return kinds or None
+
+
+def _edge_table(con, run: Run, fixed: str, layer_head: tuple[int, int], group: list[str], display: str,
+                head_column: str, side: str | None, role: str | None, top: int | None, n_svs: int,
+                kinds: list[str] | None = None) -> pa.Table:
+    """Edges with one end fixed (`fixed`: a condition on e.* with $layer, $head), grouped by the other.
+
+    `group` lists the grouping columns of `chosen`; `display` is the SQL (over g.*) of the
+    `head_column` output column that names the other end.
     """
     check_side(side)
     check_role(con, run, role)
-    fixed_layer, fixed_head = fixed
+    kinds = check_kinds(kinds)
     group_sql = ", ".join(group)
-    other_layer, other_head = group[0], group[1]
-    extra = group[2:]  # side, and token_role for edges_from
+    extra = [c for c in group if c in ("side", "token_role")]
     sql = f"""
     WITH chosen AS (
-        SELECT e.prompt_id, e.layer, e.head, e.dest_pos, e.src_pos, e.side, e.up_layer, e.up_head,
+        SELECT e.prompt_id, e.edge_id, e.layer, e.head, e.side, e.up_kind, e.up_layer, e.up_head,
                e.weight, t.role AS token_role
         FROM edges e
         LEFT JOIN tokens t ON t.run_id = e.run_id AND t.prompt_id = e.prompt_id AND t.pos = {_TOKEN_POS}
-        WHERE e.run_id = $run AND e.{fixed_layer} = $layer AND e.{fixed_head} = $head
+        WHERE e.run_id = $run AND {fixed}
           AND ($side IS NULL OR e.side = $side) AND ($role IS NULL OR t.role = $role)
+          AND ($kinds IS NULL OR list_contains($kinds, e.up_kind))
     ),
     grouped AS (
         SELECT {group_sql}, count(DISTINCT prompt_id) AS n_prompts, count(*) AS n_firings,
@@ -163,10 +188,7 @@ def _edge_table(con, run: Run, fixed: tuple[str, str], layer_head: tuple[int, in
     by_sv AS (
         SELECT {", ".join("c." + g for g in group)}, s.sv, sum(s.weight) AS sv_weight
         FROM chosen c
-        JOIN edge_svs s ON s.run_id = $run AND s.{fixed_layer} = $layer AND s.{fixed_head} = $head
-             AND s.prompt_id = c.prompt_id AND s.layer = c.layer AND s.head = c.head
-             AND s.dest_pos = c.dest_pos AND s.src_pos = c.src_pos AND s.side = c.side
-             AND s.up_layer = c.up_layer AND s.up_head = c.up_head
+        JOIN edge_svs s ON s.run_id = $run AND s.prompt_id = c.prompt_id AND s.edge_id = c.edge_id
         GROUP BY {", ".join("c." + g for g in group)}, s.sv
     ),
     sv_lists AS (
@@ -174,33 +196,36 @@ def _edge_table(con, run: Run, fixed: tuple[str, str], layer_head: tuple[int, in
         FROM (SELECT b.*, sum(sv_weight) OVER (PARTITION BY {group_sql}) AS total FROM by_sv b)
         GROUP BY {group_sql}
     )
-    SELECT g.{other_layer} || '.' || g.{other_head} AS {head_column}, {", ".join("g." + c for c in extra)},
+    SELECT {display} AS {head_column}, {", ".join("g." + c for c in extra)},
            g.n_prompts, g.n_firings, g.mean_weight, g.total_weight, coalesce(l.top_svs, []) AS top_svs
     FROM grouped g
     LEFT JOIN sv_lists l ON {" AND ".join(f"g.{c} IS NOT DISTINCT FROM l.{c}" for c in group)}
-    ORDER BY g.n_prompts DESC, g.total_weight DESC, g.{other_layer}, g.{other_head},
-             {", ".join("g." + c for c in extra)}
+    ORDER BY g.n_prompts DESC, g.total_weight DESC, {", ".join("g." + c for c in group)}
     {"LIMIT " + str(int(top)) if top is not None else ""}
     """
-    params = {"run": run.run_id, "layer": layer_head[0], "head": layer_head[1], "side": side, "role": role}
+    params = {"run": run.run_id, "layer": layer_head[0], "head": layer_head[1], "side": side, "role": role,
+              "kinds": kinds}
     return fetch(con, sql, params)
 
 
 def edges_into(con, head: str, side: str | None = None, role: str | None = None,
-               run_id: int | None = None, top: int | None = None, n_svs: int = 3) -> pa.Table:
-    """The upstream heads that feed `head`: one row per (up_head, side).
+               run_id: int | None = None, top: int | None = None, n_svs: int = 3, kind=None) -> pa.Table:
+    """The upstream components that feed `head`: one row per (up_head, side).
 
-    Columns: up_head ("L.H"), side, n_prompts and n_firings it is an edge of, mean_weight and
-    total_weight of those edges, top_svs (the head's singular directions it writes through,
-    "sv:share" with share = that direction's part of the total weight, largest first).
-    `role` keeps edges whose token (the one the upstream head writes to) has that role.
+    Columns: up_head (the component: "L.H" for a head; "MLP L", "b_O L", "embed", "offset" in
+    ACC++ runs), side, n_prompts and n_firings it is an edge of, mean_weight and total_weight of
+    those edges (in the run's weight_unit), top_svs (the head's singular directions it writes
+    through, "sv:share" with share = that direction's part of the total weight, largest first).
+    `role` keeps edges whose token (the one the upstream component writes to) has that role;
+    `kind` keeps components of these kinds (head, mlp, attn_bias, embed, offset).
     Ordered by n_prompts, then total_weight, descending.
 
         >>> edges_into(con, "9.9", side="query", role="end", top=5)   # doctest: +SKIP
     """
     run = resolve_run(con, run_id, EDGE_TABLES)
-    return _edge_table(con, run, ("layer", "head"), run.head(head), ["up_layer", "up_head", "side"],
-                       "up_head", side, role, top, n_svs)
+    return _edge_table(con, run, "e.layer = $layer AND e.head = $head", run.head(head),
+                       ["up_kind", "up_layer", "up_head", "side"], component_name("g."), "up_head",
+                       side, role, top, n_svs, kind)
 
 
 def edges_from(con, head: str, side: str | None = None, role: str | None = None,
@@ -212,7 +237,8 @@ def edges_from(con, head: str, side: str | None = None, role: str | None = None,
         >>> edges_from(con, "7.3", side="key", top=5)   # doctest: +SKIP
     """
     run = resolve_run(con, run_id, EDGE_TABLES)
-    return _edge_table(con, run, ("up_layer", "up_head"), run.head(head), ["layer", "head", "side", "token_role"],
+    return _edge_table(con, run, "e.up_kind = 'head' AND e.up_layer = $layer AND e.up_head = $head",
+                       run.head(head), ["layer", "head", "side", "token_role"], "g.layer || '.' || g.head",
                        "down_head", side, role, top, n_svs)
 
 

@@ -31,14 +31,18 @@ runs = sa.Table(
     sa.Column("n_prompts", sa.Integer, nullable=False),
     sa.Column("seed", sa.Integer),
     sa.Column("prompts_digest", sa.String, nullable=False),
-    sa.Column("attn_threshold", sa.Float, nullable=False),
-    sa.Column("sv_threshold", sa.Float, nullable=False),
-    sa.Column("edge_threshold", sa.Float, nullable=False),
-    sa.Column("append_constant", sa.Boolean, nullable=False),
+    # The 2024 method's settings (NULL for ACC++ runs, whose settings are in `settings`).
+    sa.Column("attn_threshold", sa.Float),
+    sa.Column("sv_threshold", sa.Float),
+    sa.Column("edge_threshold", sa.Float),
+    sa.Column("append_constant", sa.Boolean),
     sa.Column("batch_size", sa.Integer, nullable=False),
     sa.Column("params", sa.JSON, nullable=False),
     sa.Column("status", sa.String, nullable=False),
     sa.Column("package_version", sa.String, nullable=False),
     sa.Column("started_at", sa.DateTime, nullable=False),
     sa.Column("finished_at", sa.DateTime),
+    sa.Column("method", sa.String, server_default="sad"),        # 'sad' | 'accpp'
+    sa.Column("weight_unit", sa.String, server_default="score"),  # 'score' | 'attn_prob'
+    sa.Column("settings", sa.JSON),
 )

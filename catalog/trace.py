@@ -128,12 +128,13 @@ grouped AS (
 by_sv AS (
     -- Joined from the reached firings, not from `traced`: DuckDB would otherwise pre-aggregate
     -- all of edge_svs before the join (seconds on a large catalog).
-    SELECT s.up_layer, s.up_head, s.layer, s.head, t.{token} AS token, s.side, s.sv, sum(s.weight) AS sv_weight
+    SELECT e.up_layer, e.up_head, e.layer, e.head, t.{token} AS token, e.side, s.sv, sum(s.weight) AS sv_weight
     FROM {reached} r
-    JOIN edge_svs s ON s.run_id = $run AND s.prompt_id = r.prompt_id AND s.layer = r.layer AND s.head = r.head
-         AND s.dest_pos = r.dest_pos AND s.src_pos = r.src_pos
-    JOIN tokens t ON t.run_id = $run AND t.prompt_id = s.prompt_id
-                 AND t.pos = CASE WHEN s.side = 'query' THEN s.dest_pos ELSE s.src_pos END
+    JOIN edges e ON e.run_id = $run AND e.prompt_id = r.prompt_id AND e.layer = r.layer AND e.head = r.head
+                AND e.dest_pos = r.dest_pos AND e.src_pos = r.src_pos
+    JOIN edge_svs s ON s.run_id = $run AND s.prompt_id = e.prompt_id AND s.edge_id = e.edge_id
+    JOIN tokens t ON t.run_id = $run AND t.prompt_id = e.prompt_id
+                 AND t.pos = CASE WHEN e.side = 'query' THEN e.dest_pos ELSE e.src_pos END
     WHERE t.{token} IS NOT NULL
     GROUP BY ALL
 ),

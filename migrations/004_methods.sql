@@ -4,6 +4,13 @@
 -- carry the model's output; ACC++ circuits keep their roots and seeds. Rows of older runs keep
 -- their numbers: they become method 'sad', every edge an up_kind 'head' edge.
 
+-- DuckDB cannot alter a table that foreign keys point at, so the two tables that reference runs
+-- are set aside, runs is altered, and they are rebuilt (prompts with its new columns).
+CREATE TEMPORARY TABLE run_batches_v3 AS SELECT * FROM run_batches;
+CREATE TEMPORARY TABLE prompts_v3 AS SELECT * FROM prompts;
+DROP TABLE run_batches;
+DROP TABLE prompts;
+
 -- Runs: which method, in which unit its edge weights are, and its result-changing settings.
 ALTER TABLE runs ADD COLUMN method VARCHAR DEFAULT 'sad';        -- 'sad' | 'accpp'
 ALTER TABLE runs ADD COLUMN weight_unit VARCHAR DEFAULT 'score'; -- 'score' (sad) | 'attn_prob' (accpp)
@@ -15,13 +22,39 @@ ALTER TABLE runs ALTER COLUMN sv_threshold DROP NOT NULL;
 ALTER TABLE runs ALTER COLUMN edge_threshold DROP NOT NULL;
 ALTER TABLE runs ALTER COLUMN append_constant DROP NOT NULL;
 
--- What the objective needs and what the model answered, at the prompt's end token.
-ALTER TABLE prompts ADD COLUMN answer_token_id INTEGER;   -- the correct next token (IOI: IO), NULL if unknown
-ALTER TABLE prompts ADD COLUMN wrong_token_id INTEGER;    -- the contrast token (IOI: S), NULL if unknown
-ALTER TABLE prompts ADD COLUMN logit_diff FLOAT;          -- logit(answer) - logit(wrong) at end_pos
-ALTER TABLE prompts ADD COLUMN answer_prob FLOAT;         -- softmax probability of the answer at end_pos
-ALTER TABLE prompts ADD COLUMN top_token_id INTEGER;      -- the model's most likely next token at end_pos
-ALTER TABLE prompts ADD COLUMN top_token VARCHAR;         -- its decoded text
+CREATE TABLE run_batches (
+    run_id        INTEGER NOT NULL REFERENCES runs (run_id),
+    batch         INTEGER NOT NULL,
+    first_prompt  INTEGER NOT NULL,
+    last_prompt   INTEGER NOT NULL,       -- inclusive
+    n_firings     INTEGER NOT NULL,
+    n_edges       INTEGER NOT NULL,
+    committed_at  TIMESTAMP NOT NULL,
+    PRIMARY KEY (run_id, batch)
+);
+INSERT INTO run_batches SELECT * FROM run_batches_v3;
+
+CREATE TABLE prompts (
+    run_id           INTEGER NOT NULL REFERENCES runs (run_id),
+    prompt_id        INTEGER NOT NULL,   -- 0-based, in input order
+    text             VARCHAR NOT NULL,
+    n_tokens         SMALLINT NOT NULL,  -- tokens, no BOS
+    end_pos          SMALLINT NOT NULL,  -- last destination analysed (the 'end' role, else n_tokens - 1)
+    template         VARCHAR,            -- IOI template id, NULL for JSONL prompts
+    name_order       VARCHAR,            -- 'ABBA' | 'BABA' for IOI, else NULL
+    -- What the objective needs and what the model answered, at end_pos (NULL where unknown).
+    answer_token_id  INTEGER,            -- the correct next token (IOI: the IO name)
+    wrong_token_id   INTEGER,            -- the contrast token (IOI: the S name)
+    logit_diff       FLOAT,              -- logit(answer) - logit(wrong)
+    answer_prob      FLOAT,              -- softmax probability of the answer
+    top_token_id     INTEGER,            -- the model's most likely next token
+    top_token        VARCHAR,            -- its decoded text
+    PRIMARY KEY (run_id, prompt_id)
+);
+INSERT INTO prompts (run_id, prompt_id, text, n_tokens, end_pos, template, name_order)
+SELECT run_id, prompt_id, text, n_tokens, end_pos, template, name_order FROM prompts_v3;
+DROP TABLE run_batches_v3;
+DROP TABLE prompts_v3;
 
 -- ACC++ has no per-firing sparse signal: n_svs is NULL for its firings.
 ALTER TABLE firings ALTER COLUMN n_svs DROP NOT NULL;

@@ -115,9 +115,7 @@ def test_stored_numbers_match_independent_computation(catalog_db, tiny_model):
         for row in con.execute(
                 "SELECT e.layer, e.head, e.dest_pos, e.src_pos, e.side, e.up_layer, e.up_head, e.weight, "
                 "       (SELECT map(list(s.sv), list(s.weight)) FROM edge_svs s WHERE s.run_id = e.run_id "
-                "        AND s.prompt_id = e.prompt_id AND s.layer = e.layer AND s.head = e.head "
-                "        AND s.dest_pos = e.dest_pos AND s.src_pos = e.src_pos AND s.side = e.side "
-                "        AND s.up_layer = e.up_layer AND s.up_head = e.up_head) "
+                "        AND s.prompt_id = e.prompt_id AND s.edge_id = e.edge_id) "
                 "FROM edges e WHERE e.run_id = ? AND e.prompt_id = ?", [run_id, prompt_id]).fetchall():
             edges.setdefault(tuple(row[:5]), {})[row[5], row[6]] = (row[7], row[8])
         for key, want in expected.items():

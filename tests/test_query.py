@@ -47,10 +47,9 @@ def expected_edges(db, head: str, direction: str, run_id=LATEST_RUN, side=None, 
             key = (f"{e['layer']}.{e['head']}", e["side"], token_role)
         groups[key]["prompts"].add(e["prompt_id"])
         groups[key]["weights"].append(e["weight"])
-        edge_id = tuple(e[c] for c in ("prompt_id", "layer", "head", "dest_pos", "src_pos", "side", "up_layer", "up_head"))
-        keys_of_edge[edge_id] = key
+        keys_of_edge[(e["prompt_id"], e["edge_id"])] = key
     for s in fetch_dicts(db, "SELECT * FROM edge_svs WHERE run_id = ?", [run_id]):
-        edge_id = tuple(s[c] for c in ("prompt_id", "layer", "head", "dest_pos", "src_pos", "side", "up_layer", "up_head"))
+        edge_id = (s["prompt_id"], s["edge_id"])
         if edge_id in keys_of_edge:
             groups[keys_of_edge[edge_id]]["svs"][s["sv"]] += s["weight"]
     result = {}

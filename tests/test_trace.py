@@ -23,7 +23,7 @@ from catalog.query import Run
 from catalog.store import open_readonly
 from catalog.trace import resolve_roots, trace
 
-EDGE_KEY = ("prompt_id", "layer", "head", "dest_pos", "src_pos", "side", "up_layer", "up_head")
+EDGE_KEY = ("prompt_id", "edge_id")
 
 
 def python_trace(db, roots, dest_role, src_role, prompt_id=None, run_id=LATEST_RUN):
