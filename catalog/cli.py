@@ -38,7 +38,7 @@ def _add_commands(module_name: str) -> None:
         main.add_command(command)
 
 
-for _module in ("catalog.cli_ingest", "catalog.cli_query"):
+for _module in ("catalog.cli_ingest", "catalog.cli_query", "catalog.cli_serve"):
     _add_commands(_module)
 
 

@@ -57,7 +57,10 @@ def _connect(path: str | Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     except duckdb.Error as err:
         message = str(err).splitlines()[0]
         if "lock" in message.lower():
-            raise CatalogError(f"{path} is in use by another process (an ingest still running?)") from None
+            from catalog.service.marker import held_by_service  # a service leaves a note where it is
+
+            raise CatalogError(held_by_service(path)
+                               or f"{path} is in use by another process (an ingest still running?)") from None
         raise CatalogError(f"{path} is not a readable DuckDB catalog ({message})") from None
 
 
@@ -106,7 +109,12 @@ def check_catalog_file(path: str | Path) -> None:
     """An existing file must be a DuckDB database; a missing one is created later, once there is
     something to store (a failed model load leaves no empty catalog behind)."""
     if Path(path).exists():
-        _connect(path, read_only=True).close()
+        try:
+            _connect(path, read_only=True).close()
+        except CatalogError:
+            # Open read-write in this very process (the service's ingest jobs): DuckDB refuses a
+            # read-only connection with another configuration, but then a read-write one succeeds.
+            _connect(path, read_only=False).close()
 
 
 def upgrade(path: str | Path) -> list[int]:

@@ -1,0 +1,48 @@
+"""CLI command `serve`: the catalog as an HTTP service with the circuit explorer (catalog.service)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import click
+
+from catalog.service import TOKEN_ENV
+
+
+@click.command()
+@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The catalog file (DuckDB); created if missing. The service holds it while it runs.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.option("--token", default=None, envvar=TOKEN_ENV, show_envvar=True,
+              help="Every request must carry it: `Authorization: Bearer T`, or open /?token=T once in a browser.")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Resume the catalog's unfinished runs (an interrupted ingest) at startup.")
+@click.option("--sql-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds a POST /api/v1/sql query may run before it is stopped.")
+def serve(db_path, host, port, token, resume, sql_timeout):
+    """Serve the catalog: JSON API under /api/v1/, circuit explorer at /, ingest jobs.
+
+    Reads see committed data while an ingest job writes. Ctrl-C or SIGTERM stops it cleanly:
+    the batch being written commits, the run resumes on the next start.
+
+    Example:
+
+        circuit-catalog serve --db demo.duckdb --port 8000 --token s3cret
+    """
+    from catalog.service.server import serve as run_server
+
+    def ready(url):
+        where = f"{url}/?token={token}" if token else f"{url}/"
+        click.echo(f"serving {db_path} at {url} (explorer: {where}; API: {url}/api/v1/, {url}/openapi.json; "
+                   f"pid {os.getpid()})", err=True)
+
+    stopped_by = run_server(db_path, host=host, port=port, token=token, resume=resume,
+                            sql_timeout_s=sql_timeout, on_ready=ready)
+    names = ", ".join(signal.Signals(s).name for s in stopped_by)
+    click.echo(f"stopped{' by ' + names if names else ''}: every committed batch is in {db_path}", err=True)
+
+
+COMMANDS = [serve]

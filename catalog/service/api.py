@@ -1,0 +1,205 @@
+"""The JSON API under /api/v1/: thin shells over catalog.query, catalog.trace and
+catalog.query_extra, with the same names and parameters as the functions and the CLI.
+
+Every route is a plain `def`: FastAPI runs it in its thread pool, and each request reads on its
+own cursor of the service's connection (committed data only).
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Body, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from catalog import query, query_extra
+from catalog.errors import CatalogError
+from catalog.output import render
+from catalog.service import sql as sql_endpoint
+from catalog.service.jobs import IngestSettings
+from catalog.trace import DEFAULT_DEST_ROLE, DEFAULT_SRC_ROLE, trace as trace_circuit
+
+router = APIRouter(prefix="/api/v1")
+ANY_ROLE = "any"  # as the CLI's trace: a role of 'any' means any token
+SQL_MAX_ROWS = 10_000
+
+
+def rows_of(table) -> list[dict]:
+    """An Arrow table as JSON-ready row dicts (the CLI's --format json, NaN as null)."""
+    return json.loads(render(table, "json"))
+
+
+def _service(request: Request):
+    return request.app.state.service
+
+
+def _role(value: str | None) -> str | None:
+    return None if value in (None, "", ANY_ROLE) else value
+
+
+def _heads(values: list[str] | None) -> list[str] | None:
+    """Root heads from ?roots=9.9&roots=10.0 or ?roots=9.9,10.0."""
+    found = [part.strip() for text in values or [] for part in text.split(",") if part.strip()]
+    return found or None
+
+
+# -- runs and ingest jobs ---------------------------------------------------------------------
+
+@router.get("/runs", summary="Every run, with its progress")
+def list_runs(request: Request):
+    with _service(request).reader() as con:
+        return rows_of(query_extra.list_runs(con))
+
+
+@router.get("/runs/{run_id}", summary="One run: its row, committed progress and ingest job")
+def get_run(request: Request, run_id: int):
+    service = _service(request)
+    with service.reader() as con:
+        found = [r for r in rows_of(query_extra.list_runs(con)) if r["run_id"] == run_id]
+        if not found:
+            raise query_extra.NotFound(f"no run {run_id} in the catalog")
+        job = service.jobs.for_run(run_id)
+        return dict(found[0], progress=query_extra.run_progress(con, run_id),
+                    job=service.jobs.describe(job, con) if job else None)
+
+
+@router.post("/runs", status_code=202, summary="Submit an ingest job (the options of `circuit-catalog ingest`)")
+def submit_run(request: Request, settings: IngestSettings = Body(default_factory=IngestSettings)):
+    service = _service(request)
+    job = service.jobs.submit(settings)
+    with service.reader() as con:
+        return service.jobs.describe(job, con)
+
+
+@router.post("/runs/{run_id}/resume", status_code=202, summary="Resume an unfinished run")
+def resume_run(request: Request, run_id: int):
+    service = _service(request)
+    with service.reader() as con:
+        return service.jobs.describe(service.jobs.resume(con, run_id), con)
+
+
+@router.get("/jobs", summary="Ingest jobs of this service")
+def list_jobs(request: Request):
+    service = _service(request)
+    with service.reader() as con:
+        return [service.jobs.describe(job, con) for job in service.jobs.all()]
+
+
+@router.get("/jobs/{job_id}", summary="One ingest job and its run's progress")
+def get_job(request: Request, job_id: int):
+    service = _service(request)
+    with service.reader() as con:
+        return service.jobs.describe(service.jobs.get(job_id), con)
+
+
+# -- heads and edges ------------------------------------------------------------------------
+
+@router.get("/heads", summary="The layer x head grid: how often each head fires")
+def head_grid(request: Request, run_id: int | None = None, dest_role: str | None = None,
+              src_role: str | None = None):
+    with _service(request).reader() as con:
+        run = query.resolve_run(con, run_id)
+        table = query_extra.head_grid(con, run.run_id, _role(dest_role), _role(src_role))
+        return {"run_id": run.run_id, "n_layers": run.n_layers, "n_heads": run.n_heads, "heads": rows_of(table)}
+
+
+@router.get("/heads/{head}", summary="Everything about one head (query.head_summary): spectrum and profile")
+def head_summary(request: Request, head: str, run_id: int | None = None, top: int = Query(10, ge=1)):
+    with _service(request).reader() as con:
+        run = query.resolve_run(con, run_id)
+        tables = query.head_summary(con, head, run_id=run.run_id, top=top)
+        layer, index = run.head(head)
+        return dict({"head": f"{layer}.{index}", "run_id": run.run_id},
+                    **{name: rows_of(table) for name, table in tables.items()})
+
+
+@router.get("/heads/{head}/firings", summary="Firings of one head, strongest first")
+def head_firings(request: Request, head: str, run_id: int | None = None, prompt_id: int | None = None,
+                 limit: int = Query(50, ge=1, le=10_000)):
+    with _service(request).reader() as con:
+        return rows_of(query_extra.head_firings(con, head, run_id=run_id, prompt_id=prompt_id, limit=limit))
+
+
+@router.get("/edges_into/{head}", summary="Upstream heads of a head (query.edges_into)")
+def edges_into(request: Request, head: str, side: str | None = None, role: str | None = None,
+               run_id: int | None = None, top: int | None = Query(None, ge=1), n_svs: int = Query(3, ge=1),
+               kind: list[str] | None = Query(None, description="component kinds: head, mlp, attn_bias, embed, offset")):
+    with _service(request).reader() as con:
+        return rows_of(query.edges_into(con, head, side=side, role=role, run_id=run_id, top=top, n_svs=n_svs,
+                                        kind=kind))
+
+
+@router.get("/edges_from/{head}", summary="Downstream heads of a head (query.edges_from)")
+def edges_from(request: Request, head: str, side: str | None = None, role: str | None = None,
+               run_id: int | None = None, top: int | None = Query(None, ge=1), n_svs: int = Query(3, ge=1)):
+    with _service(request).reader() as con:
+        return rows_of(query.edges_from(con, head, side=side, role=role, run_id=run_id, top=top, n_svs=n_svs))
+
+
+# -- trace, firings, prompts ---------------------------------------------------------------------
+
+TRACE_DOWNLOADS = {"graphml": "application/graphml+xml", "dot": "text/vnd.graphviz"}
+
+
+@router.get("/trace", summary="The recursive trace (trace.trace) as JSON, GraphML or DOT")
+def trace(request: Request, roots: list[str] | None = Query(None), dest_role: str = DEFAULT_DEST_ROLE,
+          src_role: str = DEFAULT_SRC_ROLE, prompt_id: int | None = None, run_id: int | None = None,
+          n_svs: int = Query(3, ge=1), format: str = "json"):
+    if format not in ("json",) + tuple(TRACE_DOWNLOADS):
+        raise CatalogError(f"format must be json, graphml or dot, not '{format}'")
+    with _service(request).reader() as con:
+        graph = trace_circuit(con, roots=_heads(roots), dest_role=_role(dest_role), src_role=_role(src_role),
+                              prompt_id=prompt_id, run_id=run_id, n_svs=n_svs)
+    if format != "json":
+        from catalog.render import render_graph
+
+        name = f"trace-run{graph.run_id}" + (f"-prompt{prompt_id}" if prompt_id is not None else "")
+        return Response(render_graph(graph, format), media_type=TRACE_DOWNLOADS[format],
+                        headers={"Content-Disposition": f'attachment; filename="{name}.{format}"'})
+    return {"run_id": graph.run_id, "prompt_id": graph.prompt_id, "roots": graph.roots,
+            "dest_role": graph.dest_role, "src_role": graph.src_role, "notes": graph.notes,
+            "n_firings": graph.firings.num_rows, "nodes": rows_of(graph.nodes), "edges": rows_of(graph.edges)}
+
+
+@router.get("/firings/{prompt_id}/{head}/{dest_pos}/{src_pos}", summary="One firing with its sparse signal")
+def firing(request: Request, prompt_id: int, head: str, dest_pos: int, src_pos: int, run_id: int | None = None):
+    with _service(request).reader() as con:
+        found = query_extra.firing(con, prompt_id, head, dest_pos, src_pos, run_id=run_id)
+    return {"run_id": found["run_id"], "firing": json.loads(json.dumps(found["firing"], default=str)),
+            "signal": rows_of(found["signal"]), "edges": rows_of(found["edges"])}
+
+
+@router.get("/prompts", summary="The prompts of a run")
+def list_prompts(request: Request, run_id: int | None = None, limit: int = Query(1000, ge=1)):
+    with _service(request).reader() as con:
+        return rows_of(query_extra.list_prompts(con, run_id=run_id, limit=limit))
+
+
+@router.get("/prompts/{prompt_id}", summary="One prompt with its tokens and roles")
+def get_prompt(request: Request, prompt_id: int, run_id: int | None = None):
+    with _service(request).reader() as con:
+        found = query_extra.prompt(con, prompt_id, run_id=run_id)
+    return {"run_id": found["run_id"], "prompt": found["prompt"], "tokens": rows_of(found["tokens"])}
+
+
+@router.get("/roles", summary="The token roles of a run")
+def roles(request: Request, run_id: int | None = None):
+    with _service(request).reader() as con:
+        return query_extra.run_roles(con, run_id=run_id)
+
+
+# -- SQL --------------------------------------------------------------------------------------
+
+@router.post("/sql", summary="Read-only SQL: JSON, CSV, Arrow IPC or Parquet")
+def run_sql(request: Request, sql: str = Body(..., embed=True), format: str = Body("json", embed=True),
+            max_rows: int = Body(SQL_MAX_ROWS, embed=True, ge=1, le=SQL_MAX_ROWS)):
+    if format not in sql_endpoint.SQL_FORMATS:
+        raise CatalogError(f"format must be one of {', '.join(sql_endpoint.SQL_FORMATS)}, not '{format}'")
+    with _service(request).reader() as con:
+        table, truncated = sql_endpoint.run_read_only(con, sql, max_rows, request.app.state.sql_timeout_s)
+    headers = {"X-Truncated": "true" if truncated else "false", "X-Row-Count": str(table.num_rows)}
+    if format == "json":
+        return JSONResponse({"columns": table.column_names, "rows": rows_of(table), "n_rows": table.num_rows,
+                             "truncated": truncated}, headers=headers)
+    return Response(sql_endpoint.encode(table, format), media_type=sql_endpoint.SQL_FORMATS[format],
+                    headers=headers)

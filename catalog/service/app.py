@@ -1,0 +1,90 @@
+"""The FastAPI application: the API routes, the explorer's static files, errors as one-line JSON.
+
+Errors: a user mistake (CatalogError) is 400, a missing run, prompt, firing or job 404, a SQL
+query past its time limit 408, a malformed parameter 422, each as {"error": "one line"}. A bug
+is a 500 with the same body shape; its traceback goes to the server's log, not to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+import catalog
+from catalog.errors import CatalogError
+from catalog.query_extra import NotFound
+from catalog.service.api import router
+from catalog.service.auth import TokenMiddleware
+from catalog.service.jobs import JobQueue
+from catalog.service.sql import SqlTimeout
+
+log = logging.getLogger("circuit_catalog.service")
+STATIC = resources.files("catalog.service") / "static"
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
+
+
+def _validation_message(err: RequestValidationError) -> str:
+    parts = []
+    for problem in err.errors():
+        where = ".".join(str(p) for p in problem.get("loc", ()) if p not in ("query", "path", "body"))
+        parts.append(f"{where or 'request'}: {problem.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(service, token: str | None = None, resume: bool = True, sql_timeout_s: float = 10.0) -> FastAPI:
+    """The app over an open ServiceCatalog; `resume` queues unfinished runs at startup."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if resume:
+            with service.reader() as con:
+                for job in service.jobs.resume_unfinished(con):
+                    log.warning("resuming an unfinished run (job %s)", job.job_id)
+        yield
+        # Shutdown (Ctrl-C, SIGTERM): the batch being written commits, then the job stops.
+        service.jobs.stop()
+
+    service.jobs = JobQueue(service)
+    app = FastAPI(title="circuit-catalog", version=catalog.__version__, lifespan=lifespan,
+                  description="Which attention heads talk to which: the catalog's query layer over HTTP.",
+                  docs_url=None, redoc_url=None)  # their pages load scripts from a CDN; /openapi.json stays
+    app.state.service = service
+    app.state.sql_timeout_s = sql_timeout_s
+    app.include_router(router)
+
+    @app.exception_handler(CatalogError)
+    async def catalog_error(request: Request, err: CatalogError):
+        status = 404 if isinstance(err, NotFound) else 408 if isinstance(err, SqlTimeout) else 400
+        return _error(status, str(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError):
+        return _error(422, _validation_message(err))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException):
+        return _error(err.status_code, err.detail)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return _error(500, f"internal error ({type(err).__name__}); the server's log has the details")
+
+    @app.get("/", include_in_schema=False)
+    def explorer():
+        return FileResponse(str(STATIC / "index.html"))
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    if token:
+        app.add_middleware(TokenMiddleware, token=token)
+    return app

@@ -1,0 +1,49 @@
+"""The catalog file as the service holds it: opened read-write once, a cursor per reader.
+
+In one process DuckDB hands every `duckdb.connect(path)` with the same configuration the same
+database instance, so an ingest job's `catalog.store.Catalog(path)` writes to the instance the
+readers read. Each reader gets `cursor()`, an independent connection that sees committed
+transactions only: a batch being written is invisible until its COMMIT.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from catalog.store import Catalog
+
+
+class ServiceCatalog:
+    """The open catalog: migrated on open, external file access switched off for the instance."""
+
+    def __init__(self, db_path: str | Path):
+        self.path = Path(db_path)
+        # Catalog creates a missing file and applies missing migrations; its connection keeps the
+        # instance (and the file lock) alive for the service's lifetime.
+        self._catalog = Catalog(self.path)
+        self.con = self._catalog.con
+        # Instance-wide and irreversible while the instance lives: no read_text, read_csv, glob,
+        # ATTACH, COPY, INSTALL or LOAD from anyone. Writes to the catalog itself are unaffected,
+        # and so are Arrow tables registered by the ingest and the trace.
+        self.con.execute("SET enable_external_access = false")
+        self._lock = threading.Lock()
+
+    def cursor(self):
+        with self._lock:  # creating cursors from several threads at once is not documented as safe
+            return self.con.cursor()
+
+    @contextmanager
+    def reader(self):
+        """A cursor for one request, closed afterwards."""
+        cur = self.cursor()
+        try:
+            yield cur
+        finally:
+            cur.close()
+
+    def close(self) -> None:
+        if self._catalog is not None:
+            self._catalog.close()
+            self._catalog = self.con = None

@@ -1,0 +1,197 @@
+"""Ingest jobs inside the service: a queue and one worker thread, so one job writes at a time.
+
+A job calls `catalog.ingest.ingest` exactly as `circuit-catalog ingest` does; batches are
+committed one by one, so a job survives what the CLI ingest survives. Stopping the service
+lets the batch being written commit and then stops the job (the run stays 'running'); the next
+start resumes every unfinished run with the settings recorded in its `runs.params`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from catalog.errors import CatalogError
+from catalog.query_extra import NotFound, run_progress
+
+log = logging.getLogger("circuit_catalog.service")
+
+
+class IngestSettings(BaseModel):
+    """The options of `circuit-catalog ingest`, with the same names (underscores) and defaults."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = "gpt2"
+    model_path: str | None = None
+    dataset: str = "ioi"
+    n_prompts: int = Field(256, ge=1)
+    seed: int = 0
+    prompts_file: str | None = None
+    attn_threshold: float = 0.5
+    sv_threshold: float = 1.0
+    edge_threshold: float = 0.7
+    append_constant: bool = True
+    batch_size: int = Field(16, ge=1)
+    add_model: bool = False
+    new_run: bool = False
+
+
+JobStatus = Literal["queued", "running", "finished", "failed", "interrupted"]
+
+
+@dataclass
+class Job:
+    job_id: int
+    settings: IngestSettings
+    reason: str = "submitted"          # or "resume": restarted by the service
+    status: JobStatus = "queued"
+    run_id: int | None = None
+    message: str | None = None
+    submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    prompts_by_job: int = 0            # prompts this job committed (a resumed run had some already)
+    summary: dict | None = None
+
+
+class JobQueue:
+    """Runs ingest jobs one after another in a worker thread."""
+
+    def __init__(self, service_catalog):
+        self.catalog = service_catalog
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._jobs: dict[int, Job] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="ingest-worker", daemon=True)
+        self._thread.start()
+
+    # -- submitting and reading --------------------------------------------------------------
+
+    def submit(self, settings: IngestSettings, reason: str = "submitted") -> Job:
+        if self._stop.is_set():
+            raise CatalogError("the service is stopping: no new ingest jobs")
+        with self._lock:
+            job = Job(job_id=len(self._jobs) + 1, settings=settings, reason=reason)
+            self._jobs[job.job_id] = job
+        self._queue.put(job)
+        return job
+
+    def get(self, job_id: int) -> Job:
+        with self._lock:
+            if job_id not in self._jobs:
+                raise NotFound(f"no ingest job {job_id} in this service")
+            return self._jobs[job_id]
+
+    def all(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def for_run(self, run_id: int) -> Job | None:
+        """The latest job that works (or worked) on this run."""
+        found = [job for job in self.all() if job.run_id == run_id]
+        return found[-1] if found else None
+
+    def describe(self, job: Job, cursor) -> dict:
+        """What GET shows: the job, and the run's committed progress read from the catalog."""
+        end = job.finished_at or time.time()
+        elapsed = end - job.started_at if job.started_at else 0.0
+        doc = {"job_id": job.job_id, "status": job.status, "reason": job.reason, "run_id": job.run_id,
+               "message": job.message, "settings": job.settings.model_dump(), "elapsed_s": round(elapsed, 3),
+               "prompts_by_job": job.prompts_by_job,
+               "prompts_per_s": round(job.prompts_by_job / elapsed, 3) if elapsed > 0 else None,
+               "progress": None, "summary": job.summary}
+        if job.run_id is not None:
+            doc["progress"] = run_progress(cursor, job.run_id)
+        return doc
+
+    # -- resuming --------------------------------------------------------------------------
+
+    def resume_unfinished(self, cursor) -> list[Job]:
+        """Queue a job for every run whose status is still 'running' (an interrupted ingest)."""
+        found = cursor.execute("SELECT run_id, params FROM runs WHERE status = 'running' ORDER BY run_id").fetchall()
+        return [self.submit(settings_from_params(params), reason="resume") for _, params in found]
+
+    def resume(self, cursor, run_id: int) -> Job:
+        found = cursor.execute("SELECT status, params FROM runs WHERE run_id = ?", [run_id]).fetchall()
+        if not found:
+            raise NotFound(f"no run {run_id} in the catalog")
+        status, params = found[0]
+        if status == "finished":
+            raise CatalogError(f"run {run_id} is already finished")
+        busy = self.for_run(run_id)
+        if busy is not None and busy.status in ("queued", "running"):
+            return busy
+        return self.submit(settings_from_params(params), reason="resume")
+
+    # -- the worker ------------------------------------------------------------------------
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the batch being written commits; queued jobs are not started."""
+        self._stop.set()
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None or self._stop.is_set():
+                return
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        from catalog.ingest import Interrupted, ingest  # imports torch lazily, on the first job
+
+        job.status, job.started_at = "running", time.time()
+        cursor = self.catalog.cursor()
+
+        def on_batch(batch: int) -> None:
+            # The service is the only writer and runs one job at a time, so the newest committed
+            # batch with this index is this job's.
+            run_id, n = cursor.execute(
+                "SELECT run_id, last_prompt - first_prompt + 1 FROM run_batches WHERE batch = ? "
+                "ORDER BY committed_at DESC LIMIT 1", [batch]).fetchall()[0]
+            job.run_id = run_id
+            job.prompts_by_job += n
+            if self._stop.is_set():
+                raise KeyboardInterrupt  # ingest turns this into Interrupted, naming what is saved
+
+        try:
+            summary = ingest(self.catalog.path, **job.settings.model_dump(), on_batch=on_batch)
+            job.summary = {k: v for k, v in summary.items() if k != "db"}
+            job.run_id = summary["run_id"]
+            job.status = "finished"
+            if summary.get("already_finished"):
+                job.message = f"run {summary['run_id']} with these prompts and settings is already finished"
+        except Interrupted as err:
+            job.status, job.message = "interrupted", str(err)
+        except CatalogError as err:
+            job.status, job.message = "failed", str(err)
+        except Exception as err:  # a bug, not the user's input: keep the service up, log the traceback
+            log.exception("ingest job %s failed", job.job_id)
+            job.status, job.message = "failed", f"internal error: {type(err).__name__}: {err}"
+        finally:
+            job.finished_at = time.time()
+            cursor.close()
+
+
+def settings_from_params(params) -> IngestSettings:
+    """The settings that resume a run, from its `runs.params` (the command's parameters as given)."""
+    import json
+
+    if isinstance(params, str):
+        params = json.loads(params)
+    known = set(IngestSettings.model_fields)
+    values = {k: v for k, v in (params or {}).items() if k in known and v is not None}
+    if values.get("prompts_file"):
+        values.pop("dataset", None)  # the dataset of a JSONL run is its path; ingest sets it again
+        values["prompts_file"] = str(Path(values["prompts_file"]))
+    return IngestSettings(**values)

@@ -1,0 +1,44 @@
+"""Running the service: uvicorn on the app, the marker file, and a clean stop on Ctrl-C / SIGTERM.
+
+uvicorn turns SIGINT and SIGTERM into a graceful shutdown (in-flight requests finish, then the
+app's shutdown lets the ingest batch being written commit). Afterwards uvicorn raises the
+signal again with the handlers that were there before; ours only note it, so the process
+ends normally with everything closed.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from catalog.service.connection import ServiceCatalog
+from catalog.service.marker import remove_marker, write_marker
+
+
+def serve(db_path: str | Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+          resume: bool = True, sql_timeout_s: float = 10.0, on_ready=None) -> list[int]:
+    """Serve until stopped; return the signals that stopped it."""
+    import uvicorn
+
+    from catalog.service.app import create_app
+
+    service = ServiceCatalog(db_path)  # fails with one line when another process holds the file
+    stopped_by: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, frame: stopped_by.append(s))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    url = f"http://{host if ':' not in host else '[' + host + ']'}:{port}"
+    try:
+        app = create_app(service, token=token, resume=resume, sql_timeout_s=sql_timeout_s)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=30)
+        server = uvicorn.Server(config)
+        write_marker(db_path, url)
+        if on_ready:
+            on_ready(url)
+        server.run()
+    finally:
+        remove_marker(db_path)
+        service.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return stopped_by

@@ -1,0 +1,89 @@
+"""`POST /api/v1/sql`: read-only SQL with a row limit and a time limit.
+
+The statement rules are those of the `sql` command (catalog.store): only SELECT, EXPLAIN and
+PRAGMA statements run (DESCRIBE, SHOW and WITH are SELECTs to DuckDB; PRAGMA assignments are
+SET statements and refused). The service's file is open read-write, so the statements also run
+in a READ ONLY transaction, and DuckDB's external access is off for the whole instance
+(connection.ServiceCatalog): files, ATTACH, COPY, INSTALL and LOAD are refused by DuckDB itself.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import duckdb
+import pyarrow as pa
+
+from catalog.errors import CatalogError
+from catalog.output import render
+from catalog.store import _READ_ONLY_STATEMENTS  # the `sql` command's rule, shared on purpose
+
+SQL_FORMATS = {"json": "application/json", "csv": "text/csv",
+               "arrow": "application/vnd.apache.arrow.stream", "parquet": "application/vnd.apache.parquet"}
+
+
+class SqlTimeout(CatalogError):
+    """The query ran past the time limit and was interrupted."""
+
+
+def check_statements(cursor, sql: str) -> list:
+    """The parsed statements, or CatalogError when one would write (nothing has run yet)."""
+    try:
+        statements = cursor.extract_statements(sql)
+    except duckdb.Error as err:
+        raise CatalogError(f"SQL error: {str(err).splitlines()[0]}") from None
+    if not statements:
+        raise CatalogError("no SQL statement given")
+    for statement in statements:
+        if statement.type.name not in _READ_ONLY_STATEMENTS:
+            raise CatalogError(f"refused: SQL is read-only here and this is a {statement.type.name} statement")
+    return statements
+
+
+def run_read_only(cursor, sql: str, max_rows: int, timeout_s: float) -> tuple[pa.Table, bool]:
+    """The last statement's first max_rows rows, and whether more were left out."""
+    statements = check_statements(cursor, sql)
+    timer = threading.Timer(timeout_s, cursor.interrupt)
+    timer.start()
+    try:
+        cursor.execute("BEGIN TRANSACTION READ ONLY")
+        for statement in statements[:-1]:
+            cursor.execute(statement)
+        # Streamed batch by batch, so a huge result stops at the row limit instead of being built.
+        reader = cursor.sql(statements[-1].query).to_arrow_reader(min(max_rows + 1, 10_000))
+        batches, n = [], 0
+        for batch in reader:
+            batches.append(batch)
+            n += batch.num_rows
+            if n > max_rows:
+                break
+        table = pa.Table.from_batches(batches, schema=reader.schema)
+    except duckdb.InterruptException:
+        raise SqlTimeout(f"the query ran longer than the time limit of {timeout_s:g} s and was stopped") from None
+    except duckdb.Error as err:
+        raise CatalogError(f"SQL error: {str(err).splitlines()[0]}") from None
+    finally:
+        timer.cancel()
+        try:
+            cursor.execute("ROLLBACK")
+        except duckdb.Error:
+            pass
+    return table.slice(0, max_rows), table.num_rows > max_rows
+
+
+def encode(table: pa.Table, fmt: str) -> bytes:
+    """CSV, Arrow IPC stream or Parquet bytes of a table (JSON is built by the route)."""
+    if fmt == "csv":  # the CLI's CSV: list cells space-separated (Arrow's CSV writer refuses lists)
+        return (render(table, "csv") + "\n").encode("utf-8")
+    sink = io.BytesIO()
+    if fmt == "arrow":
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, sink)
+    else:
+        raise CatalogError(f"unknown format '{fmt}': use one of {', '.join(SQL_FORMATS)}")
+    return sink.getvalue()

@@ -1,0 +1,350 @@
+// The circuit explorer: plain JavaScript over the service's JSON API (/api/v1/), no libraries,
+// no network beyond this server. Views, chosen by the URL's hash:
+//   #/heads?dest_role=end        the layer x head grid, coloured by how often each head fires
+//   #/head/9.9                   one head: spectrum, roles, signal sizes, directions, neighbours
+//   #/circuit?roots=9.9&...      the traced circuit: layers up, token roles (or positions) across
+"use strict";
+
+const state = { runs: [], run: null, roles: [], lastDestRole: "any" };
+const view = document.getElementById("view");
+const tooltip = document.getElementById("tooltip");
+const SVG = "http://www.w3.org/2000/svg";
+
+// -- small helpers -----------------------------------------------------------------------------
+
+function esc(value) {
+  return String(value ?? "").replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]);
+}
+
+function fmt(value) {
+  if (value === null || value === undefined) return "";
+  if (typeof value === "number" && !Number.isInteger(value)) return value.toPrecision(4);
+  if (Array.isArray(value)) return value.join(" ");
+  return String(value);
+}
+
+async function api(path, params = {}) {
+  const query = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) {
+    if (Array.isArray(v)) v.forEach(item => query.append(k, item));
+    else if (v !== null && v !== undefined && v !== "") query.append(k, v);
+  }
+  const response = await fetch(`/api/v1/${path}${query.toString() ? "?" + query : ""}`);
+  const body = await response.json().catch(() => ({error: response.statusText}));
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+function showError(message) {
+  const box = document.getElementById("error");
+  box.textContent = message || "";
+  box.hidden = !message;
+}
+
+function hashParams() {
+  const [path, query] = location.hash.replace(/^#/, "").split("?");
+  return { path: path || "/", params: new URLSearchParams(query || "") };
+}
+
+function go(path, params = {}) {
+  const query = new URLSearchParams(Object.entries(params).filter(([, v]) => v !== null && v !== undefined && v !== ""));
+  location.hash = path + (query.toString() ? "?" + query : "");
+}
+
+function table(rows, columns, cell = {}) {
+  if (!rows.length) return "<p><em>none</em></p>";
+  const head = columns.map(c => `<th>${esc(c)}</th>`).join("");
+  const body = rows.map(row => "<tr>" + columns.map(c => {
+    const value = row[c];
+    const html = cell[c] ? cell[c](value, row) : esc(fmt(value));
+    return `<td class="${typeof value === "number" ? "num" : ""}">${html}</td>`;
+  }).join("") + "</tr>").join("");
+  return `<table data-rows="${rows.length}"><thead><tr>${head}</tr></thead><tbody>${body}</tbody></table>`;
+}
+
+const headLink = name => `<a href="#/head/${esc(name)}" class="head-link">${esc(name)}</a>`;
+
+function roleOptions(selected, withAny = true) {
+  const roles = (withAny ? ["any"] : []).concat(state.roles);
+  return roles.map(r => `<option value="${esc(r)}"${r === selected ? " selected" : ""}>${esc(r)}</option>`).join("");
+}
+
+// Vertical bars, one per item, as inline SVG (spectra and histograms).
+function bars(items, label, value, title) {
+  const w = 16, h = 90, max = Math.max(...items.map(value), 1e-9);
+  const parts = items.map((item, i) => {
+    const bh = Math.max(1, h * value(item) / max);
+    return `<rect class="bar" x="${30 + i * w}" y="${10 + h - bh}" width="${w - 3}" height="${bh}"><title>${esc(title(item))}</title></rect>` +
+           `<text class="axis" x="${30 + i * w + (w - 3) / 2}" y="${h + 22}" text-anchor="middle">${esc(label(item))}</text>`;
+  });
+  return `<svg width="${40 + items.length * w}" height="${h + 30}">${parts.join("")}` +
+         `<text class="axis" x="2" y="16">${esc(fmt(max))}</text></svg>`;
+}
+
+// -- run picker -------------------------------------------------------------------------------
+
+async function loadRuns() {
+  state.runs = await api("runs");
+  const finished = state.runs.filter(r => r.status === "finished");
+  const picker = document.getElementById("run-picker");
+  picker.innerHTML = state.runs.map(r =>
+    `<option value="${r.run_id}">run ${r.run_id}: ${esc(r.dataset)}, ${r.n_prompts} prompts, ${esc(r.status)}` +
+    `${r.status !== "finished" ? ` (${r.prompts_done}/${r.n_prompts})` : ""}</option>`).join("");
+  const wanted = Number(sessionStorage.getItem("run")) || (finished.length ? finished[finished.length - 1].run_id : null);
+  state.run = state.runs.some(r => r.run_id === wanted) ? wanted : (state.runs[0] || {}).run_id ?? null;
+  picker.value = state.run ?? "";
+  await loadRunDetails();
+}
+
+async function loadRunDetails() {
+  const run = state.runs.find(r => r.run_id === state.run);
+  document.getElementById("run-info").textContent = run ?
+    `model ${run.model_name} (${run.n_layers}x${run.n_heads}), ${run.firings} firings, ${run.edges} edges` : "no runs yet";
+  state.roles = run ? await api("roles", {run_id: state.run}) : [];
+}
+
+document.getElementById("run-picker").addEventListener("change", async event => {
+  state.run = Number(event.target.value);
+  sessionStorage.setItem("run", state.run);
+  await loadRunDetails();
+  route();
+});
+
+// -- the layer x head grid ------------------------------------------------------------------------
+
+async function showGrid(params) {
+  const dest = params.get("dest_role") || "any", src = params.get("src_role") || "any";
+  state.lastDestRole = dest;
+  const grid = await api("heads", {run_id: state.run, dest_role: dest, src_role: src});
+  const max = Math.max(...grid.heads.map(h => h.n_firings), 1);
+  const byLayer = {};
+  grid.heads.forEach(h => { (byLayer[h.layer] = byLayer[h.layer] || [])[h.head] = h; });
+  let rows = "";
+  for (let layer = grid.n_layers - 1; layer >= 0; layer--) {
+    rows += `<tr><th>layer ${layer}</th>` + (byLayer[layer] || []).map(h => {
+      const a = h.n_firings / max;
+      const name = `${h.layer}.${h.head}`;
+      return `<td class="cell" data-head="${name}" data-firings="${h.n_firings}" ` +
+             `style="background: rgba(31,119,180,${a.toFixed(3)}); color: ${a > 0.55 ? "#fff" : "#222"}" ` +
+             `title="${name}: ${h.n_firings} firings in ${h.n_prompts} prompts">${name}<br>${h.n_firings}</td>`;
+    }).join("") + "</tr>";
+  }
+  const headsRow = "<tr><th></th>" + Array.from({length: grid.n_heads}, (_, i) => `<th>head ${i}</th>`).join("") + "</tr>";
+  view.innerHTML = `
+    <h2>Which heads fire</h2>
+    <div class="controls">
+      <label>destination role <select id="grid-dest">${roleOptions(dest)}</select></label>
+      <label>source role <select id="grid-src">${roleOptions(src)}</select></label>
+      <span class="legend">colour: firings of each head in run ${grid.run_id} (darkest: ${max}); click a head to open it</span>
+    </div>
+    <table class="grid" id="head-grid">${rows}${headsRow}</table>`;
+  const refilter = () => go("/heads", {dest_role: document.getElementById("grid-dest").value,
+                                       src_role: document.getElementById("grid-src").value});
+  document.getElementById("grid-dest").addEventListener("change", refilter);
+  document.getElementById("grid-src").addEventListener("change", refilter);
+  view.querySelectorAll("td.cell").forEach(td => td.addEventListener("click", () => go(`/head/${td.dataset.head}`)));
+}
+
+// -- one head -------------------------------------------------------------------------------
+
+async function showHead(name) {
+  const head = await api(`heads/${encodeURIComponent(name)}`, {run_id: state.run, top: 16});
+  const activity = head.activity[0] || {};
+  const destDefault = state.roles.includes(state.lastDestRole) ? state.lastDestRole : (state.roles.includes("end") ? "end" : "any");
+  view.innerHTML = `
+    <h2 id="head-title">Head ${esc(head.head)} <small>(run ${head.run_id})</small></h2>
+    <p id="activity">${activity.n_firings} firings in ${activity.n_prompts} of ${activity.n_prompts_run} prompts;
+       mean attention ${fmt(activity.mean_attn)}, mean score ${fmt(activity.mean_score)},
+       mean signal size ${fmt(activity.mean_n_svs)} singular directions</p>
+    <div class="controls">
+      <strong>Why does it fire?</strong>
+      <label>from destination role <select id="trace-dest">${roleOptions(destDefault)}</select></label>
+      <label>to source role <select id="trace-src">${roleOptions("any")}</select></label>
+      <button id="trace-button">trace the circuit</button>
+    </div>
+    <div class="cols">
+      <section><h3>Spectrum (top singular values)</h3><div id="spectrum">${
+        bars(head.spectrum, s => s.sv, s => s.sigma, s => `sv ${s.sv}: sigma ${fmt(s.sigma)}`)}</div></section>
+      <section><h3>Signal size (singular directions per firing)</h3><div id="signal-size">${
+        bars(head.signal_size, s => s.n_svs, s => s.n_firings, s => `${s.n_svs} directions: ${s.n_firings} firings`)}</div></section>
+      <section><h3>Firing roles</h3><div id="role-pairs">${table(head.role_pairs, ["dest_role", "src_role", "n_firings", "n_prompts"])}</div></section>
+      <section><h3>Most used singular directions</h3><div id="top-svs">${
+        table(head.top_svs, ["sv", "sigma", "n_firings", "share_of_firings", "mean_contribution"])}</div></section>
+      <section><h3>Upstream heads (edges into ${esc(head.head)})</h3><div id="upstream">${
+        table(head.upstream, ["up_head", "side", "n_prompts", "n_firings", "mean_weight", "top_svs"], {up_head: headLink})}</div></section>
+      <section><h3>Downstream heads (edges from ${esc(head.head)})</h3><div id="downstream">${
+        table(head.downstream, ["down_head", "side", "token_role", "n_prompts", "mean_weight", "top_svs"], {down_head: headLink})}</div></section>
+    </div>`;
+  document.getElementById("trace-button").addEventListener("click", () => go("/circuit", {
+    roots: head.head, dest_role: document.getElementById("trace-dest").value,
+    src_role: document.getElementById("trace-src").value}));
+}
+
+// -- the circuit ------------------------------------------------------------------------------
+
+async function showCircuit(params) {
+  const roots = params.get("roots") || "";
+  const dest = params.get("dest_role") || "end", src = params.get("src_role") || "IO";
+  const prompt = params.get("prompt");
+  const prompts = await api("prompts", {run_id: state.run, limit: 200});
+  const promptOptions = `<option value="">all prompts (by role)</option>` + prompts.map(p =>
+    `<option value="${p.prompt_id}"${String(p.prompt_id) === prompt ? " selected" : ""}>${p.prompt_id}: ${esc(p.text.slice(0, 60))}</option>`).join("");
+  const query = {roots: roots || null, dest_role: dest, src_role: src, prompt_id: prompt, run_id: state.run};
+  const download = f => "/api/v1/trace?" + new URLSearchParams(Object.entries({...query, format: f}).filter(([, v]) => v !== null && v !== ""));
+  view.innerHTML = `
+    <h2>Circuit</h2>
+    <div class="controls">
+      <label>root heads <input id="c-roots" value="${esc(roots)}" placeholder="default: 9.6, 9.9, 10.0" size="14"></label>
+      <label>destination role <select id="c-dest">${roleOptions(dest)}</select></label>
+      <label>source role <select id="c-src">${roleOptions(src)}</select></label>
+      <label>prompt <select id="c-prompt">${promptOptions}</select></label>
+      <button id="c-trace">trace</button>
+      <a href="${download("graphml")}">GraphML</a> <a href="${download("dot")}">DOT</a>
+    </div>
+    <p class="key-legend"><span><i class="swatch" style="border-color:#1f77b4"></i> query side</span>
+      <span><i class="swatch" style="border-color:#d62728;border-top-style:dashed"></i> key side</span>
+      <span><i class="swatch" style="border-color:#9a9a9a;border-top-style:dotted"></i> token node to its head</span>
+      <span>width: |mean weight| x edges. Hover for details, click a head to open it, click a token node to pin its edges.</span></p>
+    <div id="circuit">tracing...</div><p id="circuit-notes"></p>`;
+  document.getElementById("c-trace").addEventListener("click", () => go("/circuit", {
+    roots: document.getElementById("c-roots").value.trim(), dest_role: document.getElementById("c-dest").value,
+    src_role: document.getElementById("c-src").value, prompt: document.getElementById("c-prompt").value}));
+  const graph = await api("trace", query);
+  let columns;
+  if (prompt) {
+    const tokens = (await api(`prompts/${prompt}`, {run_id: state.run})).tokens;
+    columns = tokens.map(t => ({key: String(t.pos), label: `${t.pos}:${t.token.trim()}` + (t.role ? ` (${t.role})` : "")}));
+  } else {
+    columns = state.roles.map(r => ({key: r, label: r}));
+  }
+  drawCircuit(graph, columns);
+  document.getElementById("circuit-notes").textContent =
+    `${graph.nodes.length} nodes, ${graph.edges.length} edges, ${graph.n_firings} firings reached` +
+    (graph.notes.length ? "; " + graph.notes.join("; ") : "");
+}
+
+function drawCircuit(graph, columns) {
+  const box = document.getElementById("circuit");
+  if (!graph.nodes.length) { box.textContent = "nothing to draw: the roots have no firing between these roles"; return; }
+  const colW = columns.length > 12 ? 72 : 120, rowH = 120, left = 70, top = 30;
+  const layers = graph.nodes.map(n => n.layer);
+  const maxLayer = Math.max(...layers), minLayer = Math.min(...layers);
+  const colIndex = Object.fromEntries(columns.map((c, i) => [c.key, i]));
+  const rowY = layer => top + (maxLayer - layer) * rowH + rowH / 2;
+  const colX = key => left + (colIndex[key] ?? columns.length) * colW + colW / 2;
+  const pos = {};
+  // Token nodes: row = their head's layer, column = their role or position; heads of one cell side by side.
+  const cells = {};
+  graph.nodes.filter(n => n.kind === "token").forEach(n => {
+    const key = n.pos !== null ? String(n.pos) : n.role;
+    (cells[`${n.layer}|${key}`] = cells[`${n.layer}|${key}`] || []).push([n, key]);
+  });
+  Object.values(cells).forEach(list => list.forEach(([n, key], i) => {
+    pos[n.node] = [colX(key) + (i - (list.length - 1) / 2) * 18, rowY(n.layer) + 26];
+  }));
+  // Head nodes: above their token nodes, at their mean column, pushed apart within a layer.
+  const heads = graph.nodes.filter(n => n.kind === "head");
+  heads.forEach(h => {
+    const xs = graph.nodes.filter(n => n.kind === "token" && n.node.startsWith(h.node + "@")).map(n => pos[n.node][0]);
+    pos[h.node] = [xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : left + colW / 2, rowY(h.layer) - 26];
+  });
+  for (let layer = minLayer; layer <= maxLayer; layer++) {
+    const row = heads.filter(h => h.layer === layer).sort((a, b) => pos[a.node][0] - pos[b.node][0]);
+    for (let i = 1; i < row.length; i++) {
+      const prev = pos[row[i - 1].node][0];
+      if (pos[row[i].node][0] < prev + 34) pos[row[i].node][0] = prev + 34;
+    }
+  }
+  const width = Math.max(left + (columns.length + 1) * colW, ...Object.values(pos).map(p => p[0] + 40));
+  const height = top + (maxLayer - minLayer + 1) * rowH + 40;
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("width", width); svg.setAttribute("height", height);
+  const add = (parent, tag, attrs, text) => {
+    const el = document.createElementNS(SVG, tag);
+    Object.entries(attrs).forEach(([k, v]) => el.setAttribute(k, v));
+    if (text !== undefined) el.textContent = text;
+    parent.appendChild(el);
+    return el;
+  };
+  for (let layer = minLayer; layer <= maxLayer; layer++) {
+    add(svg, "line", {class: "lane", x1: 0, x2: width, y1: rowY(layer) + rowH / 2, y2: rowY(layer) + rowH / 2});
+    add(svg, "text", {class: "lane-label", x: 4, y: rowY(layer) + 4}, `layer ${layer}`);
+  }
+  columns.forEach(c => add(svg, "text", {class: "lane-label", x: colX(c.key), y: height - 8, "text-anchor": "middle"}, c.label));
+  const strength = e => Math.abs(e.mean_weight ?? 0) * e.n_edges;
+  const maxStrength = Math.max(...graph.edges.filter(e => e.kind === "writes").map(strength), 1e-9);
+  const edgeEls = graph.edges.map(e => {
+    const [x1, y1] = pos[e.source], [x2, y2] = pos[e.target];
+    const sideClass = e.kind === "reads" ? "reads" : e.side;
+    const widthPx = e.kind === "reads" ? 1.2 : 1 + 6 * strength(e) / maxStrength;
+    const bend = (y1 - y2) / 2;
+    const path = add(svg, "path", {class: `edge ${sideClass}`, "stroke-width": widthPx.toFixed(2),
+      d: `M${x1},${y1} C${x1},${y1 - bend} ${x2},${y2 + bend} ${x2},${y2}`,
+      "data-source": e.source, "data-target": e.target, "data-side": e.side});
+    path.addEventListener("mousemove", ev => showTip(ev, edgeTip(e, graph.prompt_id !== null)));
+    path.addEventListener("mouseleave", hideTip);
+    return [e, path];
+  });
+  let pinned = null;
+  graph.nodes.forEach(n => {
+    const [x, y] = pos[n.node];
+    const g = add(svg, "g", {class: `node ${n.kind}${n.is_root ? " root" : ""}`, "data-node": n.node});
+    add(g, "circle", {cx: x, cy: y, r: n.kind === "head" ? 13 : 7});
+    add(g, "text", {x: x, y: n.kind === "head" ? y + 3.5 : y + 18, "text-anchor": "middle"},
+        n.kind === "head" ? n.node : (n.pos !== null ? `${n.pos}` : n.role));
+    g.addEventListener("mousemove", ev => showTip(ev, nodeTip(n, graph.edges)));
+    g.addEventListener("mouseleave", hideTip);
+    g.addEventListener("click", () => {
+      if (n.kind === "head") { go(`/head/${n.node}`); return; }
+      pinned = pinned === n.node ? null : n.node;
+      svg.querySelectorAll(".node").forEach(el => el.classList.toggle("pinned", el.dataset.node === pinned));
+      edgeEls.forEach(([e, el]) => el.classList.toggle("dim", pinned !== null && e.source !== pinned && e.target !== pinned));
+    });
+  });
+  box.innerHTML = "";
+  box.appendChild(svg);
+}
+
+function edgeTip(e, onePrompt) {
+  if (e.kind === "reads") return `${e.source} -> ${e.target}\nhead reads this token (${e.side} side)\n` +
+    `${e.count} ${onePrompt ? "firings" : "prompts"}, ${e.n_edges} edges`;
+  return `${e.source} writes to ${e.target} (${e.side} side)\n` +
+    `count: ${e.count} ${onePrompt ? "firings" : "prompts"}, ${e.n_edges} edges\n` +
+    `mean weight: ${fmt(e.mean_weight)}\nsingular directions (sv:share): ${e.top_svs.join(" ") || "none"}`;
+}
+
+function nodeTip(n, edges) {
+  const into = edges.filter(e => e.target === n.node).length, out = edges.filter(e => e.source === n.node).length;
+  const what = n.kind === "head" ? `head ${n.node}${n.is_root ? " (root)" : ""}\nclick to open its page` :
+    `${n.node.split("@")[0]} at ${n.pos !== null ? `position ${n.pos} '${(n.token || "").trim()}'` : ""}` +
+    `${n.role ? ` role ${n.role}` : ""}\nclick to pin its edges`;
+  return `${what}\n${into} edges in, ${out} out`;
+}
+
+function showTip(event, text) {
+  tooltip.textContent = text;
+  tooltip.hidden = false;
+  tooltip.style.left = `${event.clientX + 14}px`;
+  tooltip.style.top = `${event.clientY + 14}px`;
+}
+
+function hideTip() { tooltip.hidden = true; }
+
+// -- routing ------------------------------------------------------------------------------------
+
+async function route() {
+  showError(null);
+  hideTip();
+  const {path, params} = hashParams();
+  try {
+    if (state.run === null) { view.innerHTML = "<p>The catalog has no runs yet: submit an ingest (POST /api/v1/runs).</p>"; return; }
+    if (path.startsWith("/head/")) await showHead(decodeURIComponent(path.slice(6)));
+    else if (path === "/circuit") await showCircuit(params);
+    else await showGrid(params);
+  } catch (err) {
+    showError(err.message);
+  }
+}
+
+window.addEventListener("hashchange", route);
+loadRuns().then(route).catch(err => showError(err.message));
