@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from catalog.decompose import Decomposition
 from catalog.edges import SIDES, trace_side, upstream_outputs
+from catalog.rows import concat, number_edges, table, take
 from catalog.signals import find_firings, sparse_signals
 
 
@@ -36,7 +36,7 @@ def pad_tokens(token_lists: list[list[int]], pad_id: int) -> torch.Tensor:
 
 
 def analyse_batch(model, decomposition: Decomposition, W_O, token_lists, end_pos, prompt_ids,
-                  settings: Settings) -> dict[str, pa.Table]:
+                  settings: Settings) -> dict:
     """Rows of firings, firing_svs, edges and edge_svs for a batch of tokenized prompts."""
     pad_id = model.tokenizer.eos_token_id or 0
     cache = model.run(pad_tokens(token_lists, pad_id))
@@ -63,7 +63,7 @@ def analyse_batch(model, decomposition: Decomposition, W_O, token_lists, end_pos
         f, rank = selected.nonzero(as_tuple=True)
         sv = signals.order[f, rank]
         rows["firing_svs"].append(dict(
-            _take(key, f), rank=rank.numpy(), sv=sv.numpy(), contribution=signals.contribution[f, sv].numpy(),
+            take(key, f), rank=rank.numpy(), sv=sv.numpy(), contribution=signals.contribution[f, sv].numpy(),
             dest_proj=signals.dest_proj[f, sv].numpy(), src_proj=signals.src_proj[f, sv].numpy(),
         ))
         if layer == 0:
@@ -75,55 +75,20 @@ def analyse_batch(model, decomposition: Decomposition, W_O, token_lists, end_pos
                                 settings.append_constant, settings.edge_threshold)
             f, up = result.is_edge.nonzero(as_tuple=True)
             first_row = sum(len(part["prompt_id"]) for part in rows["edges"])
-            edge = dict(_take(key, f), side=np.full(len(f), side), up_layer=(up // model.n_heads).numpy(),
-                        up_head=(up % model.n_heads).numpy())
+            edge = dict(take(key, f), side=np.full(len(f), side), up_kind=np.full(len(f), "head"),
+                        up_layer=(up // model.n_heads).numpy(), up_head=(up % model.n_heads).numpy())
             rows["edges"].append(dict(edge, weight=result.weight[f, up].numpy()))
             # One row per (edge, direction of the firing's signal), in the signal's order.
             e, rank = selected[f, : result.terms.shape[2]].nonzero(as_tuple=True)
             rows["edge_svs"].append(dict(edge_row=first_row + e.numpy(), rank=rank.numpy(),
                                          sv=signals.order[f[e], rank].numpy(), weight=result.terms[f[e], up[e], rank].numpy()))
     if rows["edges"]:
-        edges, edge_svs = number_edges(_concat(rows["edges"]), _concat(rows["edge_svs"]))
+        edges, edge_svs = number_edges(concat(rows["edges"]), concat(rows["edge_svs"]))
         rows["edges"], rows["edge_svs"] = [edges], [edge_svs]
-    return {name: _table(name, parts) for name, parts in rows.items()}
+    return {name: table(COLUMNS[name], parts) for name, parts in rows.items()}
 
 
-# The order edges are numbered in within a prompt (the order migration 004 gave older catalogs).
-EDGE_ORDER = ("layer", "head", "dest_pos", "src_pos", "side", "up_layer", "up_head")
-
-
-def number_edges(edges: dict, edge_svs: dict) -> tuple[dict, dict]:
-    """Give each edge its edge_id (0-based within its prompt, in EDGE_ORDER) and each edge_svs row,
-    which names its edge by row (`edge_row`), the edge's prompt_id and edge_id."""
-    n = len(edges["prompt_id"])
-    order = np.lexsort([edges[c] for c in reversed(("prompt_id",) + EDGE_ORDER)])
-    prompt_sorted = edges["prompt_id"][order]
-    starts = np.r_[0, np.flatnonzero(np.diff(prompt_sorted)) + 1] if n else np.zeros(0, int)
-    position = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
-    edge_id = np.empty(n, dtype=np.int64)
-    edge_id[order] = position
-    numbered = dict(edges, edge_id=edge_id, up_kind=np.full(n, "head"))
-    rows = edge_svs.pop("edge_row")
-    return numbered, dict(edge_svs, prompt_id=edges["prompt_id"][rows], edge_id=edge_id[rows])
-
-
-def _concat(parts: list[dict]) -> dict:
-    return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]} if parts else {}
-
-
-def _take(columns: dict, index) -> dict:
-    index = np.asarray(index)
-    return {name: values[index] for name, values in columns.items()}
-
-
-_TYPES = {
-    "prompt_id": pa.int32(), "layer": pa.int16(), "head": pa.int16(), "dest_pos": pa.int16(),
-    "src_pos": pa.int16(), "attn_weight": pa.float32(), "score": pa.float32(), "n_svs": pa.int16(),
-    "rank": pa.int16(), "sv": pa.int16(), "contribution": pa.float32(), "dest_proj": pa.float32(),
-    "src_proj": pa.float32(), "side": pa.string(), "up_layer": pa.int16(), "up_head": pa.int16(),
-    "weight": pa.float32(), "edge_id": pa.int32(), "up_kind": pa.string(),
-}
-_COLUMNS = {
+COLUMNS = {
     "firings": ["prompt_id", "layer", "head", "dest_pos", "src_pos", "attn_weight", "score", "n_svs"],
     "firing_svs": ["prompt_id", "layer", "head", "dest_pos", "src_pos", "rank", "sv", "contribution",
                    "dest_proj", "src_proj"],
@@ -131,9 +96,3 @@ _COLUMNS = {
               "up_head", "weight"],
     "edge_svs": ["prompt_id", "edge_id", "rank", "sv", "weight"],
 }
-
-
-def _table(name: str, parts: list[dict]) -> pa.Table:
-    columns = _COLUMNS[name]
-    data = {c: pa.array(np.concatenate([p[c] for p in parts]) if parts else [], _TYPES[c]) for c in columns}
-    return pa.table(data)

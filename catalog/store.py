@@ -265,12 +265,34 @@ class Catalog:
             except duckdb.Error:  # the transaction was aborted (interrupted): the rollback cleans up
                 pass
 
+    def _update(self, table: str, data, keys: list[str], **constants: Any) -> None:
+        """UPDATE rows of `table` from an Arrow table, matched on `keys` and the constants."""
+        name = f"_bulk_{table}"
+        self.con.register(name, data)
+        try:
+            assignments = [f'"{c}" = {name}."{c}"' for c in data.column_names if c not in keys]
+            match = [f"{table}.{c} = ${i + 1}" for i, c in enumerate(constants)]
+            match += [f'{table}."{c}" = {name}."{c}"' for c in keys]
+            self.con.execute(f"UPDATE {table} SET {', '.join(assignments)} FROM {name} WHERE {' AND '.join(match)}",
+                             list(constants.values()))
+        finally:
+            try:
+                self.con.unregister(name)
+            except duckdb.Error:
+                pass
+
+    # Batch tables that update rows written with the run instead of adding rows: name -> (table, keys).
+    UPDATES = {"prompt_outputs": ("prompts", ["prompt_id"])}
+
     def write_batch(self, run_id: int, batch: int, first_prompt: int, last_prompt: int, tables: dict) -> None:
         """Write one batch's rows and its run_batches record atomically: all of it or none of it."""
         self.con.execute("BEGIN TRANSACTION")
         try:
             for table, data in tables.items():
-                if data.num_rows:
+                if table in self.UPDATES and data.num_rows:
+                    target, keys = self.UPDATES[table]
+                    self._update(target, data, keys, run_id=run_id)
+                elif data.num_rows:
                     self._append(table, data, run_id=run_id)
             self.con.execute(
                 "INSERT INTO run_batches VALUES (?, ?, ?, ?, ?, ?, current_timestamp)",
