@@ -14,6 +14,7 @@ import torch
 
 from catalog.decompose import Decomposition
 from catalog.edges import SIDES, trace_side, upstream_outputs
+from catalog.outputs import prompt_outputs
 from catalog.rows import concat, number_edges, table, take
 from catalog.signals import find_firings, sparse_signals
 
@@ -36,10 +37,12 @@ def pad_tokens(token_lists: list[list[int]], pad_id: int) -> torch.Tensor:
 
 
 def analyse_batch(model, decomposition: Decomposition, W_O, token_lists, end_pos, prompt_ids,
-                  settings: Settings) -> dict:
-    """Rows of firings, firing_svs, edges and edge_svs for a batch of tokenized prompts."""
+                  settings: Settings, answer_ids=None, wrong_ids=None) -> dict:
+    """Rows of firings, firing_svs, edges, edge_svs and prompt_outputs for a batch of tokenized prompts."""
     pad_id = model.tokenizer.eos_token_id or 0
-    cache = model.run(pad_tokens(token_lists, pad_id))
+    logits, cache = model.run(pad_tokens(token_lists, pad_id), with_logits=True)
+    outputs_table = prompt_outputs(logits, end_pos, answer_ids or [None] * len(end_pos),
+                                   wrong_ids or [None] * len(end_pos), list(prompt_ids), model.tokenizer)
     end_pos = torch.as_tensor(end_pos)
     prompt_ids = np.asarray(prompt_ids)
     z = [cache[f"blocks.{layer}.attn.hook_z"] for layer in range(model.n_layers - 1)]
@@ -85,7 +88,7 @@ def analyse_batch(model, decomposition: Decomposition, W_O, token_lists, end_pos
     if rows["edges"]:
         edges, edge_svs = number_edges(concat(rows["edges"]), concat(rows["edge_svs"]))
         rows["edges"], rows["edge_svs"] = [edges], [edge_svs]
-    return {name: table(COLUMNS[name], parts) for name, parts in rows.items()}
+    return dict({name: table(COLUMNS[name], parts) for name, parts in rows.items()}, prompt_outputs=outputs_table)
 
 
 COLUMNS = {

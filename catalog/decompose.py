@@ -59,8 +59,10 @@ def decompose(W_Q, b_Q, W_K, b_K) -> Decomposition:
     return Decomposition(sigma=sigma.float(), U=(U * sign).float(), V=(V * sign).float())
 
 
-def to_arrow(decomposition: Decomposition):
-    """Rows (layer, head, sv, sigma, u, v) for the singular_vectors table, u and v as float lists."""
+def to_arrow(decomposition: Decomposition, form: str = "augmented"):
+    """Rows (form, layer, head, sv, sigma, u, v) for the singular_vectors table, u and v as float lists.
+
+    form: 'augmented' (this module's Omega~) or 'plain' (ACC++'s W_Q W_K^T, same layout)."""
     import pyarrow as pa
 
     n_layers, n_heads, d_aug, rank = decomposition.shape
@@ -71,6 +73,7 @@ def to_arrow(decomposition: Decomposition):
         return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), d_aug).cast(pa.list_(pa.float32()))
 
     return pa.table({
+        "form": pa.array([form] * layer.size, pa.string()),
         "layer": pa.array(layer.ravel(), pa.int16()),
         "head": pa.array(head.ravel(), pa.int16()),
         "sv": pa.array(sv.ravel(), pa.int16()),

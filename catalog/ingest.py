@@ -43,6 +43,23 @@ def decompose_model(cat: Catalog, model, add_model: bool = False) -> tuple[int, 
     return cat.add_model(row, to_arrow(decompose(W_Q, b_Q, W_K, b_K))), True
 
 
+def store_plain_form(cat: Catalog, model_id: int, weights) -> None:
+    """ACC++'s singular vectors (form 'plain') beside the 2024 method's, once per model."""
+    from catalog.decompose import Decomposition, to_arrow
+
+    if cat.con.execute("SELECT count(*) FROM singular_vectors WHERE model_id = ? AND form = 'plain'",
+                       [model_id]).fetchall()[0][0]:
+        return
+    plain = Decomposition(sigma=weights.S, U=weights.U, V=weights.V)
+    cat.con.execute("BEGIN TRANSACTION")
+    try:
+        cat._append("singular_vectors", to_arrow(plain, form="plain"), model_id=model_id)
+        cat.con.execute("COMMIT")
+    except BaseException:
+        cat.con.execute("ROLLBACK")
+        raise
+
+
 def load_prompts(dataset: str, n_prompts: int, seed: int, items, tokenizer, max_tokens: int):
     """The prompt set (items read from a JSONL file, or the built-in IOI set) and its tokenization,
     validated (CatalogError on any mismatch)."""
@@ -53,7 +70,7 @@ def load_prompts(dataset: str, n_prompts: int, seed: int, items, tokenizer, max_
     return items, prompt_sets.tokenize_prompts(items, tokenizer, max_tokens=max_tokens)
 
 
-def _prompt_tables(items, token_lists, tokenizer):
+def _prompt_tables(items, token_lists, answers, wrongs, tokenizer):
     import pyarrow as pa
 
     from catalog.prompts import end_position
@@ -65,6 +82,8 @@ def _prompt_tables(items, token_lists, tokenizer):
         "end_pos": pa.array([end_position(p, len(t)) for p, t in zip(items, token_lists)], pa.int16()),
         "template": [p.template for p in items],
         "name_order": [p.name_order for p in items],
+        "answer_token_id": pa.array(answers, pa.int32()),
+        "wrong_token_id": pa.array(wrongs, pa.int32()),
     })
     columns = {"prompt_id": [], "pos": [], "token_id": [], "token": [], "role": []}
     for prompt_id, (item, ids) in enumerate(zip(items, token_lists)):
@@ -83,36 +102,100 @@ def _prompt_tables(items, token_lists, tokenizer):
     return prompts, tokens
 
 
-def _check_settings(attn_threshold, sv_threshold, edge_threshold, batch_size, n_prompts):
-    if not 0 < attn_threshold <= 1:
-        raise CatalogError(f"--attn-threshold must be in (0, 1], got {attn_threshold}")
-    if sv_threshold <= 0:
-        raise CatalogError(f"--sv-threshold must be positive, got {sv_threshold}")
-    if not 0 < edge_threshold <= 1:
-        raise CatalogError(f"--edge-threshold must be in (0, 1], got {edge_threshold}")
+METHODS = ("sad", "accpp")
+
+
+def _check_settings(method, attn_threshold, sv_threshold, edge_threshold, batch_size, n_prompts, accpp):
+    if method not in METHODS:
+        raise CatalogError(f"unknown method '{method}': use sad (2024, the default) or accpp (ACC++)")
     if batch_size < 1 or n_prompts < 1:
         raise CatalogError("--batch-size and --n-prompts must be at least 1")
+    if method == "sad":
+        if not 0 < attn_threshold <= 1:
+            raise CatalogError(f"--attn-threshold must be in (0, 1], got {attn_threshold}")
+        if sv_threshold <= 0:
+            raise CatalogError(f"--sv-threshold must be positive, got {sv_threshold}")
+        if not 0 < edge_threshold <= 1:
+            raise CatalogError(f"--edge-threshold must be in (0, 1], got {edge_threshold}")
+        return
+    from catalog.accpp.circuit import PROB_TARGETS, SEEDINGS
+
+    if accpp.threshold != "dynamic" and not 0 < float(accpp.threshold) <= 1:
+        raise CatalogError(f"--threshold must be 'dynamic' or a number in (0, 1], got {accpp.threshold}")
+    if accpp.ig_steps < 1:
+        raise CatalogError(f"--ig-steps must be at least 1, got {accpp.ig_steps}")
+    if accpp.seeding not in SEEDINGS:
+        raise CatalogError(f"--seeding must be one of {', '.join(SEEDINGS)}, not '{accpp.seeding}'")
+    if accpp.prob_target not in PROB_TARGETS:
+        raise CatalogError(f"--prob-target must be one of {', '.join(PROB_TARGETS)}, not '{accpp.prob_target}'")
+    if not 0 < accpp.tau <= 1:
+        raise CatalogError(f"--tau must be in (0, 1], got {accpp.tau}")
+    if accpp.seeding == "none" and not accpp.heads:
+        raise CatalogError("--seeding none decomposes nothing without --heads L.H,...")
+    if accpp.dest_roles and not accpp.heads:
+        raise CatalogError("--dest-roles applies to the firings of --heads; give --heads too")
+
+
+def accpp_settings(threshold="dynamic", ig_steps=64, seeding="linear", prob_target="answer", tau=0.8,
+                   heads=None, dest_roles=None):
+    """AccppSettings from user values: a threshold 'dynamic' or a number, heads "9.9,9.6" or a list."""
+    from catalog.accpp.circuit import AccppSettings
+    from catalog.heads import parse_head
+
+    if isinstance(threshold, str) and threshold != "dynamic":
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            raise CatalogError(f"--threshold must be 'dynamic' or a number, got '{threshold}'") from None
+    split = lambda value: [p.strip() for text in ([value] if isinstance(value, str) else value or [])
+                           for p in str(text).split(",") if p.strip()]
+    return AccppSettings(threshold=threshold, ig_steps=int(ig_steps), seeding=seeding, prob_target=prob_target,
+                         tau=float(tau), heads=tuple(parse_head(h) for h in split(heads)),
+                         dest_roles=tuple(split(dest_roles)))
+
+
+def _check_accpp_prompts(accpp, items, answers, wrongs, lm) -> None:
+    """What ACC++ needs of the prompts and the model, checked before anything is stored."""
+    from catalog.heads import parse_head
+
+    for layer, head in accpp.heads:
+        parse_head(f"{layer}.{head}", lm.n_layers, lm.n_heads)
+    for role in accpp.dest_roles:
+        if not any(role in p.roles for p in items):
+            raise CatalogError(f"--dest-roles: no prompt has a token with role '{role}'")
+    needs_wrong = accpp.seeding == "linear"
+    needs_answer = needs_wrong or (accpp.seeding == "prob" and accpp.prob_target == "answer")
+    for index, (answer, wrong) in enumerate(zip(answers, wrongs)):
+        if (needs_answer and answer is None) or (needs_wrong and wrong is None):
+            raise CatalogError(
+                f"prompt {index} has no {'answer' if answer is None else 'wrong'} token, which --seeding "
+                f"{accpp.seeding} needs: give \"answer\" and \"wrong\" in the JSONL (or IO and S1 roles)"
+            )
 
 
 def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi", n_prompts: int = 64,
-           seed: int = 0, prompts_file=None, attn_threshold: float = 0.5, sv_threshold: float = 1.0,
-           edge_threshold: float = 0.7, append_constant: bool = True, batch_size: int = 16,
+           seed: int = 0, prompts_file=None, method: str = "sad", attn_threshold: float = 0.5,
+           sv_threshold: float = 1.0, edge_threshold: float = 0.7, append_constant: bool = True,
+           threshold="dynamic", ig_steps: int = 64, seeding: str = "linear", prob_target: str = "answer",
+           tau: float = 0.8, heads=None, dest_roles=None, batch_size: int = 16,
            add_model: bool = False, new_run: bool = False, show_progress: bool = False, on_batch=None,
            loaded_model=None) -> dict:
     """Run (or resume) an ingest into the catalog at db_path; return a summary dict.
 
-    A finished run with the same model, prompts and settings is not repeated (its summary is
-    returned, with "already_finished") unless new_run is given.
+    method 'sad' (the 2024 method, SPEC.md) uses attn/sv/edge_threshold and append_constant;
+    method 'accpp' (ACC++, ACCPP.md) uses threshold, ig_steps, seeding, prob_target, tau, heads
+    and dest_roles. A finished run with the same model, prompts and settings is not repeated (its
+    summary is returned, with "already_finished") unless new_run is given.
 
     on_batch(batch_index) is called after each committed batch (tests use it to interrupt).
     loaded_model lets a caller reuse a model it has already loaded.
     """
     from catalog.batch import Settings
     from catalog.model import load_model
+    from catalog.prompts import answer_tokens, prompts_digest, read_jsonl
 
-    from catalog.prompts import prompts_digest, read_jsonl
-
-    _check_settings(attn_threshold, sv_threshold, edge_threshold, batch_size, n_prompts)
+    accpp = accpp_settings(threshold, ig_steps, seeding, prob_target, tau, heads, dest_roles) if method == "accpp" else None
+    _check_settings(method, attn_threshold, sv_threshold, edge_threshold, batch_size, n_prompts, accpp)
     items = None
     if prompts_file is not None:
         items = read_jsonl(prompts_file)  # a bad file fails before the slow model load
@@ -124,57 +207,90 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
     lm = loaded_model or load_model(model, model_path)
     # Prompts are tokenized and checked before the catalog is touched: bad prompts store nothing.
     items, token_lists = load_prompts(dataset, n_prompts, seed, items, lm.tokenizer, lm.n_ctx)
+    answers, wrongs = answer_tokens(items, token_lists, lm.tokenizer)
+    if accpp is not None:
+        _check_accpp_prompts(accpp, items, answers, wrongs, lm)
     digest = prompts_digest(items)
     with Catalog(db_path) as cat:
         model_id, _ = decompose_model(cat, lm, add_model=add_model)
-        settings = Settings(attn_threshold, sv_threshold, edge_threshold, append_constant)
-        identity = {"dataset": dataset, "n_prompts": len(items), "batch_size": batch_size,
-                    "attn_threshold": attn_threshold, "sv_threshold": sv_threshold,
-                    "edge_threshold": edge_threshold, "append_constant": append_constant}
-        run = cat.find_run(model_id, digest, identity)
+        identity = {"dataset": dataset, "n_prompts": len(items), "batch_size": batch_size, "method": method}
+        if accpp is None:
+            settings = Settings(attn_threshold, sv_threshold, edge_threshold, append_constant)
+            identity.update(attn_threshold=attn_threshold, sv_threshold=sv_threshold,
+                            edge_threshold=edge_threshold, append_constant=append_constant)
+            recorded = None
+        else:
+            settings, recorded = accpp, accpp.record()
+            identity.update(attn_threshold=None, sv_threshold=None, edge_threshold=None, append_constant=None)
+        run = cat.find_run(model_id, digest, identity, recorded)
         if run is not None and run["status"] == "finished" and not new_run:
             return dict(summarize(cat.con, cat.path, run["run_id"], time.perf_counter() - started),
                         already_finished=True)
         if run is None or run["status"] == "finished":
-            prompts, tokens = _prompt_tables(items, token_lists, lm.tokenizer)
+            prompts, tokens = _prompt_tables(items, token_lists, answers, wrongs, lm.tokenizer)
             params = dict(identity, model=None if model_path else model,
                           model_path=str(model_path) if model_path else None,
                           seed=seed if prompts_file is None else None,
-                          prompts_file=str(prompts_file) if prompts_file else None)
+                          prompts_file=str(prompts_file) if prompts_file else None, settings=recorded)
             row = dict(identity, model_id=model_id, seed=params["seed"], prompts_digest=digest,
-                       params=params, package_version=catalog.__version__)
+                       params=params, package_version=catalog.__version__, settings=recorded,
+                       weight_unit="score" if accpp is None else "attn_prob")
             run_id, resumed = cat.create_run(row, prompts, tokens), False
         else:
             run_id, resumed = run["run_id"], True
         done = cat.committed_batches(run_id)
-        return _run_batches(cat, lm, model_id, run_id, resumed, items, token_lists, batch_size, settings, done,
-                            show_progress, on_batch, started)
+        analyse = _analysis(cat, lm, model_id, settings, items, token_lists, answers, wrongs)
+        return _run_batches(cat, run_id, resumed, len(items), batch_size, analyse, done, show_progress,
+                            on_batch, started)
 
 
-def _run_batches(cat, lm, model_id, run_id, resumed, items, token_lists, batch_size, settings, done,
-                 show_progress, on_batch, started) -> dict:
-    from tqdm import tqdm
-
-    from catalog.batch import analyse_batch
-    from catalog.decompose import from_arrow
+def _analysis(cat, lm, model_id, settings, items, token_lists, answers, wrongs):
+    """The method's batch function: prompt ids -> the batch's tables."""
+    from catalog.batch import Settings, analyse_batch, pad_tokens
     from catalog.prompts import end_position
 
-    table = cat.con.sql(
-        "SELECT layer, head, sv, sigma, u, v FROM singular_vectors WHERE model_id = ?", params=[model_id]
-    ).to_arrow_table()
-    decomposition = from_arrow(table, lm.n_layers, lm.n_heads)
-    W_O = lm.attention_weights()[4]
-    n = len(items)
+    end_pos = [end_position(p, len(t)) for p, t in zip(items, token_lists)]
+    pad_id = lm.tokenizer.eos_token_id or 0
+    if isinstance(settings, Settings):
+        from catalog.decompose import from_arrow
+
+        table = cat.con.sql(
+            "SELECT layer, head, sv, sigma, u, v FROM singular_vectors WHERE model_id = ? AND form = 'augmented'",
+            params=[model_id],
+        ).to_arrow_table()
+        decomposition = from_arrow(table, lm.n_layers, lm.n_heads)
+        W_O = lm.attention_weights()[4]
+        return lambda ids: analyse_batch(lm, decomposition, W_O, [token_lists[i] for i in ids],
+                                         [end_pos[i] for i in ids], list(ids), settings,
+                                         [answers[i] for i in ids], [wrongs[i] for i in ids])
+    from catalog.accpp import circuit
+    from catalog.accpp.weights import accpp_weights
+
+    weights = accpp_weights(*lm.attention_weights()[:4])
+    store_plain_form(cat, model_id, weights)
+
+    def analyse(ids):
+        prompts = circuit.BatchPrompts([token_lists[i] for i in ids], [end_pos[i] for i in ids], list(ids),
+                                       [answers[i] for i in ids], [wrongs[i] for i in ids],
+                                       [items[i].roles for i in ids])
+        return circuit.analyse_batch(lm, weights, prompts, settings, pad_tokens(prompts.token_lists, pad_id))
+
+    return analyse
+
+
+def _run_batches(cat, run_id, resumed, n, batch_size, analyse, done, show_progress, on_batch, started) -> dict:
+    from tqdm import tqdm
+
     batches = [(b, range(start, min(start + batch_size, n))) for b, start in enumerate(range(0, n, batch_size))]
     counts = {"firings": 0, "edges": 0}
-    bar = tqdm(total=n, initial=sum(len(ids) for b, ids in batches if b in done), unit="prompt", disable=not show_progress, dynamic_ncols=True,
+    bar = tqdm(total=n, initial=sum(len(ids) for b, ids in batches if b in done), unit="prompt",
+               disable=not show_progress, dynamic_ncols=True,
                desc=f"run {run_id}" + (" (resumed)" if resumed else ""))
     try:
         for b, ids in batches:
             if b in done:
                 continue
-            rows = analyse_batch(lm, decomposition, W_O, [token_lists[i] for i in ids],
-                                 [end_position(items[i], len(token_lists[i])) for i in ids], list(ids), settings)
+            rows = analyse(ids)
             cat.write_batch(run_id, b, ids[0], ids[-1], rows)
             counts["firings"] += rows["firings"].num_rows
             counts["edges"] += rows["edges"].num_rows
@@ -202,5 +318,8 @@ def summarize(con, db_path, run_id: int, wall_s: float, resumed: bool = False) -
         [run_id],
     ).fetchall()[0]
     edges = con.execute("SELECT count(*) FROM edges WHERE run_id = ?", [run_id]).fetchall()[0][0]
-    return {"run_id": run_id, "prompts": prompts, "firings": firings, "mean_signal_size": mean_svs or 0.0,
-            "edges": edges, "wall_s": wall_s, "resumed": resumed, "already_finished": False, "db": str(db_path)}
+    method, seeds = con.execute("SELECT method, (SELECT count(*) FROM seeds WHERE run_id = $1) FROM runs "
+                                "WHERE run_id = $1", [run_id]).fetchall()[0]
+    return {"run_id": run_id, "method": method, "prompts": prompts, "firings": firings,
+            "mean_signal_size": mean_svs or 0.0, "edges": edges, "seeds": seeds, "wall_s": wall_s,
+            "resumed": resumed, "already_finished": False, "db": str(db_path)}

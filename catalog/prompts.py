@@ -24,6 +24,8 @@ class Prompt:
     template: str | None = None  # generator template id, e.g. "ioi-03"
     name_order: str | None = None  # "ABBA" (IO first) or "BABA" (subject first)
     tokens: tuple[str, ...] | None = None  # expected token strings, checked by tokenize_prompts
+    answer: str | int | None = None  # the correct next token after `end` (text or id); IOI: the IO name
+    wrong: str | int | None = None  # the contrast token; IOI: the subject's name
 
 
 # Every word carries its leading space: that is the form it takes inside a sentence, and
@@ -170,6 +172,12 @@ def _parse_line(line: str, where: str) -> Prompt:
             raise CatalogError(f"{where}: \"tokens\" must be a list of strings")
         tokens = tuple(tokens)
     optional = {}
+    for key in ("answer", "wrong"):
+        value = record.get(key)
+        if value is not None:
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise CatalogError(f"{where}: \"{key}\" must be a token string or a token id")
+            optional[key] = value
     for key in ("template", "name_order"):
         if record.get(key) is not None:
             if not isinstance(record[key], str):
@@ -212,7 +220,33 @@ def end_position(prompt: Prompt, n_tokens: int) -> int:
     return prompt.roles.get("end", n_tokens - 1)
 
 
+def answer_tokens(prompts, token_lists, tokenizer) -> tuple[list[int | None], list[int | None]]:
+    """Each prompt's answer and wrong token ids: given in the prompt (a text that must be one token,
+    or an id), else the tokens at the IOI roles IO and S1, else None."""
+    answers, wrongs = [], []
+    for index, (prompt, ids) in enumerate(zip(prompts, token_lists)):
+        pair = []
+        for field, role in (("answer", "IO"), ("wrong", "S1")):
+            given = getattr(prompt, field)
+            if isinstance(given, int):
+                if not 0 <= given < len(tokenizer):
+                    raise CatalogError(f"prompt {index}: {field} token id {given} is not in the vocabulary")
+                pair.append(given)
+            elif isinstance(given, str):
+                found = _ids(tokenizer, given)
+                if len(found) != 1:
+                    raise CatalogError(f"prompt {index}: {field} {given!r} is {len(found)} tokens, not one "
+                                       "(give the token as it follows the text, e.g. with its leading space)")
+                pair.append(found[0])
+            else:
+                pair.append(ids[prompt.roles[role]] if role in prompt.roles else None)
+        answers.append(pair[0])
+        wrongs.append(pair[1])
+    return answers, wrongs
+
+
 def prompts_digest(prompts) -> str:
-    """sha256 over texts and roles, in order; identifies a prompt set across runs."""
-    payload = [{"text": p.text, "roles": p.roles} for p in prompts]
+    """sha256 over texts and roles (and answer/wrong where given), in order; identifies a prompt set."""
+    payload = [{"text": p.text, "roles": p.roles, **{k: getattr(p, k) for k in ("answer", "wrong")
+                                                     if getattr(p, k) is not None}} for p in prompts]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()

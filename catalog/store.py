@@ -213,13 +213,19 @@ class Catalog:
             self._append("singular_vectors", singular_vectors, model_id=model_id)
         return model_id
 
-    def find_run(self, model_id: int, prompts_digest: str, settings: dict) -> dict | None:
-        """The newest run of this model on these prompts with these result-changing settings."""
+    def find_run(self, model_id: int, prompts_digest: str, settings: dict, method_settings: dict | None = None
+                 ) -> dict | None:
+        """The newest run of this model on these prompts with these result-changing settings
+        (columns of runs, and the method's own settings as stored in runs.settings)."""
+        import json
+
         sa = self._sa
         runs = self.runs
         query = sa.select(runs).where(runs.c.model_id == model_id, runs.c.prompts_digest == prompts_digest)
         for column, value in settings.items():
             query = query.where(runs.c[column] == value)
+        if method_settings is not None:  # stored by SQLAlchemy's JSON type, i.e. json.dumps of the dict
+            query = query.where(sa.cast(runs.c.settings, sa.String) == json.dumps(method_settings))
         with self.engine.connect() as conn:
             row = conn.execute(query.order_by(runs.c.run_id.desc())).mappings().first()
         return dict(row) if row else None

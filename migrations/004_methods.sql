@@ -56,6 +56,24 @@ SELECT run_id, prompt_id, text, n_tokens, end_pos, template, name_order FROM pro
 DROP TABLE run_batches_v3;
 DROP TABLE prompts_v3;
 
+-- Singular vectors of both methods' QK forms: 'augmented' (the 2024 method's bias-augmented
+-- Omega~, vectors of length d_model + 1) and 'plain' (ACC++'s W_Q W_K^T, length d_model). An
+-- edge's or firing's sv refers to the form of its run's method.
+ALTER TABLE singular_vectors RENAME TO singular_vectors_v3;
+CREATE TABLE singular_vectors (
+    model_id  INTEGER NOT NULL REFERENCES models (model_id),
+    form      VARCHAR NOT NULL,     -- 'augmented' (method sad) | 'plain' (method accpp)
+    layer     SMALLINT NOT NULL,
+    head      SMALLINT NOT NULL,
+    sv        SMALLINT NOT NULL,    -- 0 .. d_head-1, by descending sigma
+    sigma     DOUBLE NOT NULL,
+    u         FLOAT[] NOT NULL,     -- query-side (destination) vector
+    v         FLOAT[] NOT NULL,     -- key-side (source) vector
+    PRIMARY KEY (model_id, form, layer, head, sv)
+);
+INSERT INTO singular_vectors SELECT model_id, 'augmented', layer, head, sv, sigma, u, v FROM singular_vectors_v3;
+DROP TABLE singular_vectors_v3;
+
 -- ACC++ has no per-firing sparse signal: n_svs is NULL for its firings.
 ALTER TABLE firings ALTER COLUMN n_svs DROP NOT NULL;
 
