@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from catalog.errors import CatalogError
 from catalog.output import format_option, render
 
 _db = click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -45,7 +46,8 @@ def decompose(db_path, model, model_path, add_model):
 
 
 @click.command()
-@_db
+@click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="The catalog file (DuckDB); created if missing. Not with --server.")
 @_model_options
 @click.option("--dataset", default="ioi", show_default=True, help="Built-in prompt set (ioi).")
 @click.option("--n-prompts", default=256, show_default=True, type=int, help="Prompts to generate.")
@@ -62,19 +64,27 @@ def decompose(db_path, model, model_path, add_model):
 @click.option("--batch-size", default=16, show_default=True, type=int, help="Prompts per committed batch.")
 @click.option("--add-model", is_flag=True, help="Allow a second model in a catalog that already holds one.")
 @click.option("--new-run", is_flag=True, help="Ingest again even if the same run has already finished.")
+@click.option("--server", metavar="URL", default=None,
+              help="Submit to the `circuit-catalog serve` at URL and follow its progress (token: $CIRCUIT_CATALOG_TOKEN).")
 def ingest(db_path, model, model_path, dataset, n_prompts, seed, prompts_file, attn_threshold, sv_threshold,
-           edge_threshold, append_constant, batch_size, add_model, new_run):
+           edge_threshold, append_constant, batch_size, add_model, new_run, server):
     """Run prompts through the model; store firings, sparse signals and traced edges (resumable)."""
     from catalog.ingest import Interrupted
     from catalog.ingest import ingest as run_ingest
 
+    if (db_path is None) == (server is None):
+        raise CatalogError("give --db FILE, or --server URL to submit to a running `circuit-catalog serve`")
+    settings = dict(model=model, model_path=model_path, dataset=dataset, n_prompts=n_prompts, seed=seed,
+                    prompts_file=prompts_file, attn_threshold=attn_threshold, sv_threshold=sv_threshold,
+                    edge_threshold=edge_threshold, append_constant=append_constant, batch_size=batch_size,
+                    add_model=add_model, new_run=new_run)
     try:
-        summary = run_ingest(
-            db_path, model=model, model_path=model_path, dataset=dataset, n_prompts=n_prompts, seed=seed,
-            prompts_file=prompts_file, attn_threshold=attn_threshold, sv_threshold=sv_threshold,
-            edge_threshold=edge_threshold, append_constant=append_constant, batch_size=batch_size,
-            add_model=add_model, new_run=new_run, show_progress=True,
-        )
+        if server is not None:  # the service holding the catalog runs the job; this only follows it
+            from catalog.service.client import submit_and_follow
+
+            summary = submit_and_follow(server, settings)
+        else:
+            summary = run_ingest(db_path, **settings, show_progress=True)
     except Interrupted as err:
         click.echo(str(err), err=True)
         sys.exit(130)

@@ -7,14 +7,14 @@ own cursor of the service's connection (committed data only).
 
 from __future__ import annotations
 
-import json
+import math
+from decimal import Decimal
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from catalog import query, query_extra
 from catalog.errors import CatalogError
-from catalog.output import render
 from catalog.service import sql as sql_endpoint
 from catalog.service.jobs import IngestSettings
 from catalog.trace import DEFAULT_DEST_ROLE, DEFAULT_SRC_ROLE, trace as trace_circuit
@@ -24,9 +24,27 @@ ANY_ROLE = "any"  # as the CLI's trace: a role of 'any' means any token
 SQL_MAX_ROWS = 10_000
 
 
+def plain(value):
+    """A value as JSON can carry it: NaN and infinities as null, DECIMAL (DuckDB's sum of
+    integers) as a number, timestamps as ISO text, bytes as hex."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.hex()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
 def rows_of(table) -> list[dict]:
-    """An Arrow table as JSON-ready row dicts (the CLI's --format json, NaN as null)."""
-    return json.loads(render(table, "json"))
+    """An Arrow table as JSON-ready row dicts."""
+    return [plain(row) for row in table.to_pylist()]
 
 
 def _service(request: Request):
@@ -165,7 +183,7 @@ def trace(request: Request, roots: list[str] | None = Query(None), dest_role: st
 def firing(request: Request, prompt_id: int, head: str, dest_pos: int, src_pos: int, run_id: int | None = None):
     with _service(request).reader() as con:
         found = query_extra.firing(con, prompt_id, head, dest_pos, src_pos, run_id=run_id)
-    return {"run_id": found["run_id"], "firing": json.loads(json.dumps(found["firing"], default=str)),
+    return {"run_id": found["run_id"], "firing": plain(found["firing"]),
             "signal": rows_of(found["signal"]), "edges": rows_of(found["edges"])}
 
 
@@ -179,7 +197,7 @@ def list_prompts(request: Request, run_id: int | None = None, limit: int = Query
 def get_prompt(request: Request, prompt_id: int, run_id: int | None = None):
     with _service(request).reader() as con:
         found = query_extra.prompt(con, prompt_id, run_id=run_id)
-    return {"run_id": found["run_id"], "prompt": found["prompt"], "tokens": rows_of(found["tokens"])}
+    return {"run_id": found["run_id"], "prompt": plain(found["prompt"]), "tokens": rows_of(found["tokens"])}
 
 
 @router.get("/roles", summary="The token roles of a run")

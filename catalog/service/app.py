@@ -75,10 +75,15 @@ def create_app(service, token: str | None = None, resume: bool = True, sql_timeo
     async def http_error(request: Request, err: HTTPException):
         return _error(err.status_code, err.detail)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, err: Exception):
-        log.exception("internal error on %s", request.url.path)
-        return _error(500, f"internal error ({type(err).__name__}); the server's log has the details")
+    # A middleware, not an exception handler for Exception: Starlette re-raises after such a
+    # handler, and uvicorn then drops the connection (a keep-alive client sees a reset).
+    @app.middleware("http")
+    async def internal_error(request: Request, call_next):
+        try:
+            return await call_next(request)
+        except Exception as err:
+            log.exception("internal error on %s", request.url.path)
+            return _error(500, f"internal error ({type(err).__name__}); the server's log has the details")
 
     @app.get("/", include_in_schema=False)
     def explorer():

@@ -105,7 +105,8 @@ class JobQueue:
         end = job.finished_at or time.time()
         elapsed = end - job.started_at if job.started_at else 0.0
         doc = {"job_id": job.job_id, "status": job.status, "reason": job.reason, "run_id": job.run_id,
-               "message": job.message, "settings": job.settings.model_dump(), "elapsed_s": round(elapsed, 3),
+               "message": job.message, "settings": job.settings.model_dump(), "submitted_at": job.submitted_at,
+               "started_at": job.started_at, "finished_at": job.finished_at, "elapsed_s": round(elapsed, 3),
                "prompts_by_job": job.prompts_by_job,
                "prompts_per_s": round(job.prompts_by_job / elapsed, 3) if elapsed > 0 else None,
                "progress": None, "summary": job.summary}
