@@ -61,13 +61,31 @@ def decompose(db_path, model, model_path, add_model):
               help="Share of a side's total the edges must carry.")
 @click.option("--append-constant/--no-append-constant", default=True, show_default=True,
               help="Augment upstream outputs with a constant 1, as the reference implementation does.")
+@click.option("--method", type=click.Choice(["sad", "accpp"]), default="sad", show_default=True,
+              help="Tracing method: sad (2024, SPEC.md; the options above) or accpp (ACC++, ACCPP.md; the options below).")
+@click.option("--threshold", default="dynamic", show_default=True,
+              help="accpp: firing and greedy threshold, 'dynamic' = min(1, 2.5/(i+1)) at destination i, or a number.")
+@click.option("--ig-steps", default=64, show_default=True, type=int,
+              help="accpp: trapezoid intervals of the integrated gradients.")
+@click.option("--seeding", type=click.Choice(["linear", "prob", "none"]), default="linear", show_default=True,
+              help="accpp: root each prompt's circuit at the logit difference answer - wrong (linear), the "
+                   "log-probability of a token (prob), or decompose only --heads (none).")
+@click.option("--prob-target", type=click.Choice(["answer", "top1"]), default="answer", show_default=True,
+              help="accpp, --seeding prob: the token whose probability is explained.")
+@click.option("--tau", default=0.8, show_default=True, type=float,
+              help="accpp, --seeding prob: share of the objective the seeds must remove.")
+@click.option("--heads", default=None, metavar="L.H,...",
+              help="accpp: also decompose every firing of these heads (e.g. 9.9,9.6,10.0).")
+@click.option("--dest-roles", default=None, metavar="ROLE,...",
+              help="accpp, with --heads: only their firings whose destination token has one of these roles.")
 @click.option("--batch-size", default=16, show_default=True, type=int, help="Prompts per committed batch.")
 @click.option("--add-model", is_flag=True, help="Allow a second model in a catalog that already holds one.")
 @click.option("--new-run", is_flag=True, help="Ingest again even if the same run has already finished.")
 @click.option("--server", metavar="URL", default=None,
               help="Submit to the `circuit-catalog serve` at URL and follow its progress (token: $CIRCUIT_CATALOG_TOKEN).")
 def ingest(db_path, model, model_path, dataset, n_prompts, seed, prompts_file, attn_threshold, sv_threshold,
-           edge_threshold, append_constant, batch_size, add_model, new_run, server):
+           edge_threshold, append_constant, method, threshold, ig_steps, seeding, prob_target, tau, heads,
+           dest_roles, batch_size, add_model, new_run, server):
     """Run prompts through the model; store firings, sparse signals and traced edges (resumable)."""
     from catalog.ingest import Interrupted
     from catalog.ingest import ingest as run_ingest
@@ -78,6 +96,9 @@ def ingest(db_path, model, model_path, dataset, n_prompts, seed, prompts_file, a
                     prompts_file=prompts_file, attn_threshold=attn_threshold, sv_threshold=sv_threshold,
                     edge_threshold=edge_threshold, append_constant=append_constant, batch_size=batch_size,
                     add_model=add_model, new_run=new_run)
+    if method != "sad":  # the 2024 method's calls stay as they were (the service's job settings too)
+        settings.update(method=method, threshold=threshold, ig_steps=ig_steps, seeding=seeding,
+                        prob_target=prob_target, tau=tau, heads=heads, dest_roles=dest_roles)
     try:
         if server is not None:  # the service holding the catalog runs the job; this only follows it
             from catalog.service.client import submit_and_follow
@@ -94,11 +115,13 @@ def ingest(db_path, model, model_path, dataset, n_prompts, seed, prompts_file, a
     if summary["already_finished"]:
         click.echo(f"run {summary['run_id']} with these prompts and settings is already finished "
                    "(--new-run to ingest again)")
-    click.echo(
-        f"run {summary['run_id']}: {summary['prompts']} prompts, {summary['firings']} firings, "
-        f"mean signal size {summary['mean_signal_size']:.2f} singular vectors, {summary['edges']} edges, "
-        f"{summary['wall_s']:.1f} s -> {summary['db']}"
-    )
+    if summary.get("method") == "accpp":
+        detail = f"{summary['firings']} firings decomposed, {summary['seeds']} seeds, {summary['edges']} edges"
+    else:
+        detail = (f"{summary['firings']} firings, mean signal size {summary['mean_signal_size']:.2f} "
+                  f"singular vectors, {summary['edges']} edges")
+    click.echo(f"run {summary['run_id']}: {summary['prompts']} prompts, {detail}, {summary['wall_s']:.1f} s "
+               f"-> {summary['db']}")
 
 
 @click.command()

@@ -102,6 +102,12 @@ def apply_migrations(con: duckdb.DuckDBPyConnection, upto: int | None = None) ->
             con.execute("ROLLBACK")
             raise
         applied.append(migration.version)
+    if applied:
+        # Write the migrations into the file at once: DuckDB 2 cannot replay from the write-ahead
+        # log a dropped table whose foreign key points at a table with a function default (models'
+        # current_timestamp) without downloading an extension, so a crash before the next
+        # checkpoint would leave an unopenable catalog offline.
+        con.execute("CHECKPOINT")
     return applied
 
 

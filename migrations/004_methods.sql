@@ -59,7 +59,10 @@ DROP TABLE prompts_v3;
 -- Singular vectors of both methods' QK forms: 'augmented' (the 2024 method's bias-augmented
 -- Omega~, vectors of length d_model + 1) and 'plain' (ACC++'s W_Q W_K^T, length d_model). An
 -- edge's or firing's sv refers to the form of its run's method.
-ALTER TABLE singular_vectors RENAME TO singular_vectors_v3;
+-- (Tables are rebuilt through temporary copies, not renamed: a renamed table dropped in the same
+-- write-ahead log cannot be replayed by DuckDB 2 after a crash.)
+CREATE TEMPORARY TABLE singular_vectors_v3 AS SELECT * FROM singular_vectors;
+DROP TABLE singular_vectors;
 CREATE TABLE singular_vectors (
     model_id  INTEGER NOT NULL REFERENCES models (model_id),
     form      VARCHAR NOT NULL,     -- 'augmented' (method sad) | 'plain' (method accpp)
@@ -79,8 +82,10 @@ ALTER TABLE firings ALTER COLUMN n_svs DROP NOT NULL;
 
 -- Edges, rebuilt with an identity of their own and the upstream component's kind.
 DROP VIEW IF EXISTS edge_roles;
-ALTER TABLE edges RENAME TO edges_v3;
-ALTER TABLE edge_svs RENAME TO edge_svs_v3;
+CREATE TEMPORARY TABLE edges_v3 AS SELECT * FROM edges;
+CREATE TEMPORARY TABLE edge_svs_v3 AS SELECT * FROM edge_svs;
+DROP TABLE edge_svs;
+DROP TABLE edges;
 
 CREATE TABLE edges (
     run_id      INTEGER NOT NULL,

@@ -73,7 +73,7 @@ def analyse_batch(model, weights: AccppWeights, prompts: BatchPrompts, settings:
     frontier: list[set] = [set() for _ in range(n_layers)]  # per layer: {(batch index, head, dest, src)}
     rows = {name: [] for name in ("roots", "seeds")}
     if settings.seeding != "none":
-        _seed(res, prompts, settings, logits, W_U, b_U, frontier, rows)
+        _seed(res, prompts, settings, logits, W_U, b_U, frontier, rows, model.tokenizer)
     for layer, head in settings.heads:
         _add_head_firings(res, prompts, settings, layer, head, frontier)
     out = {name: [] for name in ("firings", "firing_sides", "edges", "edge_svs")}
@@ -109,16 +109,18 @@ COLUMNS = {
 }
 
 
-def _seed(res, prompts: BatchPrompts, settings, logits, W_U, b_U, frontier, rows) -> None:
+def _seed(res, prompts: BatchPrompts, settings, logits, W_U, b_U, frontier, rows, tokenizer) -> None:
     n_heads = res.pattern.shape[2]
+    text = lambda token_id: repr(tokenizer.decode([token_id]))
     for b, (end, prompt_id) in enumerate(zip(prompts.end_pos, prompts.prompt_ids)):
         answer, wrong = prompts.answer_ids[b], prompts.wrong_ids[b]
         if settings.seeding == "linear":
-            seeds = linear_seeds(res, b, end, W_U[:, answer] - W_U[:, wrong], f"logit[{answer}] - logit[{wrong}]")
+            seeds = linear_seeds(res, b, end, W_U[:, answer] - W_U[:, wrong],
+                                 f"logit({text(answer)}) - logit({text(wrong)})")
         else:
             target = answer if settings.prob_target == "answer" else int(logits[b, end].argmax())
             seeds = prob_seeds(res, b, end, W_U, b_U, [target], settings.tau, settings.ig_steps,
-                               f"log p[{target}]")
+                               f"log p({text(target)})")
         n = len(seeds.weight)
         rows["roots"].append({"prompt_id": np.array([prompt_id]), "root_id": np.array([0]),
                               "seeding": np.array([settings.seeding]), "objective": np.array([seeds.objective]),
