@@ -35,10 +35,20 @@ class IngestSettings(BaseModel):
     n_prompts: int = Field(256, ge=1)
     seed: int = 0
     prompts_file: str | None = None
+    method: Literal["sad", "accpp"] = "sad"
+    # method 'sad' (the 2024 method)
     attn_threshold: float = 0.5
     sv_threshold: float = 1.0
     edge_threshold: float = 0.7
     append_constant: bool = True
+    # method 'accpp' (ACC++)
+    threshold: float | Literal["dynamic"] = "dynamic"
+    ig_steps: int = Field(64, ge=1)
+    seeding: Literal["linear", "prob", "none"] = "linear"
+    prob_target: Literal["answer", "top1"] = "answer"
+    tau: float = 0.8
+    heads: str | list[str] | None = None
+    dest_roles: str | list[str] | None = None
     batch_size: int = Field(16, ge=1)
     add_model: bool = False
     new_run: bool = False
@@ -190,8 +200,10 @@ def settings_from_params(params) -> IngestSettings:
 
     if isinstance(params, str):
         params = json.loads(params)
+    params = dict(params or {})
+    params.update(params.pop("settings", None) or {})  # ACC++ records its settings nested
     known = set(IngestSettings.model_fields)
-    values = {k: v for k, v in (params or {}).items() if k in known and v is not None}
+    values = {k: v for k, v in params.items() if k in known and v is not None}
     if values.get("prompts_file"):
         values.pop("dataset", None)  # the dataset of a JSONL run is its path; ingest sets it again
         values["prompts_file"] = str(Path(values["prompts_file"]))
