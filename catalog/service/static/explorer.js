@@ -62,6 +62,7 @@ function table(rows, columns, cell = {}) {
   return `<table data-rows="${rows.length}"><thead><tr>${head}</tr></thead><tbody>${body}</tbody></table>`;
 }
 
+const noRole = role => role === null ? "<em>(none)</em>" : esc(role);
 const headLink = name => `<a href="#/head/${esc(name)}" class="head-link">${esc(name)}</a>`;
 
 function roleOptions(selected, withAny = true) {
@@ -167,7 +168,8 @@ async function showHead(name) {
         bars(head.spectrum, s => s.sv, s => s.sigma, s => `sv ${s.sv}: sigma ${fmt(s.sigma)}`)}</div></section>
       <section><h3>Signal size (singular directions per firing)</h3><div id="signal-size">${
         bars(head.signal_size, s => s.n_svs, s => s.n_firings, s => `${s.n_svs} directions: ${s.n_firings} firings`)}</div></section>
-      <section><h3>Firing roles</h3><div id="role-pairs">${table(head.role_pairs, ["dest_role", "src_role", "n_firings", "n_prompts"])}</div></section>
+      <section><h3>Firing roles</h3><div id="role-pairs">${table(head.role_pairs, ["dest_role", "src_role", "n_firings", "n_prompts"],
+        {dest_role: noRole, src_role: noRole})}</div></section>
       <section><h3>Most used singular directions</h3><div id="top-svs">${
         table(head.top_svs, ["sv", "sigma", "n_firings", "share_of_firings", "mean_contribution"])}</div></section>
       <section><h3>Upstream heads (edges into ${esc(head.head)})</h3><div id="upstream">${
@@ -242,11 +244,14 @@ function drawCircuit(graph, columns) {
   Object.values(cells).forEach(list => list.forEach(([n, key], i) => {
     pos[n.node] = [colX(key) + (i - (list.length - 1) / 2) * 18, rowY(n.layer) + 26];
   }));
-  // Head nodes: above their token nodes, at their mean column, pushed apart within a layer.
+  // Head nodes: above their token nodes, at their mean column; a head that nothing traced feeds
+  // (layer 0, say) sits over the tokens it writes to. Then pushed apart within a layer.
   const heads = graph.nodes.filter(n => n.kind === "head");
+  const mean = xs => xs.reduce((a, b) => a + b, 0) / xs.length;
   heads.forEach(h => {
-    const xs = graph.nodes.filter(n => n.kind === "token" && n.node.startsWith(h.node + "@")).map(n => pos[n.node][0]);
-    pos[h.node] = [xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : left + colW / 2, rowY(h.layer) - 26];
+    let xs = graph.nodes.filter(n => n.kind === "token" && n.node.startsWith(h.node + "@")).map(n => pos[n.node][0]);
+    if (!xs.length) xs = graph.edges.filter(e => e.source === h.node && pos[e.target]).map(e => pos[e.target][0]);
+    pos[h.node] = [xs.length ? mean(xs) : left + colW / 2, rowY(h.layer) - 26];
   });
   for (let layer = minLayer; layer <= maxLayer; layer++) {
     const row = heads.filter(h => h.layer === layer).sort((a, b) => pos[a.node][0] - pos[b.node][0]);
@@ -290,8 +295,8 @@ function drawCircuit(graph, columns) {
     const [x, y] = pos[n.node];
     const g = add(svg, "g", {class: `node ${n.kind}${n.is_root ? " root" : ""}`, "data-node": n.node});
     add(g, "circle", {cx: x, cy: y, r: n.kind === "head" ? 13 : 7});
-    add(g, "text", {x: x, y: n.kind === "head" ? y + 3.5 : y + 18, "text-anchor": "middle"},
-        n.kind === "head" ? n.node : (n.pos !== null ? `${n.pos}` : n.role));
+    // Token nodes need no label: their column says the role (or position), the tooltip the rest.
+    if (n.kind === "head") add(g, "text", {x: x, y: y + 3.5, "text-anchor": "middle"}, n.node);
     g.addEventListener("mousemove", ev => showTip(ev, nodeTip(n, graph.edges)));
     g.addEventListener("mouseleave", hideTip);
     g.addEventListener("click", () => {
