@@ -47,8 +47,10 @@ def _emit(text: str, out: str | None = None) -> None:
 @click.option("--role", help="Only edges whose token (the one the upstream head writes to) has this role.")
 @run_option
 @click.option("--top", type=click.IntRange(min=1), help="Keep the first N rows.")
+@click.option("--kind", "kinds", metavar="KIND,...",
+              help="ACC++ runs: only upstream components of these kinds (head, mlp, attn_bias, embed, offset).")
 @format_option()
-def edges(db_path, into_head, from_head, side, role, run_id, top, fmt):
+def edges(db_path, into_head, from_head, side, role, run_id, top, kinds, fmt):
     """Upstream heads of --into HEAD, or downstream heads of --from HEAD, with counts and weights.
 
     One row per head (and side; and token role for --from): the prompts and firings it is an
@@ -59,7 +61,7 @@ def edges(db_path, into_head, from_head, side, role, run_id, top, fmt):
         raise CatalogError("give exactly one of --into HEAD or --from HEAD")
     with _catalog(db_path) as con:
         if into_head is not None:
-            table = query.edges_into(con, into_head, side=side, role=role, run_id=run_id, top=top)
+            table = query.edges_into(con, into_head, side=side, role=role, run_id=run_id, top=top, kind=kinds)
         else:
             table = query.edges_from(con, from_head, side=side, role=role, run_id=run_id, top=top)
     click.echo(render(table, fmt))
@@ -113,10 +115,16 @@ ANY_ROLE = "any"
 @click.option("--prompt", "prompt_id", type=int, default=None,
               help="Trace one prompt (nodes keep positions). Default: every prompt, aggregated by token role.")
 @run_option
+@click.option("--kind", "kinds", metavar="KIND,...",
+              help="ACC++ runs: only components of these kinds (head, mlp, attn_bias, embed, offset).")
 @format_option(FORMATS + ("graphml", "dot", "html", "png"))
 @click.option("--out", type=click.Path(dir_okay=False), help="Output file (required for png; default stdout).")
-def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, fmt, out):
+def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, fmt, out):
     """Trace the circuit behind root heads, recursively over the stored firings and edges.
+
+    On an ACC++ run (ingest --method accpp) it draws the stored circuit instead, rooted at the
+    model's output: seeds -> root, firings L.H@dest>src, and MLP / b_O / embed / offset leaves;
+    --root and the roles do not apply, and without --prompt the prompts' circuits are combined.
 
     Nodes are heads L.H and token nodes L.H@role (L.H@pos with --prompt); an edge goes from an
     upstream head to the token node it writes to, labelled with side, count (prompts; firings
@@ -129,7 +137,7 @@ def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, fmt, out):
         graph = trace_circuit(con, roots=root_list,
                               dest_role=None if dest_role == ANY_ROLE else dest_role,
                               src_role=None if src_role == ANY_ROLE else src_role,
-                              prompt_id=prompt_id, run_id=run_id)
+                              prompt_id=prompt_id, run_id=run_id, kinds=kinds)
     for note in graph.notes:
         click.echo(f"note: {note}", err=True)
     if fmt in FORMATS:

@@ -49,6 +49,12 @@ class Run:
     n_layers: int
     n_heads: int
     status: str
+    method: str = "sad"  # 'sad' (2024 method) | 'accpp' (ACC++)
+
+    @property
+    def sv_form(self) -> str:
+        """The singular_vectors form its sv indices refer to."""
+        return "plain" if self.method == "accpp" else "augmented"
 
     def head(self, text: str) -> tuple[int, int]:
         """(layer, head) of "9.9" or "L9H9"; CatalogError when the model has no such head."""
@@ -96,7 +102,7 @@ def fetch(con: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None) 
 def resolve_run(con: duckdb.DuckDBPyConnection, run_id: int | None = None, tables=RUN_TABLES) -> Run:
     """The run `run_id`, or the latest finished run (highest run_id) when it is None."""
     require_tables(con, tables)
-    columns = "r.run_id, r.model_id, m.n_layers, m.n_heads, r.status"
+    columns = "r.run_id, r.model_id, m.n_layers, m.n_heads, r.status, r.method"
     source = "runs r JOIN models m USING (model_id)"
     if run_id is None:
         found = rows(con, f"SELECT {columns} FROM {source} WHERE r.status = 'finished' ORDER BY r.run_id DESC LIMIT 1")

@@ -15,7 +15,11 @@ from pathlib import Path
 from catalog.errors import CatalogError
 
 GRAPH_FORMATS = ("graphml", "dot", "html", "png")
-SIDE_COLOURS = {"query": "#1f77b4", "key": "#d62728", "reads": "#9a9a9a"}
+SIDE_COLOURS = {"query": "#1f77b4", "key": "#d62728", "reads": "#9a9a9a", "seed": "#2ca02c"}
+HEAD_KINDS = ("head", "firing")  # drawn as circles; components (MLP, b_O, embed, offset) as boxes
+# Rows of an ACC++ circuit (catalog.trace_accpp), relative to its layers: an MLP or b_O of layer L
+# writes after that layer's heads, the embedding and the offsets below everything, the root on top.
+_COMPONENT_ROW = {"mlp": 0.5, "attn_bias": 0.5, "embed": None, "offset": None}
 TOKEN_DROP = 0.4   # how far below its head (in layers) a head's token nodes sit
 
 
@@ -27,9 +31,33 @@ def _edge_width(edge: dict, max_count: int) -> float:
     return 0.8 + 4.0 * edge["count"] / max(max_count, 1)
 
 
+def _component_layout(nodes: list[dict]) -> dict[str, tuple[float, float]]:
+    """An ACC++ circuit: y from the node's layer and kind, the nodes of one row spread on x by token."""
+    top = max((n["layer"] for n in nodes if n["layer"] is not None), default=0) + 1
+    rows: dict[float, list[dict]] = {}
+    for node in nodes:
+        if node["kind"] == "root":
+            y = float(top)
+        elif node["kind"] in HEAD_KINDS:
+            y = float(node["layer"])
+        elif _COMPONENT_ROW.get(node["kind"]) is not None:
+            y = node["layer"] + _COMPONENT_ROW[node["kind"]]
+        else:
+            y = -1.0
+        rows.setdefault(y, []).append(node)
+    positions = {}
+    for y, members in rows.items():
+        members.sort(key=lambda n: (n["pos"] or "", n["head"] if n["head"] is not None else -1, n["node"]))
+        for i, node in enumerate(members):
+            positions[node["node"]] = (i - (len(members) - 1) / 2, y)
+    return positions
+
+
 def layout(graph) -> dict[str, tuple[float, float]]:
     """Node -> (x, y): y = layer (token nodes TOKEN_DROP below their head), heads of a layer on x."""
     nodes = graph.nodes.to_pylist()
+    if any(n["kind"] not in ("head", "token") for n in nodes):
+        return _component_layout(nodes)
     tokens_of: dict[str, list[str]] = {}
     for node in nodes:
         if node["kind"] == "token":
@@ -56,7 +84,9 @@ def _node_label(node: dict, short: bool = True) -> str:
 
     Layouts we do not control (DOT) get the full "L.H@role" name instead (short=False).
     """
-    if node["kind"] == "head" or not short:
+    if node["kind"] == "root":
+        return "output"
+    if node["kind"] != "token" or not short:
         return node["node"]
     if node["pos"] is not None:  # one prompt: position and the token's text
         return f"{node['pos']}:{(node['token'] or '').strip()}" + (f" ({node['role']})" if node["role"] else "")
@@ -99,12 +129,13 @@ def to_dot(graph) -> str:
     nodes, edges = graph.nodes.to_pylist(), graph.edges.to_pylist()
     max_count = max((e["count"] for e in edges), default=1)
     lines = ["digraph circuit {", "  rankdir=BT;", '  node [fontname="Helvetica", fontsize=10];']
-    for layer in sorted({n["layer"] for n in nodes}):
-        same = " ".join(_dot_quote(n["node"]) + ";" for n in nodes if n["layer"] == layer and n["kind"] == "head")
+    for layer in sorted({n["layer"] for n in nodes if n["layer"] is not None}):
+        same = " ".join(_dot_quote(n["node"]) + ";" for n in nodes
+                        if n["layer"] == layer and n["kind"] in HEAD_KINDS)
         lines.append(f"  {{ rank=same; {same} }}")
     for node in nodes:
         style = ('shape=circle, style=filled, fillcolor="gold"' if node["is_root"] else
-                 "shape=circle" if node["kind"] == "head" else "shape=box, style=rounded")
+                 "shape=circle" if node["kind"] in HEAD_KINDS else "shape=box, style=rounded")
         lines.append(f"  {_dot_quote(node['node'])} [label={_dot_quote(_node_label(node, short=False))}, {style}];")
     for edge in edges:
         label = "" if edge["kind"] == "reads" else f"{edge['side']} {edge['count']}"
@@ -118,6 +149,8 @@ def to_dot(graph) -> str:
 
 def _title(graph) -> str:
     scope = f"prompt {graph.prompt_id}" if graph.prompt_id is not None else "all prompts"
+    if any(kind == "root" for kind in graph.nodes.column("kind").to_pylist()):  # ACC++: rooted at the output
+        return f"ACC++ circuit of {', '.join(graph.roots)}, run {graph.run_id}, {scope}"
     roles = f"{graph.dest_role or 'any'} -> {graph.src_role or 'any'}"
     return f"Circuit of {', '.join(graph.roots)} ({roles}), run {graph.run_id}, {scope}"
 
@@ -165,7 +198,7 @@ def _svg(graph, scale_x: float = 90.0, scale_y: float = 110.0, margin: float = 5
     for node in nodes:
         x, y = at(node["node"])
         label = html.escape(_node_label(node))
-        if node["kind"] == "head":
+        if node["kind"] in HEAD_KINDS or node["is_root"]:
             fill = "gold" if node["is_root"] else "#ffffff"
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="16" fill="{fill}" stroke="#333"/>')
         else:
@@ -218,7 +251,7 @@ def to_png(graph, path: str | Path) -> Path:
                                     connectionstyle="arc3,rad=0.06"))  # bent a little: long edges stay apart
     for node in nodes:
         x, y = pos[node["node"]]
-        if node["kind"] == "head":
+        if node["kind"] in HEAD_KINDS or node["is_root"]:
             face = "gold" if node["is_root"] else "white"
             ax.text(x, y, _node_label(node), ha="center", va="center", fontsize=9, zorder=3,
                     bbox=dict(boxstyle="circle,pad=0.3", fc=face, ec="#333333"))
@@ -229,7 +262,7 @@ def to_png(graph, path: str | Path) -> Path:
         ax.text(0, 0, "empty graph: no firing matched the roots", ha="center", va="center")
     ax.set_xlim(min(xs) - 1, max(xs) + 1)
     ax.set_ylim(min(ys) - 0.6, max(ys) + 0.6)
-    ax.set_yticks(sorted({n["layer"] for n in nodes}))
+    ax.set_yticks(sorted({n["layer"] for n in nodes if n["layer"] is not None}))
     ax.set_ylabel("layer")
     ax.set_xticks([])
     for spine in ("top", "right", "bottom"):

@@ -211,14 +211,23 @@ def _nodes(con, run: Run, edges: pa.Table, root_names: list[str], prompt_id: int
 
 def trace(con, roots: list[str] | None = None, dest_role: str | None = DEFAULT_DEST_ROLE,
           src_role: str | None = DEFAULT_SRC_ROLE, prompt_id: int | None = None,
-          run_id: int | None = None, n_svs: int = 3) -> TraceGraph:
+          run_id: int | None = None, n_svs: int = 3, kinds=None) -> TraceGraph:
     """Trace the circuit behind `roots` (default: 9.6, 9.9, 10.0 from `end` to `IO`).
+
+    For an ACC++ run, the stored circuit rooted at the output instead (catalog.trace_accpp;
+    roots and roles do not apply; `kinds` keeps components of these kinds).
 
     `dest_role`/`src_role` None means any token. `prompt_id` traces one prompt (nodes keep
     positions); None aggregates over every prompt of the run by token role.
     """
     run = resolve_run(con, run_id, HEAD_TABLES)
-    root_heads, notes = resolve_roots(run, roots)
+    if run.method == "accpp":  # its circuits are stored rooted at the output: no roots to choose
+        from catalog.trace_accpp import accpp_trace
+
+        if roots:
+            raise CatalogError(f"run {run.run_id} is an ACC++ run: its circuits are rooted at the model's output "
+                               "(seeds), so --root does not apply")
+        return accpp_trace(con, run, prompt_id, n_svs, kinds)
     check_role(con, run, dest_role)
     check_role(con, run, src_role)
     if prompt_id is not None and not rows(
