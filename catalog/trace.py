@@ -228,6 +228,7 @@ def trace(con, roots: list[str] | None = None, dest_role: str | None = DEFAULT_D
             raise CatalogError(f"run {run.run_id} is an ACC++ run: its circuits are rooted at the model's output "
                                "(seeds), so --root does not apply")
         return accpp_trace(con, run, prompt_id, n_svs, kinds)
+    root_heads, notes = resolve_roots(run, roots)
     check_role(con, run, dest_role)
     check_role(con, run, src_role)
     if prompt_id is not None and not rows(
