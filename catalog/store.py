@@ -325,6 +325,22 @@ class Catalog:
 _READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}
 
 
+def read_only_statements(con: duckdb.DuckDBPyConnection, sql: str) -> list:
+    """The parsed statements of `sql`; CatalogError, before anything runs, unless every one is a
+    SELECT, EXPLAIN or PRAGMA (the rule of the `sql` command and of the service's SQL endpoint)."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as err:
+        raise CatalogError(f"SQL error: {str(err).splitlines()[0]}") from None
+    if not statements:
+        raise CatalogError("no SQL statement given")
+    for statement in statements:
+        kind = statement.type.name
+        if kind not in _READ_ONLY_STATEMENTS:
+            raise CatalogError(f"refused: `sql` is read-only and this is a {kind} statement")
+    return statements
+
+
 def read_only_query(path: str | Path, sql: str):
     """Run read-only SQL against a catalog and return the last statement's rows as an Arrow table.
 
@@ -333,16 +349,7 @@ def read_only_query(path: str | Path, sql: str):
     """
     con = open_readonly(path)
     try:
-        try:
-            statements = con.extract_statements(sql)
-        except duckdb.Error as err:
-            raise CatalogError(f"SQL error: {str(err).splitlines()[0]}") from None
-        if not statements:
-            raise CatalogError("no SQL statement given")
-        for statement in statements:
-            kind = statement.type.name
-            if kind not in _READ_ONLY_STATEMENTS:
-                raise CatalogError(f"refused: `sql` is read-only and this is a {kind} statement")
+        statements = read_only_statements(con, sql)
         try:
             for statement in statements[:-1]:
                 con.execute(statement)

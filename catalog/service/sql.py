@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from catalog.errors import CatalogError
 from catalog.output import render
-from catalog.store import _READ_ONLY_STATEMENTS  # the `sql` command's rule, shared on purpose
+from catalog.store import read_only_statements  # the `sql` command's rule
 
 SQL_FORMATS = {"json": "application/json", "csv": "text/csv",
                "arrow": "application/vnd.apache.arrow.stream", "parquet": "application/vnd.apache.parquet"}
@@ -27,23 +27,9 @@ class SqlTimeout(CatalogError):
     """The query ran past the time limit and was interrupted."""
 
 
-def check_statements(cursor, sql: str) -> list:
-    """The parsed statements, or CatalogError when one would write (nothing has run yet)."""
-    try:
-        statements = cursor.extract_statements(sql)
-    except duckdb.Error as err:
-        raise CatalogError(f"SQL error: {str(err).splitlines()[0]}") from None
-    if not statements:
-        raise CatalogError("no SQL statement given")
-    for statement in statements:
-        if statement.type.name not in _READ_ONLY_STATEMENTS:
-            raise CatalogError(f"refused: SQL is read-only here and this is a {statement.type.name} statement")
-    return statements
-
-
 def run_read_only(cursor, sql: str, max_rows: int, timeout_s: float) -> tuple[pa.Table, bool]:
     """The last statement's first max_rows rows, and whether more were left out."""
-    statements = check_statements(cursor, sql)
+    statements = read_only_statements(cursor, sql)
     timer = threading.Timer(timeout_s, cursor.interrupt)
     timer.start()
     try:
