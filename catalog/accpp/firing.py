@@ -136,6 +136,14 @@ class LayerDecomposer:
         return {side: _concat(parts[side]) for side in SIDES}
 
     def _chunk(self, f: Firings, steps: int) -> dict[str, Selection]:
+        row, valid, sides = self.atoms(f, steps)
+        return {side: greedy(ig, rows_of, row, f, valid, self.layout()) for side, (ig, rows_of) in sides.items()}
+
+    def atoms(self, f: Firings, steps: int):
+        """(score row [F, pos], valid key columns [F, pos], {side: (IG [F, atoms], rows_of)}).
+
+        rows_of(firings, atoms) gives the breakdown rows X [F', K, pos] of the atoms (flat
+        indices [F', K]) of the firings (indices [F'] into f)."""
         n_layer, n_comp, r, n_pos = self.layout()
         H, L = self.n_heads, self.layer
         b, h, i, j = f.prompt, self.local[f.head], f.dest, f.src
@@ -196,10 +204,7 @@ class LayerDecomposer:
             rows = torch.where((comp == H + 3).unsqueeze(-1), offset_rows, rows)
             return rows.double()
 
-        results = {}
-        for side, ig, rows_of in (("query", query_ig, query_rows), ("key", key_ig, key_rows)):
-            results[side] = greedy(ig.flatten(1), rows_of, row, f, valid, self.layout())
-        return results
+        return row, valid, {"query": (query_ig.flatten(1), query_rows), "key": (key_ig.flatten(1), key_rows)}
 
 
 def greedy(ig: torch.Tensor, rows_of, row: torch.Tensor, f: Firings, valid: torch.Tensor, layout) -> Selection:
