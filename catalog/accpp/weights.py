@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from catalog.decompose import thin_qr
+
 
 @dataclass
 class AccppWeights:
@@ -25,15 +27,21 @@ class AccppWeights:
 
 def plain_svd(W_Q: torch.Tensor, W_K: torch.Tensor):
     """U, S, V of W_Q W_K^T for every head ([layer, head, d_model, d_head] factors), float64."""
-    Qa, Ra = torch.linalg.qr(W_Q.double())
-    Qb, Rb = torch.linalg.qr(W_K.double())
+    Qa, Ra = thin_qr(W_Q.double())
+    Qb, Rb = thin_qr(W_K.double())
     core_U, S, core_Vh = torch.linalg.svd(Ra @ Rb.transpose(-1, -2))
     return Qa @ core_U, S, Qb @ core_Vh.transpose(-1, -2)
+
+
+def bias_offset(W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """b W^+ for full-column-rank W [.., d_model, d_head]: W^+ = (W^T W)^-1 W^T (float64)."""
+    W = W.double()
+    coef = torch.linalg.solve(W.transpose(-1, -2) @ W, b.double().unsqueeze(-1))  # (W^T W)^-1 b
+    return (W @ coef).squeeze(-1)
 
 
 def accpp_weights(W_Q, b_Q, W_K, b_K) -> AccppWeights:
     """The SVD of every head's Omega and its bias offsets, stored as float32."""
     U, S, V = plain_svd(W_Q, W_K)
-    c_d = (b_Q.double().unsqueeze(-2) @ torch.linalg.pinv(W_Q.double())).squeeze(-2)
-    c_s = (b_K.double().unsqueeze(-2) @ torch.linalg.pinv(W_K.double())).squeeze(-2)
+    c_d, c_s = bias_offset(W_Q, b_Q), bias_offset(W_K, b_K)
     return AccppWeights(U=U.float(), S=S.float(), V=V.float(), c_d=c_d.float(), c_s=c_s.float())
