@@ -13,15 +13,49 @@ import click
 from catalog.errors import CatalogError
 
 
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 class _CatalogGroup(click.Group):
-    """Turns CatalogError into one clear line and a non-zero exit, never a traceback."""
+    """One error convention for every command: a user mistake, whether the catalog's own
+    (CatalogError) or click's (a bad option value, a missing option, an unknown command), prints
+    one line `error: ...` on stderr and exits with status 1, never a traceback or a usage block."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except CatalogError as err:
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {_one_line(err)}", err=True)
             sys.exit(1)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        import errno
+
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as err:  # no command at all: the help, as --help
+            click.echo(err.format_message())
+            sys.exit(0)
+        except click.ClickException as err:
+            where = f" (see `{err.ctx.command_path} --help`)" if getattr(err, "ctx", None) is not None else ""
+            click.echo(f"error: {_one_line(err.format_message())}{where}", err=True)
+            sys.exit(1)
+        except click.exceptions.Abort:  # Ctrl-C outside a command's own handling
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except OSError as err:
+            if err.errno != errno.EPIPE:  # the reader of a pipe went away (| head): stop quietly
+                raise
+            import os
+
+            sys.stdout = open(os.devnull, "w")
+            sys.exit(1)
+        # Without standalone mode click returns an Exit's code (--help, --version: 0) or the
+        # command's return value (None).
+        sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
 
 
 @click.group(cls=_CatalogGroup)
@@ -38,7 +72,7 @@ def _add_commands(module_name: str) -> None:
         main.add_command(command)
 
 
-for _module in ("catalog.cli_ingest", "catalog.cli_query", "catalog.cli_serve"):
+for _module in ("catalog.cli_ingest", "catalog.cli_query", "catalog.cli_serve", "catalog.cli_overview"):
     _add_commands(_module)
 
 

@@ -342,18 +342,21 @@ def read_only_statements(con: duckdb.DuckDBPyConnection, sql: str) -> list:
 
 
 def read_only_query(path: str | Path, sql: str):
-    """Run read-only SQL against a catalog and return the last statement's rows as an Arrow table.
+    """Run one read-only SQL statement against a catalog and return its rows as an Arrow table.
 
-    Two guards: statements other than SELECT/EXPLAIN/PRAGMA are refused before anything runs,
-    and the file is opened read-only, so the catalog cannot change either way.
+    One statement per call (a trailing `;` is fine): text with several statements is refused with
+    CatalogError before anything runs, since only one result can be returned. Two guards keep the
+    catalog unchanged: statements other than SELECT/EXPLAIN/PRAGMA are refused, and the file is
+    opened read-only.
     """
     con = open_readonly(path)
     try:
         statements = read_only_statements(con, sql)
+        if len(statements) > 1:
+            raise CatalogError(f"`sql` runs one statement per call and this text has {len(statements)}; "
+                               "run them one at a time")
         try:
-            for statement in statements[:-1]:
-                con.execute(statement)
-            return con.sql(statements[-1].query).to_arrow_table()
+            return con.sql(statements[0].query).to_arrow_table()
         except duckdb.Error as err:
             raise CatalogError(f"SQL error: {str(err).splitlines()[0]}") from None
     finally:
