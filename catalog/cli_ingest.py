@@ -120,8 +120,19 @@ def ingest(db_path, model, model_path, dataset, n_prompts, seed, prompts_file, a
     else:
         detail = (f"{summary['firings']} firings, mean signal size {summary['mean_signal_size']:.2f} "
                   f"singular vectors, {summary['edges']} edges")
-    click.echo(f"run {summary['run_id']}: {summary['prompts']} prompts, {detail}, {summary['wall_s']:.1f} s "
-               f"-> {summary['db']}")
+    click.echo(summary_line(summary, detail))
+
+
+def summary_line(summary: dict, detail: str) -> str:
+    """The last line of an ingest. Its counts are always the whole run's; the time is this session's,
+    or for a run found already finished, the run's own (finished_at - started_at)."""
+    run, prompts, seconds = summary["run_id"], summary["prompts"], summary["wall_s"]
+    if summary["already_finished"]:
+        return f"run {run}: {prompts} prompts, {detail}; the run took {seconds:.1f} s -> {summary['db']}"
+    if summary.get("resumed"):
+        return (f"run {run} (resumed; counts are the whole run's): {prompts} prompts, {detail}; this session "
+                f"{summary.get('prompts_this_session', 0)} prompts in {seconds:.1f} s -> {summary['db']}")
+    return f"run {run}: {prompts} prompts, {detail}, {seconds:.1f} s -> {summary['db']}"
 
 
 @click.command()

@@ -19,7 +19,7 @@ class Interrupted(CatalogError):
     """Ctrl-C during an ingest: what is committed stays, the same command resumes."""
 
 
-def decompose_model(cat: Catalog, model, add_model: bool = False) -> tuple[int, bool]:
+def decompose_model(cat: Catalog, model, add_model: bool = False, say=None) -> tuple[int, bool]:
     """The model's id in the catalog, decomposing and storing it first if it is new there.
 
     Returns (model_id, stored_now). A catalog holds one model unless add_model is given, so that
@@ -37,6 +37,8 @@ def decompose_model(cat: Catalog, model, add_model: bool = False) -> tuple[int, 
             f"{cat.path} was built from model '{others[0][0]}', not from {model.name} (other weights); "
             "use another --db file, or --add-model to keep several models in one catalog"
         )
+    if say is not None:
+        say(f"decomposing the {model.n_layers * model.n_heads} heads of {model.name} ...")
     W_Q, b_Q, W_K, b_K, _ = model.attention_weights()
     row = {"name": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads, "d_model": model.d_model,
            "d_head": model.d_head, "weights_digest": digest, "processing": model.processing}
@@ -190,10 +192,9 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
     on_batch(batch_index) is called after each committed batch (tests use it to interrupt).
     loaded_model lets a caller reuse a model it has already loaded.
     """
-    from catalog.batch import Settings
-    from catalog.model import load_model
     from catalog.prompts import answer_tokens, prompts_digest, read_jsonl
 
+    say = _status if show_progress else (lambda text: None)
     accpp = accpp_settings(threshold, ig_steps, seeding, prob_target, tau, heads, dest_roles) if method == "accpp" else None
     _check_settings(method, attn_threshold, sv_threshold, edge_threshold, batch_size, n_prompts, accpp)
     items = None
@@ -204,6 +205,31 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
         raise CatalogError(f"unknown dataset '{dataset}': use --dataset ioi or --prompts FILE.jsonl")
     started = time.perf_counter()
     check_catalog_file(db_path)  # so does a file that is not a DuckDB database
+    # What identifies a run besides the model and the prompts: runs' columns and ACC++'s settings.
+    identity = {"dataset": dataset, "n_prompts": len(items) if items is not None else n_prompts,
+                "batch_size": batch_size, "method": method}
+    if accpp is None:
+        identity.update(attn_threshold=attn_threshold, sv_threshold=sv_threshold,
+                        edge_threshold=edge_threshold, append_constant=append_constant)
+        recorded = None
+    else:
+        recorded = accpp.record()
+        identity.update(attn_threshold=None, sv_threshold=None, edge_threshold=None, append_constant=None)
+    from catalog.checkpoint import checkpoint_digest
+
+    files_digest = checkpoint_digest(model, model_path)
+    if not new_run and loaded_model is None and files_digest is not None:
+        # A finished run is recognised from the checkpoint's files, the prompts and the settings,
+        # without loading the model (catalogs written before checkpoint digests were recorded
+        # fall through to the load below, which recognises the run by the weights themselves).
+        found = _finished_run(db_path, files_digest, model, model_path, dataset, n_prompts, seed, items,
+                              identity, recorded)
+        if found is not None:
+            return found
+    if loaded_model is None:
+        say(f"loading model {model_path or model} ...")
+        from catalog.model import load_model
+
     lm = loaded_model or load_model(model, model_path)
     # Prompts are tokenized and checked before the catalog is touched: bad prompts store nothing.
     items, token_lists = load_prompts(dataset, n_prompts, seed, items, lm.tokenizer, lm.n_ctx)
@@ -212,26 +238,23 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
         _check_accpp_prompts(accpp, items, answers, wrongs, lm)
     digest = prompts_digest(items)
     with Catalog(db_path) as cat:
-        model_id, _ = decompose_model(cat, lm, add_model=add_model)
-        identity = {"dataset": dataset, "n_prompts": len(items), "batch_size": batch_size, "method": method}
+        model_id, _ = decompose_model(cat, lm, add_model=add_model, say=say)
         if accpp is None:
+            from catalog.batch import Settings
+
             settings = Settings(attn_threshold, sv_threshold, edge_threshold, append_constant)
-            identity.update(attn_threshold=attn_threshold, sv_threshold=sv_threshold,
-                            edge_threshold=edge_threshold, append_constant=append_constant)
-            recorded = None
         else:
-            settings, recorded = accpp, accpp.record()
-            identity.update(attn_threshold=None, sv_threshold=None, edge_threshold=None, append_constant=None)
+            settings = accpp
         run = cat.find_run(model_id, digest, identity, recorded)
         if run is not None and run["status"] == "finished" and not new_run:
-            return dict(summarize(cat.con, cat.path, run["run_id"], time.perf_counter() - started),
-                        already_finished=True)
+            return dict(summarize(cat.con, cat.path, run["run_id"], _run_seconds(run)), already_finished=True)
         if run is None or run["status"] == "finished":
             prompts, tokens = _prompt_tables(items, token_lists, answers, wrongs, lm.tokenizer)
             params = dict(identity, model=None if model_path else model,
                           model_path=str(model_path) if model_path else None,
                           seed=seed if prompts_file is None else None,
-                          prompts_file=str(prompts_file) if prompts_file else None, settings=recorded)
+                          prompts_file=str(prompts_file) if prompts_file else None, settings=recorded,
+                          checkpoint_digest=files_digest if loaded_model is None else None)
             row = dict(identity, model_id=model_id, seed=params["seed"], prompts_digest=digest,
                        params=params, package_version=catalog.__version__, settings=recorded,
                        weight_unit="score" if accpp is None else "attn_prob")
@@ -239,9 +262,54 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
         else:
             run_id, resumed = run["run_id"], True
         done = cat.committed_batches(run_id)
+        if accpp is not None:
+            say("preparing the ACC++ decomposition ...")
         analyse = _analysis(cat, lm, model_id, settings, items, token_lists, answers, wrongs)
         return _run_batches(cat, run_id, resumed, len(items), batch_size, analyse, done, show_progress,
                             on_batch, started)
+
+
+def _status(text: str) -> None:
+    """A status line on stderr for the slow steps before the progress bar (model load, decomposition)."""
+    import sys
+
+    print(text, file=sys.stderr, flush=True)
+
+
+def _run_seconds(run: dict) -> float:
+    """A finished run's own duration, finished_at - started_at (a resumed run: from its first start)."""
+    started, finished = run.get("started_at"), run.get("finished_at")
+    return (finished - started).total_seconds() if started and finished else float("nan")
+
+
+def _finished_run(db_path, files_digest, model, model_path, dataset, n_prompts, seed, items, identity,
+                  recorded) -> dict | None:
+    """The summary of the finished run with these checkpoint files, prompts and settings, found
+    without loading the model; None when there is none or it cannot be told without the model."""
+    from pathlib import Path
+
+    from catalog.prompts import prompts_digest
+
+    if not Path(db_path).exists():
+        return None
+    if items is None:  # the IOI prompts depend on the tokenizer: read it from the checkpoint's files
+        from catalog.checkpoint import file_tokenizer
+        from catalog.prompts import ioi_prompts
+
+        tokenizer = file_tokenizer(model, model_path)
+        if tokenizer is None:
+            return None
+        items = ioi_prompts(n_prompts, seed, tokenizer)
+    digest = prompts_digest(items)
+    with Catalog(db_path) as cat:
+        model_ids = [r[0] for r in cat.con.execute(
+            "SELECT DISTINCT model_id FROM runs WHERE status = 'finished' "
+            "AND json_extract_string(params, '$.checkpoint_digest') = ? ORDER BY model_id", [files_digest]).fetchall()]
+        for model_id in model_ids:
+            run = cat.find_run(model_id, digest, identity, recorded)
+            if run is not None and run["status"] == "finished":
+                return dict(summarize(cat.con, cat.path, run["run_id"], _run_seconds(run)), already_finished=True)
+    return None
 
 
 def _analysis(cat, lm, model_id, settings, items, token_lists, answers, wrongs):
@@ -278,14 +346,26 @@ def _analysis(cat, lm, model_id, settings, items, token_lists, answers, wrongs):
     return analyse
 
 
+def progress_postfix(firings: int, edges: int) -> str:
+    """The progress bar's counts, as plain integers (tqdm's own formatting turns 100000 into 1e+05)."""
+    return f"firings={int(firings)}, edges={int(edges)}"
+
+
 def _run_batches(cat, run_id, resumed, n, batch_size, analyse, done, show_progress, on_batch, started) -> dict:
+    """Analyse and commit the batches not in `done`. The bar and its counts are the whole run's
+    (a resumed run starts at what earlier sessions committed); the summary says both."""
     from tqdm import tqdm
 
     batches = [(b, range(start, min(start + batch_size, n))) for b, start in enumerate(range(0, n, batch_size))]
-    counts = {"firings": 0, "edges": 0}
-    bar = tqdm(total=n, initial=sum(len(ids) for b, ids in batches if b in done), unit="prompt",
-               disable=not show_progress, dynamic_ncols=True,
-               desc=f"run {run_id}" + (" (resumed)" if resumed else ""))
+    firings, edges = cat.con.execute(
+        "SELECT coalesce(sum(n_firings), 0), coalesce(sum(n_edges), 0) FROM run_batches WHERE run_id = ?",
+        [run_id]).fetchall()[0]
+    counts = {"firings": int(firings), "edges": int(edges)}
+    prompts_before = sum(len(ids) for b, ids in batches if b in done)
+    bar = tqdm(total=n, initial=prompts_before, unit="prompt", disable=not show_progress, dynamic_ncols=True,
+               desc=f"run {run_id}" + (f" (resumed at {prompts_before} of {n}; counts are the whole run's)"
+                                       if resumed else ""),
+               postfix=progress_postfix(counts["firings"], counts["edges"]))
     try:
         for b, ids in batches:
             if b in done:
@@ -294,8 +374,10 @@ def _run_batches(cat, run_id, resumed, n, batch_size, analyse, done, show_progre
             cat.write_batch(run_id, b, ids[0], ids[-1], rows)
             counts["firings"] += rows["firings"].num_rows
             counts["edges"] += rows["edges"].num_rows
-            bar.update(len(ids))
-            bar.set_postfix(firings=counts["firings"], edges=counts["edges"], refresh=False)
+            # The counts first, then the prompts, then one repaint: what is shown is never a batch late.
+            bar.set_postfix_str(progress_postfix(counts["firings"], counts["edges"]), refresh=False)
+            if not bar.update(len(ids)):  # tqdm skips repaints closer than mininterval apart
+                bar.refresh()
             if on_batch:
                 on_batch(b)
     except KeyboardInterrupt:
@@ -308,11 +390,18 @@ def _run_batches(cat, run_id, resumed, n, batch_size, analyse, done, show_progre
         ) from None
     bar.close()
     cat.finish_run(run_id)
-    return summarize(cat.con, cat.path, run_id, time.perf_counter() - started, resumed)
+    summary = summarize(cat.con, cat.path, run_id, time.perf_counter() - started, resumed)
+    summary["prompts_this_session"] = n - prompts_before
+    return summary
 
 
 def summarize(con, db_path, run_id: int, wall_s: float, resumed: bool = False) -> dict:
-    """Totals of a run, read back from the catalog."""
+    """Totals of a run, read back from the catalog (always the whole run, over every session).
+
+    wall_s is the time of this session (load, decomposition and batches), or for a run found
+    already finished, the run's own finished_at - started_at. prompts_this_session is how many
+    prompts this session analysed (0 for a finished run; after a resume, fewer than prompts).
+    """
     prompts, firings, mean_svs = con.execute(
         "SELECT (SELECT count(*) FROM prompts WHERE run_id = $1), count(*), avg(n_svs) FROM firings WHERE run_id = $1",
         [run_id],
@@ -322,4 +411,4 @@ def summarize(con, db_path, run_id: int, wall_s: float, resumed: bool = False) -
                                 "WHERE run_id = $1", [run_id]).fetchall()[0]
     return {"run_id": run_id, "method": method, "prompts": prompts, "firings": firings,
             "mean_signal_size": mean_svs or 0.0, "edges": edges, "seeds": seeds, "wall_s": wall_s,
-            "resumed": resumed, "already_finished": False, "db": str(db_path)}
+            "resumed": resumed, "already_finished": False, "prompts_this_session": 0, "db": str(db_path)}

@@ -1,0 +1,82 @@
+"""A checkpoint's identity from its files, without loading the model.
+
+`ingest` records the digest of the files a model was loaded from in the run's `params`
+(`checkpoint_digest`), so that the same command run again on a finished run can say so at once,
+without the 10-25 s of loading GPT-2: the run's identity is the checkpoint's files, the prompts
+and the settings. For the built-in IOI prompts the prompts come from the tokenizer, which is read
+here from the checkpoint's tokenizer.json (tokenizers only, not transformers or torch).
+
+Never imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+# The files loading reads: the configuration, the weights, the tokenizer.
+CHECKPOINT_FILES = (
+    "config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+    "pytorch_model.bin.index.json", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def checkpoint_dir(model: str = "gpt2", model_path=None) -> Path | None:
+    """The directory the model is loaded from: model_path, or the hub cache's snapshot of `model`
+    (None when it is not cached: nothing to digest without the network)."""
+    if model_path is not None:
+        path = Path(model_path)
+        return path if (path / "config.json").is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, "config.json")
+    except Exception:  # an unusual cache layout: no shortcut, the model is loaded
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def checkpoint_digest(model: str = "gpt2", model_path=None) -> str | None:
+    """sha256 over the names and contents of the checkpoint's files (config, weights, tokenizer),
+    or None when the files cannot be found."""
+    directory = checkpoint_dir(model, model_path)
+    if directory is None:
+        return None
+    names = sorted(set(CHECKPOINT_FILES) | {p.name for p in directory.glob("model-*.safetensors")})
+    digest = hashlib.sha256()
+    found = False
+    for name in names:
+        path = directory / name
+        if not path.is_file():
+            continue
+        found = True
+        digest.update(name.encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest() if found else None
+
+
+class FileTokenizer:
+    """The checkpoint's tokenizer.json through the tokenizers package, called like a Hugging Face
+    tokenizer (`tokenizer(text)["input_ids"]`, no special tokens), for the IOI prompt generator."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(path))
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": self._tokenizer.encode(text, add_special_tokens=False).ids}
+
+
+def file_tokenizer(model: str = "gpt2", model_path=None) -> FileTokenizer | None:
+    """The checkpoint's tokenizer without transformers, or None when it has no tokenizer.json."""
+    directory = checkpoint_dir(model, model_path)
+    if directory is None or not (directory / "tokenizer.json").is_file():
+        return None
+    try:
+        return FileTokenizer(directory / "tokenizer.json")
+    except Exception:  # an older tokenizer file: no shortcut
+        return None
