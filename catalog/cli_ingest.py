@@ -37,9 +37,11 @@ def decompose(db_path, model, model_path, add_model):
 
     started = time.perf_counter()
     check_catalog_file(db_path)
+    say = lambda text: click.echo(text, err=True)  # status lines for the slow steps
+    say(f"loading model {model_path or model} ...")
     lm = load_model(model, model_path)
     with Catalog(db_path) as cat:
-        model_id, stored = decompose_model(cat, lm, add_model=add_model)
+        model_id, stored = decompose_model(cat, lm, add_model=add_model, say=say)
     what = "decomposed and stored" if stored else "already in the catalog (same weights), reused"
     click.echo(f"model {model_id} ({lm.name}, {lm.n_layers}x{lm.n_heads} heads, d_model {lm.d_model}): "
                f"{what}; {time.perf_counter() - started:.1f} s")
