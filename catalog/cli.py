@@ -72,7 +72,8 @@ def _add_commands(module_name: str) -> None:
         main.add_command(command)
 
 
-for _module in ("catalog.cli_ingest", "catalog.cli_query", "catalog.cli_serve", "catalog.cli_overview"):
+for _module in ("catalog.cli_ingest", "catalog.cli_query", "catalog.cli_serve", "catalog.cli_intervene",
+                "catalog.cli_overview"):
     _add_commands(_module)
 
 

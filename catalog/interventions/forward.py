@@ -1,0 +1,370 @@
+"""GPT-2's forward pass written over flat token rows, and its incremental form for interventions.
+
+`clean_forward` runs a batch of prompts once and keeps every activation an intervention reads
+(the "clean cache"). `propagate` then runs many perturbed copies of those prompts at once, each
+copy ("row") starting where its perturbation enters the model: at layer a, before the attention
+stage (residual `resid_pre[a]`, or a query/key patch of one head there) or before the MLP stage
+(`resid_mid[a]`), and computing only the positions that can change, its *window* t..end (causal
+attention: nothing before the perturbed token t moves). Keys and values of positions before t are
+the clean cache's. Rows are independent: a row's perturbation enters only its own tensors.
+
+Both passes compute every layer the same way: LayerNorm without affine part (folded into the
+weights by TransformerLens' processing), the fused QKV projection on flat tokens [token, d_model],
+attention per row against that row's full key/value matrices, the MLP on flat tokens. That is
+HookedTransformer's GPT-2 (checked against the TransformerBridge's logits and hooks in
+tests/test_interventions.py).
+
+Shapes are named as TransformerLens names them: [layer, prompt, pos, d_model], [.., head, d_head].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ModelWeights:
+    """The processed weights of a GPT-2 TransformerBridge in compatibility mode."""
+
+    W_E: torch.Tensor  # [d_vocab, d_model]
+    W_pos: torch.Tensor  # [n_ctx, d_model]
+    W_Q: torch.Tensor  # [layer, head, d_model, d_head]
+    b_Q: torch.Tensor  # [layer, head, d_head]
+    W_K: torch.Tensor
+    b_K: torch.Tensor
+    W_O: torch.Tensor  # [layer, head, d_head, d_model]
+    b_O: torch.Tensor  # [layer, d_model] (value biases folded in)
+    W_qkv: torch.Tensor  # [layer, d_model, 3 * head * d_head]: q | k | v, head-major within each
+    b_qkv: torch.Tensor  # [layer, 3 * head * d_head]
+    W_O_flat: torch.Tensor  # [layer, head * d_head, d_model]
+    W_in: torch.Tensor  # [layer, d_model, d_mlp]
+    b_in: torch.Tensor
+    W_out: torch.Tensor  # [layer, d_mlp, d_model]
+    b_out: torch.Tensor
+    W_U_T: torch.Tensor  # [d_vocab, d_model] (unembedding, transposed for F.linear)
+    b_U: torch.Tensor  # [d_vocab]
+    eps: float
+
+    @property
+    def n_layers(self) -> int:
+        return self.W_Q.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.W_Q.shape[1]
+
+    @property
+    def d_head(self) -> int:
+        return self.W_Q.shape[3]
+
+    @classmethod
+    def from_bridge(cls, bridge) -> "ModelWeights":
+        cfg = bridge.cfg
+        if getattr(cfg, "act_fn", "gelu_new") != "gelu_new" or getattr(cfg, "positional_embedding_type",
+                                                                        "standard") != "standard":
+            raise ValueError("interventions read GPT-2 (gelu_new MLPs, learned positions)")
+
+        def get(name):
+            return getattr(bridge, name).detach().float().contiguous()
+
+        W_Q, W_K, W_V, W_O = get("W_Q"), get("W_K"), get("W_V"), get("W_O")
+        b_Q, b_K, b_V = get("b_Q"), get("b_K"), get("b_V")
+        n_layers, n_heads, d_model, d_head = W_Q.shape
+
+        def flat(W):  # [layer, head, d_model, d_head] -> [layer, d_model, head * d_head]
+            return W.permute(0, 2, 1, 3).reshape(n_layers, d_model, n_heads * d_head)
+
+        return cls(
+            W_E=get("W_E"), W_pos=get("W_pos"), W_Q=W_Q, b_Q=b_Q, W_K=W_K, b_K=b_K, W_O=W_O, b_O=get("b_O"),
+            W_qkv=torch.cat([flat(W_Q), flat(W_K), flat(W_V)], dim=2).contiguous(),
+            b_qkv=torch.cat([b_Q.flatten(1), b_K.flatten(1), b_V.flatten(1)], dim=1).contiguous(),
+            W_O_flat=W_O.reshape(n_layers, n_heads * d_head, d_model).contiguous(),
+            W_in=get("W_in"), b_in=get("b_in"), W_out=get("W_out"), b_out=get("b_out"),
+            W_U_T=get("W_U").T.contiguous(), b_U=get("b_U"), eps=float(getattr(cfg, "eps", 1e-5)),
+        )
+
+
+def layer_norm(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LNPre: (x - mean) / scale, scale = sqrt(var + eps) ([..., 1]), as ln1.hook_normalized / hook_scale."""
+    x = x - x.mean(-1, keepdim=True)
+    scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    return x / scale, scale
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+_MIN_ROWS = 16
+
+
+def linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x @ W + b for flat rows [row, d_in]. Fewer than 16 rows are padded with zeros: CPU BLAS
+    takes other code paths for a few rows, whose rounding differs, and a token's result must not
+    depend on how many tokens share its matmul (a zero signal must change nothing, bit for bit)."""
+    n = x.shape[0]
+    if n < _MIN_ROWS:
+        x = torch.cat([x, x.new_zeros(_MIN_ROWS - n, x.shape[1])])
+    return torch.addmm(b, x, W)[:n]
+
+
+def _mlp(w: ModelWeights, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
+    """hook_mlp_out for flat tokens [token, d_model]."""
+    x, _ = layer_norm(resid_mid, w.eps)
+    return linear(gelu_new(linear(x, w.W_in[layer], w.b_in[layer])), w.W_out[layer], w.b_out[layer])
+
+
+def _attend(w: ModelWeights, q, keys, values, query_pos) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of padded queries against full key/value matrices.
+
+    q [row, win, head, d_head], keys/values [row, pos, head, d_head], query_pos [row, win]:
+    returns pattern [row, head, win, pos] and z [row, win, head, d_head].
+    """
+    n_win = q.shape[1]
+    if n_win < _MIN_ROWS:  # the same rounding for any window (see linear)
+        q = torch.cat([q, q.new_zeros(q.shape[0], _MIN_ROWS - n_win, *q.shape[2:])], dim=1)
+        query_pos = torch.cat([query_pos, query_pos.new_zeros(query_pos.shape[0], _MIN_ROWS - n_win)], dim=1)
+    scores = torch.einsum("rwhe,rkhe->rhwk", q, keys) / math.sqrt(w.d_head)
+    key_pos = torch.arange(keys.shape[1])
+    future = key_pos.view(1, 1, 1, -1) > query_pos.view(query_pos.shape[0], 1, -1, 1)
+    pattern = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return pattern[:, :, :n_win], torch.einsum("rhwk,rkhe->rwhe", pattern, values)[:, :n_win]
+
+
+@dataclass
+class CleanPass:
+    """Activations of one forward pass over a batch of prompts, [layer, prompt, pos, ...]."""
+
+    tokens: torch.Tensor  # [prompt, pos] (right-padded)
+    end_pos: torch.Tensor  # [prompt]
+    resid_pre: torch.Tensor  # [layer + 1, prompt, pos, d_model]; the last is the final residual
+    resid_mid: torch.Tensor  # [layer, prompt, pos, d_model]
+    normalized: torch.Tensor  # [layer, prompt, pos, d_model]  ln1.hook_normalized
+    scale: torch.Tensor  # [layer, prompt, pos]  ln1.hook_scale
+    q: torch.Tensor  # [layer, prompt, pos, head, d_head]
+    k: torch.Tensor
+    v: torch.Tensor
+    z: torch.Tensor
+    pattern: torch.Tensor  # [layer, prompt, head, dest, src]
+    attn_out: torch.Tensor  # [layer, prompt, pos, d_model]  hook_attn_out
+    mlp_out: torch.Tensor  # [layer, prompt, pos, d_model]  hook_mlp_out
+    logits_end: torch.Tensor  # [prompt, d_vocab] at end_pos
+
+
+def clean_forward(w: ModelWeights, tokens: torch.Tensor, end_pos: torch.Tensor) -> CleanPass:
+    """The forward pass of a [prompt, pos] token batch, keeping what interventions read."""
+    n_prompts, n_pos = tokens.shape
+    H, dh = w.n_heads, w.d_head
+    resid = (w.W_E[tokens] + w.W_pos[:n_pos]).reshape(n_prompts * n_pos, -1)
+    query_pos = torch.arange(n_pos).expand(n_prompts, n_pos)
+    keep = {name: [] for name in ("resid_pre", "resid_mid", "normalized", "scale", "q", "k", "v", "z", "pattern",
+                                  "attn_out", "mlp_out")}
+    for layer in range(w.n_layers):
+        keep["resid_pre"].append(resid)
+        x, scale = layer_norm(resid, w.eps)
+        q, k, v = linear(x, w.W_qkv[layer], w.b_qkv[layer]).view(n_prompts, n_pos, 3, H, dh).unbind(2)
+        pattern, z = _attend(w, q, k, v, query_pos)
+        attn_out = linear(z.reshape(n_prompts * n_pos, H * dh), w.W_O_flat[layer], w.b_O[layer])
+        resid_mid = resid + attn_out
+        mlp_out = _mlp(w, layer, resid_mid)
+        resid = resid_mid + mlp_out
+        for name, value in (("resid_mid", resid_mid), ("normalized", x), ("scale", scale[:, 0]), ("q", q), ("k", k),
+                            ("v", v), ("z", z), ("pattern", pattern), ("attn_out", attn_out),
+                            ("mlp_out", mlp_out)):
+            keep[name].append(value)
+    keep["resid_pre"].append(resid)
+    shaped = {}
+    for name, values in keep.items():
+        stacked = torch.stack(values)
+        if name not in ("q", "k", "v", "z", "pattern"):
+            stacked = stacked.view(len(values), n_prompts, n_pos, *stacked.shape[2:])
+        shaped[name] = stacked
+    final = shaped["resid_pre"][-1][torch.arange(n_prompts), end_pos]
+    logits_end = unembed(w, final)
+    return CleanPass(tokens=tokens, end_pos=end_pos, logits_end=logits_end, **shaped)
+
+
+def unembed(w: ModelWeights, resid_final: torch.Tensor) -> torch.Tensor:
+    """Logits [row, d_vocab] of final residuals [row, d_model] (ln_final, then W_U, b_U)."""
+    x, _ = layer_norm(resid_final, w.eps)
+    n = x.shape[0]
+    if n < _MIN_ROWS:
+        x = torch.cat([x, x.new_zeros(_MIN_ROWS - n, x.shape[1])])
+    return torch.nn.functional.linear(x, w.W_U_T, w.b_U)[:n]
+
+
+# How a row's change enters the model (ACCPP.md section 5):
+LOCAL_QUERY = 0  # head `head` of `layer`: its query at t recomputed from the patched input x'
+LOCAL_KEY = 1  # the same for its key at t
+GLOBAL_MID = 2  # delta added to hook_attn_out of `layer` at t (resid_mid: before that layer's MLP)
+GLOBAL_PRE = 3  # delta added to the residual entering `layer` at t (hook_mlp_out of layer-1, resid_pre[0])
+CONTROL = 4  # nothing: the clean end token recomputed from `layer` (the batch's un-intervened prompts)
+
+# Stages of a layer, in order; a token starts at one of them (key = layer * 3 + stage).
+_ATTN, _HEAD, _MLP = 0, 1, 2
+
+
+@dataclass
+class Rows:
+    """Copies of clean prompts, each with one change (all [row] unless noted)."""
+
+    prompt: torch.Tensor  # index into the CleanPass batch
+    kind: torch.Tensor  # LOCAL_QUERY | LOCAL_KEY | GLOBAL_MID | GLOBAL_PRE | CONTROL
+    layer: torch.Tensor
+    pos: torch.Tensor  # t, the changed token; the row computes positions t..end (its window)
+    head: torch.Tensor  # the patched head (local)
+    vector: torch.Tensor  # [row, d_model] local: the patched input x' at t; global: the delta added at t
+    watch_layer: torch.Tensor  # report the attention of (watch_layer, watch_head) at (dest, src); -1: none
+    watch_head: torch.Tensor
+    watch_dest: torch.Tensor
+    watch_src: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    def take(self, index) -> "Rows":
+        return Rows(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
+
+    @staticmethod
+    def cat(parts: list["Rows"]) -> "Rows":
+        return Rows(**{name: torch.cat([getattr(p, name) for p in parts]) for name in Rows.__dataclass_fields__})
+
+
+def propagate(w: ModelWeights, clean: CleanPass, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run every row from its change to the logits at its prompt's end token.
+
+    Returns (watched attention [row], NaN where watch_layer is -1; logits [row, d_vocab] at end).
+
+    A row computes only what its change can reach: positions t..end (causal attention), from the
+    layer and stage where the change enters. Everything else is the clean cache: the residual
+    each token starts from, and the keys and values of positions before t. A local change at layer
+    l moves only head h of that layer: its attention is recomputed from the clean q, k, v with the
+    one patched query or key, and the head's change of output, (z' - z) W_O[h], is added to the
+    clean resid_mid (a local query patch at i moves no other token at layer l). At the last layer
+    only the end token (and a watched destination) needs its attention output and MLP.
+    """
+    L, H, dh = w.n_layers, w.n_heads, w.d_head
+    n_rows = len(rows)
+    kind, layer, t = rows.kind, rows.layer, rows.pos
+    end = clean.end_pos[rows.prompt]
+    width = end - t + 1
+    # Tokens: (row, pos) for every position of every row's window, with the key where it starts.
+    tok_row = torch.repeat_interleave(torch.arange(n_rows), width)
+    first = torch.zeros(n_rows, dtype=torch.long)
+    first[1:] = width.cumsum(0)[:-1]
+    tok_slot = torch.arange(len(tok_row)) - first[tok_row]
+    tok_pos = t[tok_row] + tok_slot
+    at_t = tok_slot == 0
+    tk = kind[tok_row]
+    tl = layer[tok_row]
+    start_layer = torch.where((tk == GLOBAL_MID) & ~at_t, tl + 1, tl)
+    start_layer = torch.where((tk == LOCAL_QUERY) & ~at_t, tl + 1, start_layer)
+    stage = torch.full_like(tok_row, _ATTN)
+    stage = torch.where((tk == GLOBAL_MID) & at_t, _MLP, stage)
+    stage = torch.where((tk == LOCAL_KEY) | ((tk == LOCAL_QUERY) & at_t), _HEAD, stage)
+    tok_key = start_layer * 3 + stage
+    # A row's first full attention stage; rows and tokens sorted so that what is active is a prefix.
+    row_key = torch.where((kind == GLOBAL_PRE) | (kind == CONTROL), layer, layer + 1) * 3
+    row_order = torch.argsort(row_key, stable=True)
+    row_rank = torch.empty_like(row_order)
+    row_rank[row_order] = torch.arange(n_rows)
+    tok_order = torch.argsort(tok_key, stable=True)
+    tok_row, tok_slot, tok_pos, tok_key = row_rank[tok_row[tok_order]], tok_slot[tok_order], tok_pos[tok_order], \
+        tok_key[tok_order]
+    start_layer, stage, at_t = start_layer[tok_order], stage[tok_order], at_t[tok_order]
+    prompt, kind, layer, t, end = (x[row_order] for x in (rows.prompt, kind, layer, t, end))
+    head, vector, row_key = rows.head[row_order], rows.vector[row_order], row_key[row_order]
+    watch_layer, watch_head, watch_dest, watch_src = (x[row_order] for x in (
+        rows.watch_layer, rows.watch_head, rows.watch_dest, rows.watch_src))
+    tok_prompt = prompt[tok_row]
+    # Every token's starting residual, from the clean cache (layer L: the final residual).
+    pre = clean.resid_pre[start_layer, tok_prompt, tok_pos]
+    mid = clean.resid_mid[start_layer.clamp(max=L - 1), tok_prompt, tok_pos]
+    resid = torch.where((stage == _ATTN).unsqueeze(1), pre, mid)
+    is_global = (kind[tok_row] == GLOBAL_MID) | (kind[tok_row] == GLOBAL_PRE)
+    changed = torch.nonzero(is_global & at_t).flatten()
+    resid[changed] += vector[tok_row[changed]]
+    end_tok = torch.empty(n_rows, dtype=torch.long)
+    is_end = tok_pos == end[tok_row]
+    end_tok[tok_row[is_end]] = torch.nonzero(is_end).flatten()
+    watched = torch.full((n_rows,), float("nan"))
+    max_width = int(width.max())
+    for ell in range(L):
+        last = ell == L - 1
+        n_tok = int((tok_key <= ell * 3 + _ATTN).sum())
+        if n_tok:
+            n_act = int((row_key <= ell * 3).sum())
+            x, _ = layer_norm(resid[:n_tok], w.eps)
+            q, k, v = linear(x, w.W_qkv[ell], w.b_qkv[ell]).view(n_tok, 3, H, dh).unbind(1)
+            keys = clean.k[ell][prompt[:n_act]]  # [row, pos, head, d_head]; the window's are replaced
+            values = clean.v[ell][prompt[:n_act]]
+            keys[tok_row[:n_tok], tok_pos[:n_tok]] = k
+            values[tok_row[:n_tok], tok_pos[:n_tok]] = v
+            if last:  # only the end token (and a watched destination) need their output
+                wanted = is_end[:n_tok] | ((watch_layer[tok_row[:n_tok]] == ell)
+                                           & (tok_pos[:n_tok] == watch_dest[tok_row[:n_tok]]))
+                sel = torch.nonzero(wanted).flatten()
+                slot = (~is_end[sel]).long()  # end token: slot 0, watched destination: slot 1
+                n_slots = 2
+            else:
+                sel, slot, n_slots = torch.arange(n_tok), tok_slot[:n_tok], max_width
+            q_pad = torch.zeros(n_act, n_slots, H, dh)
+            q_pad[tok_row[sel], slot] = q[sel]
+            query_pos = torch.zeros(n_act, n_slots, dtype=torch.long)
+            query_pos[tok_row[sel], slot] = tok_pos[sel]
+            pattern, z = _attend(w, q_pad, keys, values, query_pos)
+            seen = torch.nonzero((watch_layer[tok_row[sel]] == ell) & (tok_pos[sel] == watch_dest[tok_row[sel]]))
+            r, sl = tok_row[sel[seen.flatten()]], slot[seen.flatten()]
+            watched[r] = pattern[r, watch_head[r], sl, watch_src[r]]
+            resid[sel] += linear(z[tok_row[sel], slot].reshape(len(sel), H * dh), w.W_O_flat[ell], w.b_O[ell])
+        local = torch.nonzero(((kind == LOCAL_QUERY) | (kind == LOCAL_KEY)) & (layer == ell)).flatten()
+        if len(local):
+            _head_stage(w, clean, ell, local, resid, tok_key == ell * 3 + _HEAD, tok_row, tok_slot, tok_pos,
+                        prompt, kind, t, head, vector, max_width, (watch_layer, watch_head, watch_dest, watch_src),
+                        watched)
+        n_tok = int((tok_key <= ell * 3 + _MLP).sum())
+        if n_tok:
+            sel = torch.nonzero(is_end[:n_tok]).flatten() if last else slice(0, n_tok)
+            resid[sel] += _mlp(w, ell, resid[sel])
+    logits = unembed(w, resid[end_tok])
+    return watched[row_rank], logits[row_rank]
+
+
+def _head_stage(w, clean, ell, local, resid, starts_here, tok_row, tok_slot, tok_pos, prompt, kind, t, head, vector,
+                max_width, watch, watched) -> None:
+    """Local rows of layer ell: head h's attention with the patched query or key; the tokens that
+    start here get resid_mid + (z' - z) W_O[h]."""
+    H, dh = w.n_heads, w.d_head
+    p, h = prompt[local], head[local]
+    patched = linear(vector[local], w.W_qkv[ell], w.b_qkv[ell]).view(len(local), 3, H, dh)
+    is_key = kind[local] == LOCAL_KEY
+    n = torch.arange(len(local))
+    keys = clean.k[ell][p, :, h].unsqueeze(2)  # [row, pos, 1, d_head]
+    values = clean.v[ell][p, :, h].unsqueeze(2)
+    kr = torch.nonzero(is_key).flatten()
+    keys[kr, t[local[kr]], 0] = patched[kr, 1, h[kr]]
+    # Queries of the tokens that start here, by slot; a query patch replaces the one at t.
+    toks = torch.nonzero(starts_here).flatten()
+    rank = torch.empty(len(prompt), dtype=torch.long)
+    rank[local] = n
+    r = rank[tok_row[toks]]
+    q_pad = torch.zeros(len(local), max_width, 1, dh)
+    q_pad[r, tok_slot[toks], 0] = clean.q[ell][p[r], tok_pos[toks], h[r]]
+    qr = torch.nonzero(~is_key).flatten()
+    q_pad[qr, 0, 0] = patched[qr, 0, h[qr]]
+    query_pos = t[local].view(-1, 1) + torch.arange(max_width).view(1, -1)
+    pattern, z = _attend(w, q_pad, keys, values, query_pos)
+    watch_layer, watch_head, watch_dest, watch_src = watch
+    rows_here = local[(watch_layer[local] == ell)]
+    if len(rows_here):
+        rr = rank[rows_here]
+        watched[rows_here] = pattern[rr, 0, watch_dest[rows_here] - t[rows_here], watch_src[rows_here]]
+    dz = z[r, tok_slot[toks], 0] - clean.z[ell][p[r], tok_pos[toks], h[r]]  # [token, d_head]
+    out = torch.zeros(len(toks), w.W_O.shape[-1])
+    for one in torch.unique(h).tolist():  # at most n_heads small matmuls
+        m = torch.nonzero(h[r] == one).flatten()
+        out[m] = dz[m] @ w.W_O[ell, one]
+    resid[toks] = clean.resid_mid[ell][p[r], tok_pos[toks]] + out
