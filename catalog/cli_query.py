@@ -156,11 +156,12 @@ def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, fmt, ou
 @click.command()
 @db_option
 @click.option("--format", "fmt", type=click.Choice(["parquet"]), default="parquet", show_default=True)
+@click.option("--force", is_flag=True, help="Write into OUT_DIR although it holds files (overwrites the tables).")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-def export(db_path, fmt, out_dir):
-    """Write every table of the catalog to OUT_DIR/<table>.parquet."""
+def export(db_path, fmt, force, out_dir):
+    """Write every table of the catalog to OUT_DIR/<table>.parquet (a new or empty directory, or --force)."""
     with _catalog(db_path) as con:
-        written = query.export_parquet(con, out_dir)
+        written = query.export_parquet(con, out_dir, force=force)
     click.echo(render(written, "table"))
 
 

@@ -295,16 +295,21 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10) -> di
     return tables
 
 
-def export_parquet(con, out_dir: str | Path) -> pa.Table:
+def export_parquet(con, out_dir: str | Path, force: bool = False) -> pa.Table:
     """Write every table (not the views) to OUT_DIR/<table>.parquet; return (table, n_rows, path) rows.
 
-    Uses DuckDB's `COPY ... TO ... (FORMAT parquet)`, which works on a read-only connection.
+    A directory that already holds files is refused unless force is given (then its <table>.parquet
+    files are overwritten). Uses DuckDB's `COPY ... TO ... (FORMAT parquet)`, which works on a
+    read-only connection.
 
         >>> export_parquet(con, "ioi-parquet")   # doctest: +SKIP
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CatalogError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise CatalogError(f"{out_dir} already exists and is not empty: choose another directory, "
+                           "or --force to overwrite its tables")
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [r[0] for r in rows(
         con, "SELECT table_name FROM information_schema.tables "

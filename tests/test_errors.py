@@ -75,3 +75,19 @@ def test_a_bad_jsonl_line_is_named_before_the_model_is_loaded(tmp_path, monkeypa
     prompts.write_text("\n".join([good, json.dumps({"text": "x", "roles": {"IO": -1}})]) + "\n")
     assert_one_error_line(invoke("ingest", "--db", db, "--model-path", tmp_path, "--prompts", prompts), "line 2")
     assert not db.exists()
+
+
+def test_export_refuses_to_overwrite_a_directory_unless_forced(catalog_db, tmp_path):
+    out = tmp_path / "parquet"
+    first = invoke("export", "--db", catalog_db, out)
+    assert first.exit_code == 0, first.output
+    runs = out / "runs.parquet"
+    runs.write_bytes(b"not parquet")  # to see whether the next export writes it
+    assert_one_error_line(invoke("export", "--db", catalog_db, out), str(out), "--force")
+    assert runs.read_bytes() == b"not parquet"
+    forced = invoke("export", "--db", catalog_db, out, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert runs.read_bytes().startswith(b"PAR1")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert invoke("export", "--db", catalog_db, empty).exit_code == 0 and (empty / "runs.parquet").exists()
