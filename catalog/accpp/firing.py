@@ -202,7 +202,10 @@ class LayerDecomposer:
             rows = torch.where(((comp >= H) & (comp < H + 3)).unsqueeze(-1), dense_rows, rows)
             offset_rows = (coef * self.cv[hs, k]).unsqueeze(-1).expand(-1, -1, n_pos)
             rows = torch.where((comp == H + 3).unsqueeze(-1), offset_rows, rows)
-            return rows.double()
+            # The layout's other slots hold no component: a non-head component sits at token j only,
+            # the embedding and the offset at layer 0 only (their IG is 0; their rows must be too).
+            exists = is_head | ((tb == j[fs]) & ((comp < H + 2) | (up == 0)))
+            return torch.where(exists.unsqueeze(-1), rows, torch.zeros_like(rows)).double()
 
         return row, valid, {"query": (query_ig.flatten(1), query_rows), "key": (key_ig.flatten(1), key_rows)}
 
