@@ -194,6 +194,19 @@ def test_a_prompt_with_its_tokens_and_roles(served, catalog_db):
     assert got["prompt"]["text"].startswith("".join(t["token"] for t in tokens[:3]))
 
 
+def test_answers_are_kept_until_something_writes(served):
+    _, client, _ = served
+    path = "/api/v1/edges_into/2.1?top=2&n_svs=1"
+    first, second = client.get(path), client.get(path)
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
+    assert first.json() == second.json()
+    fresh = client.get(path, headers={"Cache-Control": "no-cache"})
+    assert "x-cache" not in fresh.headers and fresh.json() == first.json()
+    assert "x-cache" not in client.get("/api/v1/runs").headers  # live progress is never kept
+    assert client.get("/api/v1/edges_into/9.9").status_code == client.get("/api/v1/edges_into/9.9").status_code == 400
+    assert client.get("/api/v1/edges_into/9.9").headers["x-cache"] == "miss"  # errors are not kept
+
+
 @pytest.mark.parametrize("path, params, status, words", [
     ("/api/v1/edges_into/9.9", {}, 400, "no head 9.9"),
     ("/api/v1/edges_into/nine", {}, 400, "not a head"),

@@ -119,9 +119,14 @@ def test_reads_during_a_job_see_whole_batches_and_jobs_queue(service, tiny_check
     assert done["prompts_per_s"] > 0 and done["prompts_by_job"] == 24
     run = client.get(f"/api/v1/runs/{done['run_id']}").json()
     assert run["job"]["job_id"] == first["job_id"] and run["progress"]["batches_done"] == 12
+    # Answers are kept while nothing writes, and recomputed after a job.
+    grid = client.get("/api/v1/heads")
+    assert grid.headers["x-cache"] == "miss" and grid.json()["run_id"] == queued["run_id"]
+    assert client.get("/api/v1/heads").headers["x-cache"] == "hit"
     # The same settings again: nothing repeated.
     again = wait_for(client, submit(client, **settings)["job_id"], finished)
     assert again["run_id"] == done["run_id"] and "already finished" in again["message"]
+    assert client.get("/api/v1/heads").headers["x-cache"] == "miss"
     failed = wait_for(client, submit(client, **dict(settings, attn_threshold=3))["job_id"],
                       lambda j: j["status"] == "failed")
     assert "--attn-threshold" in failed["message"]

@@ -7,10 +7,11 @@ share a file from separate processes. The service opens the file read-write once
 cursor sees only committed batches), and runs ingest jobs (`jobs.JobQueue`) in the same process,
 where `catalog.store.Catalog(path)` reuses the same DuckDB instance.
 
-Modules: connection (the open catalog), jobs (ingest queue), sql (the locked-down SQL
-endpoint), app (FastAPI routes and the explorer's static files), auth (the token), marker (the
-file that tells other processes the catalog is held), server (uvicorn, signals), client
-(`circuit-catalog ingest --server URL`).
+Modules: connection (the open catalog), jobs (ingest queue), api (the /api/v1/ routes), sql
+(the locked-down SQL endpoint), app (the FastAPI app: errors, explorer's static files), auth
+(the token), marker (the file that tells other processes the catalog is held), server (uvicorn,
+signals), client (`circuit-catalog ingest --server URL`), launch (a server as a child process,
+for tests and the benchmark). static/ is the explorer: plain HTML, CSS and JavaScript.
 
 Nothing here imports torch; an ingest job imports it when it starts.
 """

@@ -22,6 +22,7 @@ from catalog.errors import CatalogError
 from catalog.query_extra import NotFound
 from catalog.service.api import router
 from catalog.service.auth import TokenMiddleware
+from catalog.service.cache import ResponseCache
 from catalog.service.jobs import JobQueue
 from catalog.service.sql import SqlTimeout
 
@@ -90,6 +91,7 @@ def create_app(service, token: str | None = None, resume: bool = True, sql_timeo
         return FileResponse(str(STATIC / "index.html"))
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-    if token:
+    app.add_middleware(ResponseCache, jobs=service.jobs)
+    if token:  # added last, so outermost: no answer, cached or not, without the token
         app.add_middleware(TokenMiddleware, token=token)
     return app

@@ -81,6 +81,9 @@ class JobQueue:
         self._jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # For the response cache: `writes` changes whenever a job may have written, `busy` while
+        # one runs (cache.ResponseCache serves a stored answer only while neither has changed).
+        self.writes, self.busy = 0, False
         self._thread = threading.Thread(target=self._work, name="ingest-worker", daemon=True)
         self._thread.start()
 
@@ -162,6 +165,7 @@ class JobQueue:
         from catalog.ingest import Interrupted, ingest  # imports torch lazily, on the first job
 
         job.status, job.started_at = "running", time.time()
+        self.busy, self.writes = True, self.writes + 1
         cursor = self.catalog.cursor()
 
         def on_batch(batch: int) -> None:
@@ -172,6 +176,7 @@ class JobQueue:
                 "ORDER BY committed_at DESC LIMIT 1", [batch]).fetchall()[0]
             job.run_id = run_id
             job.prompts_by_job += n
+            self.writes += 1
             if self._stop.is_set():
                 raise KeyboardInterrupt  # ingest turns this into Interrupted, naming what is saved
 
@@ -191,6 +196,7 @@ class JobQueue:
             job.status, job.message = "failed", f"internal error: {type(err).__name__}: {err}"
         finally:
             job.finished_at = time.time()
+            self.busy, self.writes = False, self.writes + 1
             cursor.close()
 
 
