@@ -363,8 +363,7 @@ def _run_batches(cat, run_id, resumed, n, batch_size, analyse, done, show_progre
     counts = {"firings": int(firings), "edges": int(edges)}
     prompts_before = sum(len(ids) for b, ids in batches if b in done)
     bar = tqdm(total=n, initial=prompts_before, unit="prompt", disable=not show_progress, dynamic_ncols=True,
-               desc=f"run {run_id}" + (f" (resumed at {prompts_before} of {n}; counts are the whole run's)"
-                                       if resumed else ""),
+               desc=f"run {run_id}" + (" (resumed), counts of the whole run" if resumed else ""),
                postfix=progress_postfix(counts["firings"], counts["edges"]))
     try:
         for b, ids in batches:

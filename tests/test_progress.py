@@ -85,7 +85,7 @@ def test_the_bar_is_never_a_batch_late(resumed):
 
 def test_after_a_resume_bar_and_summary_count_the_whole_run(resumed):
     db, _, second, summary = resumed
-    assert "counts are the whole run's" in second
+    assert "(resumed), counts of the whole run" in second
     last_done, last_firings, last_edges = _states(second)[-1]
     with duckdb.connect(str(db), read_only=True) as con:
         firings = con.execute("SELECT count(*) FROM firings WHERE run_id = ?", [summary["run_id"]]).fetchall()[0][0]
