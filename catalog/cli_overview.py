@@ -50,13 +50,15 @@ def heads(db_path, run_id, sort, fmt):
 @db_option
 @click.option("--run", "runs", type=int, multiple=True, required=True, metavar="ID",
               help="A run to compare; give it twice: --run A --run B (changes are from A to B).")
-@click.option("--show", type=click.Choice(["summary", "firings", "edges"]), default="summary", show_default=True,
-              help="The counts per table, or the firings or edges themselves.")
+@click.option("--show", type=click.Choice(["summary", "connections", "firings", "edges"]), default="summary",
+              show_default=True, help="The counts per table; the edge counts per connection (upstream component -> "
+                                      "head, side); or the firings or edges themselves.")
 @click.option("--change", "changes", type=click.Choice(query_overview.CHANGES), multiple=True,
               help="With --show firings|edges: only these changes (repeatable). Default: added, removed, changed.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-5, show_default=True,
               help="A weight (attention, score) counts as changed above this relative difference.")
-@click.option("--top", type=click.IntRange(min=1), default=None, help="With --show firings|edges: the first N rows.")
+@click.option("--top", type=click.IntRange(min=1), default=None,
+              help="With --show connections|firings|edges: the first N rows.")
 @format_option()
 def diff(db_path, runs, show, changes, tolerance, top, fmt):
     """Compare two runs (two thresholds, say): firings and edges that appear, disappear or change.
@@ -66,16 +68,24 @@ def diff(db_path, runs, show, changes, tolerance, top, fmt):
     up_head, up_src_pos). Only prompts that both runs hold are compared; a note says how many
     were left out. added: only in B; removed: only in A; changed: in both, other weight.
 
-    Example: circuit-catalog diff --db ioi.duckdb --run 1 --run 2 --show edges --change added --top 20
+    \b
+    Examples:
+      circuit-catalog diff --db ioi.duckdb --run 1 --run 2
+      circuit-catalog diff --db ioi.duckdb --run 1 --run 2 --show connections --top 10
+      circuit-catalog diff --db ioi.duckdb --run 1 --run 2 --show edges --change added --top 20
     """
     if len(runs) != 2:
         raise CatalogError(f"give two runs to compare: --run A --run B ({len(runs)} given)")
-    if changes and show == "summary":
+    if changes and show in ("summary", "connections"):
         raise CatalogError("--change applies to --show firings or --show edges")
+    if top is not None and show == "summary":
+        raise CatalogError("--top applies to --show connections, firings or edges")
     run_a, run_b = runs
     with closing(open_readonly(db_path)) as con:
         if show == "summary":
             table = query_overview.diff_summary(con, run_a, run_b, tolerance=tolerance)
+        elif show == "connections":
+            table = query_overview.diff_connections(con, run_a, run_b, tolerance=tolerance, top=top)
         else:
             listing = query_overview.diff_firings if show == "firings" else query_overview.diff_edges
             table = listing(con, run_a, run_b, changes=changes or None, tolerance=tolerance, top=top)

@@ -10,7 +10,7 @@ Like catalog.query, this module imports neither torch nor pandas. Heads come as 
     >>> query_overview.heads(con).column_names     # a 2024-method (sad) run
     ['layer', 'head', 'n_firings', 'n_prompts', 'mean_attn', 'mean_score', 'mean_n_svs', 'roles', 'n_edges_in', 'n_edges_out']
     >>> sorted(query_overview.diff_runs(con, 1, 2))
-    ['edges', 'firings', 'summary']
+    ['connections', 'edges', 'firings', 'summary']
 """
 
 from __future__ import annotations
@@ -211,6 +211,30 @@ def diff_edges(con, run_a: int, run_b: int, changes=None, tolerance: float = 1e-
                  {"a": pair.a, "b": pair.b, "tolerance": float(tolerance), "changes": _check_changes(changes)})
 
 
+def diff_connections(con, run_a: int, run_b: int, tolerance: float = 1e-5, top: int | None = None) -> pa.Table:
+    """The edge diff per connection: one row per (layer, head, side, up_kind, up_layer, up_head),
+    the upstream component into the downstream head on one side, over the prompts both runs hold.
+
+    Columns: layer, head, side, up_kind, up_layer, up_head; n_a and n_b (its edges in each run);
+    added, removed, changed, same (edges, as in diff_edges); weight_a and weight_b (the sum of
+    its edge weights in each run). Connections with the most added, removed or changed edges
+    first, then by layer, head.
+    """
+    pair = _two_runs(con, run_a, run_b)
+    group = "layer, head, side, up_kind, up_layer, up_head"
+    sql = f"""
+    SELECT {group},
+           count(*) FILTER (WHERE change <> 'added') AS n_a, count(*) FILTER (WHERE change <> 'removed') AS n_b,
+           count(*) FILTER (WHERE change = 'added') AS added, count(*) FILTER (WHERE change = 'removed') AS removed,
+           count(*) FILTER (WHERE change = 'changed') AS changed, count(*) FILTER (WHERE change = 'same') AS same,
+           sum(weight_a) AS weight_a, sum(weight_b) AS weight_b
+    FROM ({_EDGES_SQL}) GROUP BY {group}
+    ORDER BY added + removed + changed DESC, layer, head, side, up_kind, up_layer NULLS LAST, up_head NULLS LAST
+    {"LIMIT " + str(int(top)) if top is not None else ""}
+    """
+    return fetch(con, sql, {"a": pair.a, "b": pair.b, "tolerance": float(tolerance)})
+
+
 def diff_summary(con, run_a: int, run_b: int, tolerance: float = 1e-5) -> pa.Table:
     """One row per table (firings, edges): its rows in the prompts both runs hold, in run a (n_a)
     and in run b (n_b), and how many of them are the same, changed, added (b only), removed (a only)."""
@@ -255,7 +279,8 @@ def diff_notes(con, run_a: int, run_b: int) -> list[str]:
 
 
 def diff_runs(con, run_a: int, run_b: int, tolerance: float = 1e-5) -> dict[str, pa.Table]:
-    """summary, firings and edges of the comparison (changed, added and removed rows)."""
+    """summary, connections, firings and edges of the comparison (changed, added and removed rows)."""
     return {"summary": diff_summary(con, run_a, run_b, tolerance),
+            "connections": diff_connections(con, run_a, run_b, tolerance),
             "firings": diff_firings(con, run_a, run_b, tolerance=tolerance),
             "edges": diff_edges(con, run_a, run_b, tolerance=tolerance)}

@@ -172,6 +172,36 @@ def test_diff_matches_an_independent_comparison(runs_db, run_a, run_b):
         con.close()
 
 
+@pytest.mark.parametrize("run_a, run_b", [(1, 2), (2, 1)])
+def test_diff_connections_add_up_the_edge_changes(runs_db, run_a, run_b):
+    changes = expected_changes(runs_db, "edges", run_a, run_b, EDGE_KEY, ["weight"])
+    a, b = keyed(runs_db, "edges", run_a, EDGE_KEY), keyed(runs_db, "edges", run_b, EDGE_KEY)
+    want = defaultdict(lambda: dict.fromkeys(("n_a", "n_b", "added", "removed", "changed", "same", "weight_a",
+                                              "weight_b"), 0))
+    for key, change in changes.items():
+        layer, head, _, _, side, up_kind, up_layer, up_head, _ = key[2:]
+        row = want[layer, head, side, up_kind, up_layer, up_head]
+        row[change] += 1
+        if key in a:
+            row["n_a"] += 1
+            row["weight_a"] += a[key]["weight"]
+        if key in b:
+            row["n_b"] += 1
+            row["weight_b"] += b[key]["weight"]
+    con = open_readonly(runs_db)
+    got = query_overview.diff_connections(con, run_a, run_b).to_pylist()
+    con.close()
+    assert len(got) == len(want) > 0
+    for row in got:
+        expected = want[row["layer"], row["head"], row["side"], row["up_kind"], row["up_layer"], row["up_head"]]
+        for column in ("n_a", "n_b", "added", "removed", "changed", "same"):
+            assert row[column] == expected[column], (row, column)
+        for column in ("weight_a", "weight_b"):
+            assert (row[column] or 0) == pytest.approx(expected[column], rel=1e-5, abs=1e-6)
+    moved = [r["added"] + r["removed"] + r["changed"] for r in got]
+    assert moved == sorted(moved, reverse=True) and moved[0] > 0
+
+
 def test_diff_command_says_what_it_left_out(runs_db):
     result = invoke("diff", "--db", runs_db, "--run", 1, "--run", 3, "--format", "json")
     assert result.exit_code == 0, result.output
