@@ -43,6 +43,8 @@ def submit_and_follow(url: str, settings: dict, show_progress: bool = True) -> d
     """Submit `settings` (ingest's options) as a job, follow it to the end, return its summary."""
     from tqdm import tqdm
 
+    from catalog.ingest import progress_postfix
+
     token = os.environ.get(TOKEN_ENV)
     for key in ("model_path", "prompts_file"):  # the service resolves paths from its own directory
         if settings.get(key) is not None:
@@ -58,8 +60,10 @@ def submit_and_follow(url: str, settings: dict, show_progress: bool = True) -> d
                 if bar is None:
                     bar = tqdm(total=progress["n_prompts"], unit="prompt", dynamic_ncols=True,
                                desc=f"run {progress['run_id']} (job {job['job_id']} at {url})")
-                bar.update(progress["prompts_done"] - bar.n)
-                bar.set_postfix(firings=progress["firings"], edges=progress["edges"], refresh=False)
+                # counts as plain integers, set before the prompts move so the repaint is current
+                bar.set_postfix_str(progress_postfix(progress["firings"], progress["edges"]), refresh=False)
+                if not bar.update(progress["prompts_done"] - bar.n):
+                    bar.refresh()
     except KeyboardInterrupt:
         raise CatalogError(f"stopped following; job {job['job_id']} goes on in the service: "
                            f"{url.rstrip('/')}/api/v1/jobs/{job['job_id']}") from None
