@@ -217,8 +217,9 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
         identity.update(attn_threshold=None, sv_threshold=None, edge_threshold=None, append_constant=None)
     from catalog.checkpoint import checkpoint_digest
 
-    files_digest = checkpoint_digest(model, model_path)
-    if not new_run and loaded_model is None and files_digest is not None:
+    # The digest of the files the model is loaded from (a caller's loaded model has no known files).
+    files_digest = checkpoint_digest(model, model_path) if loaded_model is None else None
+    if not new_run and files_digest is not None:
         # A finished run is recognised from the checkpoint's files, the prompts and the settings,
         # without loading the model (catalogs written before checkpoint digests were recorded
         # fall through to the load below, which recognises the run by the weights themselves).
@@ -226,11 +227,12 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
                               identity, recorded)
         if found is not None:
             return found
-    if loaded_model is None:
-        say(f"loading model {model_path or model} ...")
+    lm = loaded_model
+    if lm is None:
         from catalog.model import load_model
 
-    lm = loaded_model or load_model(model, model_path)
+        say(f"loading model {model_path or model} ...")
+        lm = load_model(model, model_path)
     # Prompts are tokenized and checked before the catalog is touched: bad prompts store nothing.
     items, token_lists = load_prompts(dataset, n_prompts, seed, items, lm.tokenizer, lm.n_ctx)
     answers, wrongs = answer_tokens(items, token_lists, lm.tokenizer)
@@ -254,7 +256,7 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
                           model_path=str(model_path) if model_path else None,
                           seed=seed if prompts_file is None else None,
                           prompts_file=str(prompts_file) if prompts_file else None, settings=recorded,
-                          checkpoint_digest=files_digest if loaded_model is None else None)
+                          checkpoint_digest=files_digest)
             row = dict(identity, model_id=model_id, seed=params["seed"], prompts_digest=digest,
                        params=params, package_version=catalog.__version__, settings=recorded,
                        weight_unit="score" if accpp is None else "attn_prob")
