@@ -39,6 +39,17 @@ def _emit(text: str, out: str | None = None) -> None:
         Path(out).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
 
 
+def effect_options(command):
+    """--effect, --min-effect X, --effect-mode: the measured effect of edges (`circuit-catalog intervene`)."""
+    command = click.option("--effect-mode", type=click.Choice(query.EFFECT_MODES), default="local",
+                           show_default=True, help="Which interventions the effect is read from.")(command)
+    command = click.option("--min-effect", type=float, default=None, metavar="X",
+                           help="Only rows whose mean effect (attention drop when ablated) is >= X; implies --effect.")(command)
+    return click.option("--effect", is_flag=True,
+                        help="Add mean_effect: the mean drop of the downstream attention when the edges are ablated "
+                             "(stored by `intervene`), and n_tested.")(command)
+
+
 @click.command()
 @db_option
 @click.option("--into", "into_head", metavar="L.H", help="Which heads feed this head (9.9, or L9H9)?")
@@ -49,8 +60,9 @@ def _emit(text: str, out: str | None = None) -> None:
 @click.option("--top", type=click.IntRange(min=1), help="Keep the first N rows.")
 @click.option("--kind", "kinds", metavar="KIND,...",
               help="ACC++ runs: only upstream components of these kinds (head, mlp, attn_bias, embed, offset).")
+@effect_options
 @format_option()
-def edges(db_path, into_head, from_head, side, role, run_id, top, kinds, fmt):
+def edges(db_path, into_head, from_head, side, role, run_id, top, kinds, effect, min_effect, effect_mode, fmt):
     """Upstream heads of --into HEAD, or downstream heads of --from HEAD, with counts and weights.
 
     One row per head (and side; and token role for --from): the prompts and firings it is an
@@ -61,9 +73,11 @@ def edges(db_path, into_head, from_head, side, role, run_id, top, kinds, fmt):
         raise CatalogError("give exactly one of --into HEAD or --from HEAD")
     with _catalog(db_path) as con:
         if into_head is not None:
-            table = query.edges_into(con, into_head, side=side, role=role, run_id=run_id, top=top, kind=kinds)
+            table = query.edges_into(con, into_head, side=side, role=role, run_id=run_id, top=top, kind=kinds,
+                                     effect=effect, min_effect=min_effect, effect_mode=effect_mode)
         else:
-            table = query.edges_from(con, from_head, side=side, role=role, run_id=run_id, top=top)
+            table = query.edges_from(con, from_head, side=side, role=role, run_id=run_id, top=top,
+                                     effect=effect, min_effect=min_effect, effect_mode=effect_mode)
     click.echo(render(table, fmt))
 
 
@@ -83,12 +97,14 @@ HEAD_TITLES = {
 @click.argument("head_name", metavar="HEAD")
 @run_option
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Rows per table.")
+@effect_options
 @format_option()
-def head(db_path, head_name, run_id, top, fmt):
+def head(db_path, head_name, run_id, top, effect, min_effect, effect_mode, fmt):
     """Everything about one HEAD (9.9): spectrum, firings, token roles, signal size, neighbours."""
     with _catalog(db_path) as con:
         run = query.resolve_run(con, run_id)
-        tables = query.head_summary(con, head_name, run_id=run.run_id, top=top)
+        tables = query.head_summary(con, head_name, run_id=run.run_id, top=top, effect=effect, min_effect=min_effect,
+                                    effect_mode=effect_mode)
     layer, head_index = run.head(head_name)
     name = f"{layer}.{head_index}"
     if fmt == "json":

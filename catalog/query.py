@@ -165,23 +165,29 @@ def check_kinds(kinds) -> list[str] | None:
 
 def _edge_table(con, run: Run, fixed: str, layer_head: tuple[int, int], group: list[str], display: str,
                 head_column: str, side: str | None, role: str | None, top: int | None, n_svs: int,
-                kinds: list[str] | None = None) -> pa.Table:
+                kinds: list[str] | None = None, effect: bool = False, min_effect: float | None = None,
+                effect_mode: str = "local") -> pa.Table:
     """Edges with one end fixed (`fixed`: a condition on e.* with $layer, $head), grouped by the other.
 
     `group` lists the grouping columns of `chosen`; `display` is the SQL (over g.*) of the
-    `head_column` output column that names the other end.
+    `head_column` output column that names the other end. With `effect` (or `min_effect`) the
+    rows also carry the measured effect of the edges (`interventions`, see `_EFFECT`).
     """
     check_side(side)
     check_role(con, run, role)
     kinds = check_kinds(kinds)
+    effect = effect or min_effect is not None
+    if effect:
+        check_effect_mode(con, effect_mode)
     group_sql = ", ".join(group)
     extra = [c for c in group if c in ("side", "token_role")]
     sql = f"""
     WITH chosen AS (
         SELECT e.prompt_id, e.edge_id, e.layer, e.head, e.side, e.up_kind, e.up_layer, e.up_head,
-               e.weight, t.role AS token_role
+               e.weight, t.role AS token_role{", " + _EFFECT + " AS effect" if effect else ""}
         FROM edges e
         LEFT JOIN tokens t ON t.run_id = e.run_id AND t.prompt_id = e.prompt_id AND t.pos = {_TOKEN_POS}
+        {_EFFECT_JOIN if effect else ""}
         WHERE e.run_id = $run AND {fixed}
           AND ($side IS NULL OR e.side = $side) AND ($role IS NULL OR t.role = $role)
           AND ($kinds IS NULL OR list_contains($kinds, e.up_kind))
@@ -189,7 +195,9 @@ def _edge_table(con, run: Run, fixed: str, layer_head: tuple[int, int], group: l
     grouped AS (
         SELECT {group_sql}, count(DISTINCT prompt_id) AS n_prompts, count(*) AS n_firings,
                avg(weight) AS mean_weight, sum(weight) AS total_weight
+               {", avg(effect) AS mean_effect, count(effect) AS n_tested" if effect else ""}
         FROM chosen GROUP BY {group_sql}
+        {"HAVING $min_effect IS NULL OR avg(effect) >= $min_effect" if effect else ""}
     ),
     by_sv AS (
         SELECT {", ".join("c." + g for g in group)}, s.sv, sum(s.weight) AS sv_weight
@@ -204,18 +212,35 @@ def _edge_table(con, run: Run, fixed: str, layer_head: tuple[int, int], group: l
     )
     SELECT {display} AS {head_column}, {", ".join("g." + c for c in extra)},
            g.n_prompts, g.n_firings, g.mean_weight, g.total_weight, coalesce(l.top_svs, []) AS top_svs
+           {", g.mean_effect, g.n_tested" if effect else ""}
     FROM grouped g
     LEFT JOIN sv_lists l ON {" AND ".join(f"g.{c} IS NOT DISTINCT FROM l.{c}" for c in group)}
     ORDER BY g.n_prompts DESC, g.total_weight DESC, {", ".join("g." + c for c in group)}
     {"LIMIT " + str(int(top)) if top is not None else ""}
     """
     params = {"run": run.run_id, "layer": layer_head[0], "head": layer_head[1], "side": side, "role": role,
-              "kinds": kinds}
+              "kinds": kinds, "min_effect": min_effect, "effect_mode": effect_mode}
     return fetch(con, sql, params)
 
 
+# The measured effect of an edge (issue 9): how much the downstream attention drops when the
+# edge's signal is ablated (`circuit-catalog intervene`, mode $effect_mode); NULL if not measured.
+_EFFECT = "(iv.attn_before - iv.attn_after)"
+_EFFECT_JOIN = """LEFT JOIN interventions iv ON iv.run_id = e.run_id AND iv.prompt_id = e.prompt_id
+            AND iv.edge_id = e.edge_id AND iv.mode = $effect_mode AND NOT iv.boost"""
+EFFECT_MODES = ("local", "global")
+
+
+def check_effect_mode(con, mode: str) -> None:
+    """CatalogError when effects are asked of a catalog without interventions or in an unknown mode."""
+    if mode not in EFFECT_MODES:
+        raise CatalogError(f"the effect mode must be local or global, not '{mode}'")
+    require_tables(con, ("interventions",))
+
+
 def edges_into(con, head: str, side: str | None = None, role: str | None = None,
-               run_id: int | None = None, top: int | None = None, n_svs: int = 3, kind=None) -> pa.Table:
+               run_id: int | None = None, top: int | None = None, n_svs: int = 3, kind=None,
+               effect: bool = False, min_effect: float | None = None, effect_mode: str = "local") -> pa.Table:
     """The upstream components that feed `head`: one row per (up_head, side).
 
     Columns: up_head (the component: "L.H" for a head; "MLP L", "b_O L", "embed", "offset" in
@@ -224,6 +249,10 @@ def edges_into(con, head: str, side: str | None = None, role: str | None = None,
     through, "sv:share" with share = that direction's part of the total weight, largest first).
     `role` keeps edges whose token (the one the upstream component writes to) has that role;
     `kind` keeps components of these kinds (head, mlp, attn_bias, embed, offset).
+    With `effect` (implied by `min_effect`) two more columns: mean_effect, the mean drop of the
+    downstream attention when one of those edges is ablated (`interventions`, mode
+    `effect_mode`), over the n_tested edges that have been intervened on; `min_effect` keeps
+    rows whose mean_effect is at least that.
     Ordered by n_prompts, then total_weight, descending.
 
         >>> edges_into(con, "9.9", side="query", role="end", top=5)   # doctest: +SKIP
@@ -231,24 +260,26 @@ def edges_into(con, head: str, side: str | None = None, role: str | None = None,
     run = resolve_run(con, run_id, EDGE_TABLES)
     return _edge_table(con, run, "e.layer = $layer AND e.head = $head", run.head(head),
                        ["up_kind", "up_layer", "up_head", "side"], component_name("g."), "up_head",
-                       side, role, top, n_svs, kind)
+                       side, role, top, n_svs, kind, effect, min_effect, effect_mode)
 
 
 def edges_from(con, head: str, side: str | None = None, role: str | None = None,
-               run_id: int | None = None, top: int | None = None, n_svs: int = 3) -> pa.Table:
+               run_id: int | None = None, top: int | None = None, n_svs: int = 3,
+               effect: bool = False, min_effect: float | None = None, effect_mode: str = "local") -> pa.Table:
     """The downstream heads that `head` feeds: one row per (down_head, side, token_role).
 
-    Same counts and weights as `edges_into`; top_svs are the downstream head's directions.
+    Same counts, weights and effects as `edges_into`; top_svs are the downstream head's directions.
 
         >>> edges_from(con, "7.3", side="key", top=5)   # doctest: +SKIP
     """
     run = resolve_run(con, run_id, EDGE_TABLES)
     return _edge_table(con, run, "e.up_kind = 'head' AND e.up_layer = $layer AND e.up_head = $head",
                        run.head(head), ["layer", "head", "side", "token_role"], "g.layer || '.' || g.head",
-                       "down_head", side, role, top, n_svs)
+                       "down_head", side, role, top, n_svs, None, effect, min_effect, effect_mode)
 
 
-def head_summary(con, head: str, run_id: int | None = None, top: int = 10) -> dict[str, pa.Table]:
+def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effect: bool = False,
+                 min_effect: float | None = None, effect_mode: str = "local") -> dict[str, pa.Table]:
     """Everything about one head, as named tables (in display order).
 
     spectrum     its top singular values (sv, sigma) in the run's model
@@ -256,8 +287,8 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10) -> di
     role_pairs   dest_role -> src_role of its firings, with counts
     signal_size  histogram of n_svs (the sparse signal's size)
     top_svs      its singular vectors by the number of firings whose signal uses them
-    upstream     its main upstream heads (edges_into)
-    downstream   the heads it feeds most (edges_from)
+    upstream     its main upstream heads (edges_into; with their measured effect if `effect`)
+    downstream   the heads it feeds most (edges_from; the same)
 
         >>> head_summary(con, "9.9")["role_pairs"]   # doctest: +SKIP
     """
@@ -290,8 +321,10 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10) -> di
             WHERE f.run_id = $run AND f.layer = $layer AND f.head = $head
             GROUP BY f.sv ORDER BY n_firings DESC, f.sv LIMIT $top""", p),
     }
-    tables["upstream"] = edges_into(con, head, run_id=run.run_id, top=5)
-    tables["downstream"] = edges_from(con, head, run_id=run.run_id, top=5)
+    tables["upstream"] = edges_into(con, head, run_id=run.run_id, top=5, effect=effect, min_effect=min_effect,
+                                    effect_mode=effect_mode)
+    tables["downstream"] = edges_from(con, head, run_id=run.run_id, top=5, effect=effect, min_effect=min_effect,
+                                      effect_mode=effect_mode)
     return tables
 
 

@@ -238,7 +238,7 @@ def intervene(w: ModelWeights, clean: CleanPass, edges: EdgeBatch, directions: D
     wrong = torch.full((n_prompts,), -1) if wrong is None else torch.as_tensor(wrong)
     known = (answer >= 0) & (wrong >= 0)
     ans, wr = answer.clamp(min=0), wrong.clamp(min=0)
-    clean_logp = clean.logits_end.log_softmax(dim=-1)
+    clean_logp = clean.logits_end.double().log_softmax(dim=-1)  # KL in float64: no rounding below 0
     all_prompts = torch.arange(n_prompts)
     enters = edges.layer if mode == "local" else edges.up_layer
     for part in torch.argsort(enters, stable=True).split(max_rows):
@@ -249,13 +249,13 @@ def intervene(w: ModelWeights, clean: CleanPass, edges: EdgeBatch, directions: D
         watched, logits = propagate(w, clean, Rows.cat([rows, controls]))
         edge_logits, control_logits = logits[: len(part)], logits[len(part):]
         p = chunk.prompt
-        logp = edge_logits.log_softmax(dim=-1)
+        logp = edge_logits.double().log_softmax(dim=-1)
         for name, value in (
             ("signal_norm", signals.norm), ("norm_ratio", signals.norm_ratio), ("cos_sim", signals.cos_sim),
             ("attn_after", watched[: len(part)]),
             ("diff_after", edge_logits.gather(1, ans[p].view(-1, 1)).squeeze(1)
              - edge_logits.gather(1, wr[p].view(-1, 1)).squeeze(1)),
-            ("kl", (clean_logp[p].exp() * (clean_logp[p] - logp)).sum(dim=-1)),
+            ("kl", (clean_logp[p].exp() * (clean_logp[p] - logp)).sum(dim=-1).float()),
             ("other", (control_logits - clean.logits_end).abs().max().expand(len(part))),
         ):
             out[name][part] = value
