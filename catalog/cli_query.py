@@ -133,9 +133,10 @@ ANY_ROLE = "any"
 @run_option
 @click.option("--kind", "kinds", metavar="KIND,...",
               help="ACC++ runs: only components of these kinds (head, mlp, attn_bias, embed, offset).")
+@effect_options
 @format_option(FORMATS + ("graphml", "dot", "html", "png"))
 @click.option("--out", type=click.Path(dir_okay=False), help="Output file (required for png; default stdout).")
-def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, fmt, out):
+def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, effect, min_effect, effect_mode, fmt, out):
     """Trace the circuit behind root heads, recursively over the stored firings and edges.
 
     On an ACC++ run (ingest --method accpp) it draws the stored circuit instead, rooted at the
@@ -153,7 +154,8 @@ def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, fmt, ou
         graph = trace_circuit(con, roots=root_list,
                               dest_role=None if dest_role == ANY_ROLE else dest_role,
                               src_role=None if src_role == ANY_ROLE else src_role,
-                              prompt_id=prompt_id, run_id=run_id, kinds=kinds)
+                              prompt_id=prompt_id, run_id=run_id, kinds=kinds, effect=effect,
+                              min_effect=min_effect, effect_mode=effect_mode)
     for note in graph.notes:
         click.echo(f"note: {note}", err=True)
     if fmt in FORMATS:

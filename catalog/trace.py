@@ -112,7 +112,7 @@ def reached_firings(con, run: Run, roots: list[tuple[int, int]], dest_role: str 
 _EDGES_SQL = """
 WITH traced AS (
     SELECT e.prompt_id, e.layer, e.head, e.dest_pos, e.src_pos, e.side, e.up_layer, e.up_head, e.weight,
-           t.{token} AS token
+           t.{token} AS token, {effect} AS effect
     FROM {reached} r
     JOIN edges e ON e.run_id = $run AND e.prompt_id = r.prompt_id AND e.layer = r.layer AND e.head = r.head
                 AND e.dest_pos = r.dest_pos AND e.src_pos = r.src_pos
@@ -122,8 +122,9 @@ WITH traced AS (
 ),
 grouped AS (
     SELECT up_layer, up_head, layer, head, token, side, count(DISTINCT prompt_id) AS n_prompts,
-           count(*) AS n_edges, avg(weight) AS mean_weight
-    FROM traced GROUP BY ALL
+           count(*) AS n_edges, avg(weight) AS mean_weight, avg(effect) AS mean_effect
+    FROM traced GROUP BY up_layer, up_head, layer, head, token, side
+    HAVING $min_effect IS NULL OR avg(effect) >= $min_effect  -- only edges measured to matter
 ),
 by_sv AS (
     -- Joined from the reached firings, not from `traced`: DuckDB would otherwise pre-aggregate
@@ -148,24 +149,34 @@ sv_lists AS (
 writes AS (
     SELECT g.up_layer || '.' || g.up_head AS source, g.layer || '.' || g.head || '@' || g.token AS target,
            'writes' AS kind, g.side, {count} AS count, g.n_edges, g.mean_weight,
-           coalesce(l.top_svs, []) AS top_svs, g.layer AS sort_layer, g.head AS sort_head, g.token AS sort_token
+           coalesce(l.top_svs, []) AS top_svs, g.layer AS sort_layer, g.head AS sort_head, g.token AS sort_token,
+           g.mean_effect
     FROM grouped g LEFT JOIN sv_lists l USING (up_layer, up_head, layer, head, token, side)
 ),
 reads AS (
     SELECT layer || '.' || head || '@' || token AS source, layer || '.' || head AS target, 'reads' AS kind,
            string_agg(DISTINCT side, '+' ORDER BY side) AS side,
            {reads_count} AS count, count(*) AS n_edges, NULL::DOUBLE AS mean_weight,
-           []::VARCHAR[] AS top_svs, layer AS sort_layer, head AS sort_head, token AS sort_token
-    FROM traced GROUP BY layer, head, token
+           []::VARCHAR[] AS top_svs, layer AS sort_layer, head AS sort_head, token AS sort_token,
+           NULL::DOUBLE AS mean_effect
+    FROM traced
+    {reads_filter}
+    GROUP BY layer, head, token
 )
-SELECT source, target, kind, side, count, n_edges, mean_weight, top_svs
+SELECT source, target, kind, side, count, n_edges, mean_weight, top_svs{effect_column}
 FROM (SELECT * FROM writes UNION ALL SELECT * FROM reads)
 -- Each token node's incoming edges (strongest first), then its edge to its head.
 ORDER BY sort_layer DESC, sort_head, sort_token, kind DESC, count DESC, mean_weight DESC, source, side
 """
 
 
-def _traced_edges(con, run: Run, reached: pa.Table, prompt_id: int | None, n_svs: int) -> pa.Table:
+# An edge's measured effect: the downstream attention drop when it is ablated (`intervene`).
+_EFFECT = ("(SELECT iv.attn_before - iv.attn_after FROM interventions iv WHERE iv.run_id = $run "
+           "AND iv.prompt_id = e.prompt_id AND iv.edge_id = e.edge_id AND iv.mode = $effect_mode AND NOT iv.boost)")
+
+
+def _traced_edges(con, run: Run, reached: pa.Table, prompt_id: int | None, n_svs: int, effect: bool = False,
+                  min_effect: float | None = None, effect_mode: str = "local") -> pa.Table:
     view = "_circuit_catalog_reached"
     con.register(view, reached)  # a connection-local view of an Arrow table: fine on a read-only file
     try:
@@ -176,8 +187,13 @@ def _traced_edges(con, run: Run, reached: pa.Table, prompt_id: int | None, n_svs
             # Over all prompts an edge counts the prompts it appears in; in one prompt, its firings.
             count="g.n_edges" if one_prompt else "g.n_prompts",
             reads_count="count(DISTINCT (dest_pos, src_pos))" if one_prompt else "count(DISTINCT prompt_id)",
+            effect=_EFFECT if effect else "NULL::DOUBLE", effect_column=", mean_effect" if effect else "",
+            # With --min-effect, only the token nodes something still writes to are read from.
+            reads_filter="WHERE (layer, head, token) IN (SELECT (layer, head, token) FROM grouped)"
+            if min_effect is not None else "",
         )
-        return fetch(con, sql, {"run": run.run_id, "n_svs": int(n_svs)})
+        return fetch(con, sql, {"run": run.run_id, "n_svs": int(n_svs), "min_effect": min_effect,
+                                "effect_mode": effect_mode})
     finally:
         con.unregister(view)
 
@@ -211,7 +227,8 @@ def _nodes(con, run: Run, edges: pa.Table, root_names: list[str], prompt_id: int
 
 def trace(con, roots: list[str] | None = None, dest_role: str | None = DEFAULT_DEST_ROLE,
           src_role: str | None = DEFAULT_SRC_ROLE, prompt_id: int | None = None,
-          run_id: int | None = None, n_svs: int = 3, kinds=None) -> TraceGraph:
+          run_id: int | None = None, n_svs: int = 3, kinds=None, effect: bool = False,
+          min_effect: float | None = None, effect_mode: str = "local") -> TraceGraph:
     """Trace the circuit behind `roots` (default: 9.6, 9.9, 10.0 from `end` to `IO`).
 
     For an ACC++ run, the stored circuit rooted at the output instead (catalog.trace_accpp;
@@ -219,15 +236,24 @@ def trace(con, roots: list[str] | None = None, dest_role: str | None = DEFAULT_D
 
     `dest_role`/`src_role` None means any token. `prompt_id` traces one prompt (nodes keep
     positions); None aggregates over every prompt of the run by token role.
+
+    `effect` (implied by `min_effect`) adds mean_effect to the edges: the mean drop of the
+    downstream attention when the edges are ablated (`interventions`, mode `effect_mode`);
+    `min_effect` keeps the edges whose mean_effect is at least that.
     """
+    from catalog.query import check_effect_mode
+
     run = resolve_run(con, run_id, HEAD_TABLES)
+    effect = effect or min_effect is not None
+    if effect:
+        check_effect_mode(con, effect_mode)
     if run.method == "accpp":  # its circuits are stored rooted at the output: no roots to choose
         from catalog.trace_accpp import accpp_trace
 
         if roots:
             raise CatalogError(f"run {run.run_id} is an ACC++ run: its circuits are rooted at the model's output "
                                "(seeds), so --root does not apply")
-        return accpp_trace(con, run, prompt_id, n_svs, kinds)
+        return accpp_trace(con, run, prompt_id, n_svs, kinds, effect, min_effect, effect_mode)
     root_heads, notes = resolve_roots(run, roots)
     check_role(con, run, dest_role)
     check_role(con, run, src_role)
@@ -240,6 +266,6 @@ def trace(con, roots: list[str] | None = None, dest_role: str | None = DEFAULT_D
     fired = {f"{l}.{h}" for l, h in zip(reached.column("layer").to_pylist(), reached.column("head").to_pylist())}
     roles = f"from {dest_role or 'any token'} to {src_role or 'any token'}"
     notes += [f"root {name} has no firing {roles}" for name in root_names if name not in fired]
-    edges = _traced_edges(con, run, reached, prompt_id, n_svs)
+    edges = _traced_edges(con, run, reached, prompt_id, n_svs, effect, min_effect, effect_mode)
     nodes = _nodes(con, run, edges, [n for n in root_names if n in fired], prompt_id)
     return TraceGraph(run.run_id, prompt_id, root_names, dest_role, src_role, reached, nodes, edges, notes)

@@ -94,14 +94,23 @@ WITH sv_lists AS (
 )
 SELECT g.source, g.target, g.side AS kind, g.side, count(DISTINCT g.prompt_id) AS count, count(*) AS n_edges,
        sum(g.weight) / $n_graphs AS mean_weight, coalesce(any_value(v.top_svs), []) AS top_svs
+       {effect_column}
 FROM _accpp_graph g LEFT JOIN sv_lists v USING (source, target, side)
+{effect_join}
 GROUP BY g.source, g.target, g.side
+{effect_filter}
 ORDER BY g.side = 'seed' DESC, mean_weight DESC, g.source, g.target
 """
 
 
-def accpp_trace(con, run: Run, prompt_id: int | None = None, n_svs: int = 3, kinds=None):
-    """The circuit of one prompt (prompt_id) or of every prompt combined, as a TraceGraph."""
+def accpp_trace(con, run: Run, prompt_id: int | None = None, n_svs: int = 3, kinds=None, effect: bool = False,
+                min_effect: float | None = None, effect_mode: str = "local"):
+    """The circuit of one prompt (prompt_id) or of every prompt combined, as a TraceGraph.
+
+    With `effect`, the edges' mean_effect (the downstream attention drop when ablated, from
+    `interventions`; seed edges have none); `min_effect` keeps the edges (and seeds) whose
+    mean_effect is at least that.
+    """
     from catalog.trace import TraceGraph
 
     kinds = check_kinds(kinds)
@@ -113,8 +122,15 @@ def accpp_trace(con, run: Run, prompt_id: int | None = None, n_svs: int = 3, kin
     n_graphs = len(set(graph.column("prompt_id").to_pylist())) or 1
     con.register("_accpp_graph", graph)
     try:
-        edges = fetch(con, _EDGES_SQL, {"run": run.run_id, "n_svs": int(n_svs), "n_graphs": n_graphs,
-                                        "one_prompt": prompt_id is not None})
+        sql = _EDGES_SQL.format(
+            effect_column=", avg(iv.attn_before - iv.attn_after) AS mean_effect" if effect else "",
+            effect_join=("LEFT JOIN interventions iv ON iv.run_id = $run AND iv.prompt_id = g.prompt_id "
+                         "AND iv.edge_id = g.edge_id AND iv.mode = $effect_mode AND NOT iv.boost") if effect else "",
+            effect_filter=("HAVING $min_effect IS NULL OR g.side = 'seed' "
+                           "OR avg(iv.attn_before - iv.attn_after) >= $min_effect") if effect else "")
+        edges = fetch(con, sql, {"run": run.run_id, "n_svs": int(n_svs), "n_graphs": n_graphs,
+                                 "one_prompt": prompt_id is not None, "min_effect": min_effect,
+                                 "effect_mode": effect_mode})
     finally:
         con.unregister("_accpp_graph")
     root = rows(con, "SELECT any_value(objective), count(*) FILTER (WHERE n_seeds = 0) FROM roots "

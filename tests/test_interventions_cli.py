@@ -170,3 +170,25 @@ def test_readme_question_runs(db):
     assert query != block
     rows = sql(db, query)
     assert rows and all(r[-1] is None or r[-1] >= 0 for r in rows) or rows == []
+
+
+def test_trace_shows_and_filters_by_effect(db):
+    import json
+
+    assert invoke("intervene", "--db", db, "--run", 1).exit_code == 0
+    args = ["trace", "--db", db, "--run", 1, "--root", "2.1", "--dest-role", "any", "--src-role", "any",
+            "--format", "json"]
+    plain = json.loads(invoke(*args).output)
+    shown = json.loads(invoke(*args, "--effect").output)
+    assert plain and "mean_effect" not in plain[0] and len(shown) == len(plain)
+    writes = [e for e in shown if e["kind"] == "writes"]
+    assert all(e["mean_effect"] is not None for e in writes)
+    cut = sorted(e["mean_effect"] for e in writes)[len(writes) // 2]
+    kept = json.loads(invoke(*args, "--min-effect", cut).output)
+    kept_writes = [e for e in kept if e["kind"] == "writes"]
+    assert 0 < len(kept_writes) < len(writes) and all(e["mean_effect"] >= cut for e in kept_writes)
+    assert {(e["source"], e["target"], e["side"]) for e in kept_writes} == {
+        (e["source"], e["target"], e["side"]) for e in writes if e["mean_effect"] >= cut}
+    # ACC++ run (no seeds in this fixture, so its stored circuit is empty): the same options work.
+    result = invoke("trace", "--db", db, "--run", 2, "--min-effect", 0.1, "--format", "json")
+    assert result.exit_code == 0, result.output
