@@ -49,28 +49,37 @@ def reference():
     return json.loads((REFERENCE / "reference-interventions.json").read_text()), prompts
 
 
-@pytest.mark.parametrize("mode", ["local", "global"])
-@pytest.mark.parametrize("boost", [False, True])
-def test_reference_interventions_agree(reference, attn_real_model, mode, boost):
-    """The edge the reference intervened on: downstream 4.10 firing 16 -> 0 in prompt 1, upstream
-    'AH bias' of layer 0 (component 13), query side, singular directions [60, 59]; both prompts in
-    one batch as in the reference."""
+@pytest.fixture(scope="module")
+def reference_model(reference, attn_real_model):
+    """The attn-real model's weights, both reference prompts' clean pass (one batch, as in the
+    reference) and ACC++'s directions."""
     from catalog.accpp.weights import accpp_weights
 
-    ref, prompts = reference
-    expected = ref[f"{mode}_{'boost' if boost else 'ablate'}"]
-    edge = expected["edge"]
-    assert (edge["upstream_component_id"], edge["edge_type"]) == (13, "d")  # 13 = 'AH bias' (12 heads)
+    _, prompts = reference
     lm = attn_real_model
     w = ModelWeights.from_bridge(lm.bridge)
     clean = clean_forward(w, _tokens(lm, [p["text"] for p in prompts]),
                           torch.tensor([p["roles"]["end"] for p in prompts]))
     acc = accpp_weights(*lm.attention_weights()[:4])
+    return lm, w, clean, Directions(acc.U, acc.V, acc.c_d, acc.c_s)
+
+
+@pytest.mark.parametrize("mode", ["local", "global"])
+@pytest.mark.parametrize("boost", [False, True])
+def test_reference_interventions_agree(reference, reference_model, mode, boost):
+    """The edge the reference intervened on: downstream 4.10 firing 16 -> 0 in prompt 1, upstream
+    'AH bias' of layer 0 (component 13), query side, singular directions [60, 59]; both prompts in
+    one batch as in the reference."""
+    ref, prompts = reference
+    expected = ref[f"{mode}_{'boost' if boost else 'ablate'}"]
+    edge = expected["edge"]
+    assert (edge["upstream_component_id"], edge["edge_type"]) == (13, "d")  # 13 = 'AH bias' (12 heads)
+    lm, w, clean, directions = reference_model
     edges = _edges(prompt=[1], layer=[edge["downstream_layer"]], head=[edge["downstream_ah_idx"]],
                    dest=[edge["downstream_dest_token"]], src=[edge["downstream_src_token"]], query_side=[True],
                    up_kind=[ATTN_BIAS], up_layer=[edge["upstream_layer"]], svs=[edge["svs_used"]])
     token = lambda text: lm.tokenizer(text)["input_ids"][0]  # noqa: E731
-    result = intervene(w, clean, edges, Directions(acc.U, acc.V, acc.c_d, acc.c_s), mode, boost,
+    result = intervene(w, clean, edges, directions, mode, boost,
                        answer=[token(p["answer"]) for p in prompts], wrong=[token(p["wrong"]) for p in prompts])
     got = {name: float(getattr(result, name)[0]) for name in (
         "attn_before", "attn_after", "norm_ratio", "cos_sim", "signal_norm", "logit_diff_before", "logit_diff_after",
@@ -215,7 +224,7 @@ def _independent(tiny, edges: EdgeBatch, directions: Directions, mode: str, boos
 @pytest.mark.parametrize("mode,boost,form", [("local", False, "plain"), ("global", True, "augmented")])
 def test_every_number_matches_a_per_edge_recomputation_with_hooks(tiny, mode, boost, form):
     kinds = UP_KINDS if mode == "local" else tuple(k for k in UP_KINDS if k != "offset")
-    edges = _random_edges(tiny, n=12, seed=1 if mode == "local" else 2, kinds=kinds)
+    edges = _random_edges(tiny, n=20, seed=1 if mode == "local" else 2, kinds=kinds)
     directions = tiny[form]
     answer, wrong = torch.tensor([50, 60, 70]), torch.tensor([51, 61, 71])
     result = intervene(tiny["w"], tiny["clean"], edges, directions, mode, boost, answer=answer, wrong=wrong,

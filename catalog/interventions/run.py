@@ -85,7 +85,8 @@ def intervene_run(db_path, *, run_id: int | None = None, mode: str = "local", bo
                         and not selected["done"][k])
         summary = {"run_id": run["run_id"], "method": run["method"], "mode": mode, "boost": boost,
                    "selected": n_selected, "stored": 0, "already_stored": n_done, "skipped_offsets": n_offsets,
-                   "mean_attn_change": None, "wall_s": 0.0, "intervene_s": 0.0, "db": str(db_path)}
+                   "mean_attn_change": None, "wall_s": 0.0, "intervene_s": 0.0, "intervene_cpu_s": 0.0,
+                   "db": str(db_path)}
         if n_selected == 0:
             raise CatalogError(f"no edge of run {run['run_id']} matches the selection")
         if keep:
@@ -217,14 +218,14 @@ def _intervene_and_store(cat, run, lm, edges: dict, mode, boost, batch_size, max
     inputs = _prompt_inputs(cat.con, run["run_id"], prompt_ids)
     pad_id = lm.tokenizer.eos_token_id or 0
     kind_code = {kind: k for k, kind in enumerate(UP_KINDS)}
-    n_done, busy, changes = 0, 0.0, []
+    n_done, busy, cpu, changes = 0, 0.0, 0.0, []
     for first in range(0, len(prompt_ids), batch_size):
         batch = prompt_ids[first:first + batch_size]
         index = {p: b for b, p in enumerate(batch)}
         sel = np.nonzero(np.isin(prompt_of, batch))[0]
         if len(sel) == 0:
             continue
-        tick = time.perf_counter()
+        tick, cpu_tick = time.perf_counter(), time.process_time()
         clean = clean_forward(weights, pad_tokens([inputs[p]["ids"] for p in batch], pad_id),
                               torch.tensor([inputs[p]["end"] for p in batch]))
         k_max = max(len(edges["svs"][k]) for k in sel)
@@ -244,6 +245,7 @@ def _intervene_and_store(cat, run, lm, edges: dict, mode, boost, batch_size, max
                            answer=torch.tensor([inputs[p]["answer"] for p in batch]),
                            wrong=torch.tensor([inputs[p]["wrong"] for p in batch]), max_rows=max_rows)
         busy += time.perf_counter() - tick
+        cpu += time.process_time() - cpu_tick
         table = pa.table({
             "prompt_id": pa.array(prompt_of[sel], pa.int32()),
             "edge_id": pa.array([edges["edge_id"][k] for k in sel], pa.int32()),
@@ -260,7 +262,8 @@ def _intervene_and_store(cat, run, lm, edges: dict, mode, boost, batch_size, max
         if say is not None:
             say(f"{n_done} of {len(prompt_of)} edges intervened")
     change = np.concatenate(changes) if changes else np.zeros(0)
-    return {"intervene_s": busy, "mean_attn_change": float(change.mean()) if len(change) else None}
+    return {"intervene_s": busy, "intervene_cpu_s": cpu,
+            "mean_attn_change": float(change.mean()) if len(change) else None}
 
 
 def _floats(values) -> "object":
