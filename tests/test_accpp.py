@@ -46,10 +46,14 @@ def _all_firings(res, layer, items):
 
 
 def _full_rows(decomposer, firings, steps=64):
-    row, valid, sides = decomposer.atoms(firings, steps)
-    n_atoms = sides["query"][0].shape[1]
-    everything = torch.arange(n_atoms).expand(len(firings), -1)
-    return row, valid, {side: (ig, rows_of(torch.arange(len(firings)), everything)) for side, (ig, rows_of) in sides.items()}
+    """Score row, valid columns, and per side (IG by the shortcut X . g, X) over every atom of the layout."""
+    atoms = decomposer.atoms(firings, steps)
+    everything = torch.arange(atoms.n_atoms).expand(len(firings), -1)
+    sides = {}
+    for side, (_, rows_of) in atoms.sides.items():
+        X = rows_of(torch.arange(len(firings)), everything)
+        sides[side] = (torch.einsum("fnp,fp->fn", X, atoms.g), X)
+    return atoms.row, atoms.valid, sides
 
 
 @pytest.mark.parametrize("layer", [1, 2])

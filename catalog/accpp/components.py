@@ -39,7 +39,8 @@ class Residual:
     """The components of one batch of prompts; positions are padded to the longest prompt."""
 
     pattern: torch.Tensor      # [prompt, layer, head, dest, src]  hook_pattern of every layer
-    vo: torch.Tensor           # [prompt, src, layer, head, d_model]  v(tb) W_O of every head
+    v: torch.Tensor            # [prompt, src, layer, head, d_head]  hook_v of every head
+    W_O: torch.Tensor          # [layer, head, d_head, d_model]; a head slice writes A[t, tb] v(tb) W_O
     dense: torch.Tensor        # [prompt, pos, 2 * n_layers + 1, d_model]  mlp_0.., b_O 0.., embedding
     normalized: torch.Tensor   # [prompt, layer, pos, d_model]  ln1.hook_normalized
     scale: torch.Tensor        # [prompt, layer, pos]  ln1.hook_scale
@@ -73,14 +74,13 @@ def residual_components(cache, W_O: torch.Tensor, b_O: torch.Tensor) -> Residual
     n_layers = W_O.shape[0]
     per_layer = lambda name: torch.stack([cache[f"blocks.{l}.{name}"] for l in range(n_layers)], dim=1)
     pattern = per_layer("attn.hook_pattern")
-    v = per_layer("attn.hook_v")  # [prompt, layer, pos, head, d_head]
-    vo = torch.einsum("blphe,lhed->bplhd", v, W_O)
+    v = per_layer("attn.hook_v").transpose(1, 2)  # [prompt, pos, layer, head, d_head]
     mlp = per_layer("hook_mlp_out").transpose(1, 2)  # [prompt, pos, layer, d_model]
     n_prompts, n_pos = mlp.shape[:2]
     bias = b_O.view(1, 1, n_layers, -1).expand(n_prompts, n_pos, -1, -1)
     embed = cache["blocks.0.hook_resid_pre"].unsqueeze(2)
     return Residual(
-        pattern=pattern, vo=vo, dense=torch.cat([mlp, bias, embed], dim=2),
+        pattern=pattern, v=v, W_O=W_O, dense=torch.cat([mlp, bias, embed], dim=2),
         normalized=per_layer("ln1.hook_normalized"), scale=per_layer("ln1.hook_scale")[..., 0],
         attn_scores=per_layer("attn.hook_attn_scores"),
         final_normalized=cache["ln_final.hook_normalized"], final_scale=cache["ln_final.hook_scale"][..., 0],

@@ -111,9 +111,11 @@ class LayerDecomposer:
         self.xv = torch.einsum("bpd,hdk->bphk", x, V)
         self.cu = torch.einsum("hd,hdk->hk", weights.c_d[layer, self.heads], U)
         self.cv = torch.einsum("hd,hdk->hk", weights.c_s[layer, self.heads], V)
-        vo = residual.vo[:, :, :layer].flatten(2, 3)  # [prompt, tb, layer*head, d_model]
-        self.Pu_heads = torch.einsum("bpnd,hdk->bpnhk", vo, U)
-        self.Pv_heads = torch.einsum("bpnd,hdk->bpnhk", vo, V)
+        v = residual.v[:, :, :layer].flatten(2, 3)  # [prompt, tb, layer*head, d_head]
+        WU, WV = weights.through_output(residual.W_O, layer, self.heads)  # [h, layer*head, d_head, r]
+        # (v W_O) . u_k as [prompt, head, upstream head, k, tb]: a firing's slab is one contiguous block.
+        self.Pu_heads = torch.einsum("bpne,hnek->bhnkp", v, WU).contiguous()
+        self.Pv_heads = torch.einsum("bpne,hnek->bhnkp", v, WV).contiguous()
         dense, _ = residual.dense_upto(layer)
         dense = dense / self.scale[:, :, None, None]  # LN scale of this layer at the component's token
         self.Pu_dense = torch.einsum("bpcd,hdk->bpchk", dense, U)
@@ -127,108 +129,182 @@ class LayerDecomposer:
         """Both sides' selections for `firings` (all of this layer), chunked to bound memory."""
         atoms_per_firing = math.prod(self.layout())
         chunk = max(1, CHUNK_ELEMENTS // atoms_per_firing)
+        # Chunks of similar destinations: a chunk's head slices only span its tokens 0..max(i).
+        by_dest = torch.argsort(firings.dest, stable=True)
         parts = {side: [] for side in SIDES}
+        per_firing = {side: {"n_atoms": torch.zeros(len(firings), dtype=torch.long),
+                             "attn_after": torch.zeros(len(firings), dtype=torch.float64),
+                             "capped": torch.zeros(len(firings), dtype=torch.bool)} for side in SIDES}
         for start in range(0, len(firings), chunk):
-            index = torch.arange(start, min(start + chunk, len(firings)))
+            index = by_dest[start:start + chunk]
             for side, selection in self._chunk(firings.take(index), steps).items():
-                selection.firing += start
+                selection.firing = index[selection.firing]  # back to the input order
+                for name, values in per_firing[side].items():
+                    values[index] = getattr(selection, name)
                 parts[side].append(selection)
-        return {side: _concat(parts[side]) for side in SIDES}
+        return {side: _concat(parts[side], **per_firing[side]) for side in SIDES}
 
     def _chunk(self, f: Firings, steps: int) -> dict[str, Selection]:
-        row, valid, sides = self.atoms(f, steps)
-        return {side: greedy(ig, rows_of, row, f, valid, self.layout()) for side, (ig, rows_of) in sides.items()}
+        atoms = self.atoms(f, steps)
+        return {side: greedy(candidates, rows_of, atoms, f, self.layout())
+                for side, (candidates, rows_of) in atoms.sides.items()}
 
-    def atoms(self, f: Firings, steps: int):
-        """(score row [F, pos], valid key columns [F, pos], {side: (IG [F, atoms], rows_of)}).
+    def atoms(self, f: Firings, steps: int) -> "FiringAtoms":
+        """The firings' atoms: candidates by float32 IG, and their breakdown rows.
 
-        rows_of(firings, atoms) gives the breakdown rows X [F', K, pos] of the atoms (flat
-        indices [F', K]) of the firings (indices [F'] into f)."""
+        Head slices (the bulk: layer * H * r * pos atoms) and the other components (2 * layer + 2
+        per sv) are ranked apart, each with one fused product, and merged: no tensor in the
+        padded [layer, H + 4, r, pos] layout is ever built."""
         n_layer, n_comp, r, n_pos = self.layout()
         H, L = self.n_heads, self.layer
         b, h, i, j = f.prompt, self.local[f.head], f.dest, f.src
-        F = len(f)
-        ar = torch.arange(F)
         S = self.S[h]  # [F, r]
         acoef = S * (self.xu[b, i, h] + self.cu[h])  # [F, r]
         bcoef = self.xv[b, :, h] + self.cv[h].unsqueeze(1)  # [F, pos, r]
         valid = torch.arange(n_pos).unsqueeze(0) <= i.unsqueeze(1)
         row = torch.einsum("fk,fpk->fp", acoef.double(), bcoef.double())
         g = ig_vector(row, j, valid, steps)  # [F, pos]
+        g32 = g.float()
+        scale_i = self.scale[b, i].unsqueeze(1)  # [F, 1]
+        T = int(i.max()) + 1  # head slices read tokens 0..i only
 
-        # Query side: X[atom, j'] = value[atom] * bcoef[j', k].
-        value = torch.zeros(F, n_layer, n_comp, r, n_pos)
-        A_i = self.A[b, :, i, :]  # [F, layer*head, tb]
-        heads = torch.einsum("fk,fnt,ftnk->fnkt", S, A_i, self.Pu_heads[b, :, :, h]) / self.scale[b, i].view(F, 1, 1, 1)
-        value[:, :, :H] = heads.reshape(F, L, H, r, n_pos)
-        dense = S.unsqueeze(1) * self.Pu_dense[b, i, :, h]  # [F, 2L + 1, r]
-        value[ar, :, H, :, i] = dense[:, :L]
-        value[ar, :, H + 1, :, i] = dense[:, L:2 * L]
-        value[ar, 0, H + 2, :, i] = dense[:, 2 * L]
-        value[ar, 0, H + 3, :, i] = S * self.cu[h]
-        G = torch.einsum("fpk,fp->fk", bcoef.double(), g)
-        query_ig = value.double() * G.view(F, 1, 1, r, 1)
+        # Query side: X[atom, j'] = value[atom] * bcoef[j', k], so IG = value * (bcoef[:, k] . g).
+        G = torch.einsum("fpk,fp->fk", bcoef.double(), g).float()
+        A_i = self.A[b, :, i, :T]  # [F, layer*head, tb]
+        query_heads = (self.Pu_heads[..., :T][b, h] * A_i.unsqueeze(2)).mul_((S * G / scale_i)[:, None, :, None])
+        query_comps = torch.cat([self.Pu_dense[b, i, :, h], self.cu[h].unsqueeze(1)], dim=1) * (S * G).unsqueeze(1)
+
+        def query_value(fs, up, comp, k, tb):
+            """value[atom] of the atoms (flat keys decoded, [F', K] each) of the firings fs."""
+            bs, hs = b[fs], h[fs]
+            n = (up * H + comp).clamp(max=L * H - 1)
+            head = S[fs, k] * self.A[bs, n, i[fs], tb] * self.Pu_heads[bs, hs, n, k, tb] / self.scale[bs, i[fs]]
+            other = S[fs, k] * torch.where(comp == H + 3, self.cu[hs, k],
+                                           self.Pu_dense[bs, i[fs], _dense_index(comp, up, H, L), hs, k])
+            return torch.where(comp < H, head, torch.where(_exists(comp, up, tb, i[fs], H), other, 0.0))
 
         def query_rows(sel, idx):
-            k = (idx // n_pos) % r
-            rows = value.flatten(1)[sel.unsqueeze(1), idx].unsqueeze(-1) * bcoef[sel.unsqueeze(1), :, k]
-            return rows.double()
+            fs = sel.unsqueeze(1).expand_as(idx)
+            up, comp, k, tb = _decode(idx, n_comp, r, n_pos)
+            return (query_value(fs, up, comp, k, tb).unsqueeze(-1) * bcoef[fs, :, k]).double()
 
         # Key side: IG = acoef[k] * sum_j' (v_k . y(j')) g[j'].
-        scaled_g = g / self.scale[b].double()  # [F, pos]
-        Ag = torch.einsum("fntp,ft->fnp", self.A[b].double(), scaled_g)  # [F, layer*head, tb]
-        coef_heads = torch.einsum("fk,ftnk->fnkt", acoef, self.Pv_heads[b, :, :, h])  # [F, n, r, tb]
-        key_ig = torch.zeros(F, n_layer, n_comp, r, n_pos, dtype=torch.float64)
-        key_ig[:, :, :H] = (coef_heads.double() * Ag.unsqueeze(2)).reshape(F, L, H, r, n_pos)
-        dense_g = acoef.double().unsqueeze(1) * torch.einsum("fpck,fp->fck", self.Pv_dense[b, :, :, h].double(), g)
-        key_ig[ar, :, H, :, j] = dense_g[:, :L]
-        key_ig[ar, :, H + 1, :, j] = dense_g[:, L:2 * L]
-        key_ig[ar, 0, H + 2, :, j] = dense_g[:, 2 * L]
-        key_ig[ar, 0, H + 3, :, j] = (acoef * self.cv[h]).double() * g.sum(1, keepdim=True)
+        Ag = torch.einsum("fntp,ft->fnp", self.A[b, :, :T, :T], g32[:, :T] / self.scale[b, :T])  # [F, layer*head, tb]
+        key_heads = (self.Pv_heads[..., :T][b, h] * Ag.unsqueeze(2)).mul_(acoef[:, None, :, None])
+        dense_g = torch.einsum("fpck,fp->fck", self.Pv_dense[b, :, :, h], g32)
+        key_comps = torch.cat([dense_g, (self.cv[h] * g32.sum(1, keepdim=True)).unsqueeze(1)], dim=1) * acoef.unsqueeze(1)
 
         def key_rows(sel, idx):
-            up, comp = idx // (n_comp * r * n_pos), (idx // (r * n_pos)) % n_comp
-            k, tb = (idx // n_pos) % r, idx % n_pos
+            up, comp, k, tb = _decode(idx, n_comp, r, n_pos)
             fs = sel.unsqueeze(1).expand_as(idx)
             bs, hs = b[fs], h[fs]
             coef = acoef[fs, k]  # [F', K]
-            rows = torch.zeros(*idx.shape, n_pos)
-            is_head = comp < H
             n = (up * H + comp).clamp(max=L * H - 1)
-            head_rows = (coef * self.Pv_heads[bs, tb, n, hs, k]).unsqueeze(-1) * self.A[bs, n, :, tb] / self.scale[bs]
-            rows = torch.where(is_head.unsqueeze(-1), head_rows, rows)
-            dense_index = torch.where(comp == H, up, torch.where(comp == H + 1, L + up, 2 * L)).clamp(max=2 * L)
-            dense_rows = coef.unsqueeze(-1) * self.Pv_dense[bs, :, dense_index, hs, k]
-            rows = torch.where(((comp >= H) & (comp < H + 3)).unsqueeze(-1), dense_rows, rows)
+            head_rows = (coef * self.Pv_heads[bs, hs, n, k, tb]).unsqueeze(-1) * self.A[bs, n, :, tb] / self.scale[bs]
+            dense_rows = coef.unsqueeze(-1) * self.Pv_dense[bs, :, _dense_index(comp, up, H, L), hs, k]
             offset_rows = (coef * self.cv[hs, k]).unsqueeze(-1).expand(-1, -1, n_pos)
-            rows = torch.where((comp == H + 3).unsqueeze(-1), offset_rows, rows)
-            # The layout's other slots hold no component: a non-head component sits at token j only,
-            # the embedding and the offset at layer 0 only (their IG is 0; their rows must be too).
-            exists = is_head | ((tb == j[fs]) & ((comp < H + 2) | (up == 0)))
-            return torch.where(exists.unsqueeze(-1), rows, torch.zeros_like(rows)).double()
+            rows = torch.where((comp == H + 3).unsqueeze(-1), offset_rows, dense_rows)
+            rows = torch.where(_exists(comp, up, tb, j[fs], H).unsqueeze(-1), rows, torch.zeros_like(rows))
+            return torch.where((comp < H).unsqueeze(-1), head_rows, rows).double()
 
-        return row, valid, {"query": (query_ig.flatten(1), query_rows), "key": (key_ig.flatten(1), key_rows)}
+        def candidates_of(heads_ig, comps_ig, slot):
+            comp_keys = _component_keys(L, H, r, n_pos)  # [2L + 2, r] flat keys at token 0
+
+            def candidates(sel, K):
+                """Flat atom keys [F', K] of each firing's largest float32 IG, heads and components merged."""
+                top_heads = torch.topk(heads_ig[sel].flatten(1), min(K, heads_ig[0].numel()), dim=1)
+                top_comps = torch.topk(comps_ig[sel].flatten(1), min(K, comps_ig[0].numel()), dim=1)
+                flat = top_heads.indices  # over [layer * H, r, T]
+                n, k, tb = flat // (r * T), (flat // T) % r, flat % T
+                head_keys = (((n // H) * n_comp + n % H) * r + k) * n_pos + tb
+                comp_keys_sel = comp_keys.flatten()[top_comps.indices] + slot[sel].unsqueeze(1)
+                values = torch.cat([top_heads.values, top_comps.values], dim=1)
+                keys = torch.cat([head_keys, comp_keys_sel], dim=1)
+                best = torch.topk(values, min(K, values.shape[1]), dim=1).indices
+                return keys.gather(1, best)
+
+            return candidates
+
+        return FiringAtoms(row, valid, g, n_layer * n_comp * r * n_pos, {
+            "query": (candidates_of(query_heads, query_comps, i), query_rows),
+            "key": (candidates_of(key_heads, key_comps, j), key_rows),
+        })
 
 
-def greedy(ig: torch.Tensor, rows_of, row: torch.Tensor, f: Firings, valid: torch.Tensor, layout) -> Selection:
+def _decode(idx: torch.Tensor, n_comp: int, r: int, n_pos: int):
+    """(upstream layer, component, sv, token) of flat atom keys in the [layer, H + 4, r, pos] layout."""
+    return idx // (n_comp * r * n_pos), (idx // (r * n_pos)) % n_comp, (idx // n_pos) % r, idx % n_pos
+
+
+def _dense_index(comp, up, H: int, L: int):
+    """Position on the dense axis (mlp 0.., b_O 0.., embedding) of a non-head component."""
+    return torch.where(comp == H, up, torch.where(comp == H + 1, L + up, 2 * L)).clamp(0, 2 * L)
+
+
+def _exists(comp, up, tb, slot, H: int):
+    """A non-head component exists at its slot token only, the embedding and offset at layer 0 only."""
+    return (tb == slot) & ((comp < H + 2) | (up == 0))
+
+
+def _component_keys(L: int, H: int, r: int, n_pos: int) -> torch.Tensor:
+    """Flat keys (at token 0) of the non-head components in the order of the *_comps tensors:
+    mlp 0..L-1, b_O 0..L-1, embedding, offset; [2L + 2, r]."""
+    n_comp = H + 4
+    layer = torch.tensor(list(range(L)) * 2 + [0, 0])
+    comp = torch.tensor([H] * L + [H + 1] * L + [H + 2, H + 3])
+    k = torch.arange(r)
+    return ((layer.unsqueeze(1) * n_comp + comp.unsqueeze(1)) * r + k) * n_pos
+
+
+@dataclass
+class FiringAtoms:
+    """What the greedy needs of a chunk of firings.
+
+    sides[side] = (candidates, rows_of): candidates(firings, K) gives the flat keys [F', K] of
+    the K atoms of largest float32 IG of the firings (indices [F'] into the chunk);
+    rows_of(firings, keys) gives their breakdown rows X [F', K, pos] (float64). The exact IG of
+    an atom is X . g.
+    """
+
+    row: torch.Tensor    # [F, pos] the score row i (float64), = the sum of every atom's row
+    valid: torch.Tensor  # [F, pos] key columns j' <= i
+    g: torch.Tensor      # [F, pos] the IG vector (float64)
+    n_atoms: int         # atoms in the layout (some slots hold no component)
+    sides: dict          # side -> (candidates(firings, K) -> flat keys [F', K], rows_of)
+
+
+def _ranked(candidates_of, rows_of, atoms: FiringAtoms, pending: torch.Tensor, K: int):
+    """The top K atoms of each pending firing in exact IG order, and their rows.
+
+    Candidates come from the float32 IG with a margin (2K + 16), so that its rounding cannot
+    push an atom of the exact top K out; they are then ordered by X . g in float64 (stable, as
+    the reference's float64 ranking), which decides near-ties exactly as far as float64 can.
+    """
+    candidates = candidates_of(pending, min(atoms.n_atoms, 2 * K + 16))
+    X = rows_of(pending, candidates)  # [F', K', pos]
+    exact = torch.einsum("fkp,fp->fk", X, atoms.g[pending])
+    order = torch.sort(exact, dim=1, descending=True, stable=True).indices[:, :K]
+    return candidates.gather(1, order), X.gather(1, order.unsqueeze(-1).expand(-1, -1, X.shape[-1]))
+
+
+def greedy(candidates_of, rows_of, atoms: FiringAtoms, f: Firings, layout) -> Selection:
     """Zero atoms in descending IG order until p_j falls below the threshold (ACCPP.md 2.4).
 
     The attention after each step comes from the running score row row - cumsum(X) of the top
     atoms, for every firing at once; firings that need more than the first FIRST_TOP atoms are
     ranked again up to MAX_ATOMS + 1.
     """
-    F, N = ig.shape
+    F, N = len(f), atoms.n_atoms
+    row, valid = atoms.row, atoms.valid
     n_atoms = torch.zeros(F, dtype=torch.long)
     attn_after = f.attn.double().clone()
     capped = torch.zeros(F, dtype=torch.bool)
-    drops = torch.zeros(F, 0, dtype=torch.float64)
-    picked = {}
+    parts = []  # (firing, rank, atom, drop) of the firings finished in each pass
     pending = torch.arange(F)
     for K in (min(FIRST_TOP, N), min(MAX_ATOMS + 1, N)):
         if len(pending) == 0:
             break
-        top = torch.topk(ig[pending], K, dim=1).indices  # [F', K]
-        X = rows_of(pending, top)  # [F', K, pos]
+        top, X = _ranked(candidates_of, rows_of, atoms, pending, K)  # [F', K], [F', K, pos]
         running = row[pending].unsqueeze(1) - X.cumsum(dim=1)
         p = _masked_softmax(running, valid[pending].unsqueeze(1))
         a = p.gather(2, f.src[pending].view(-1, 1, 1).expand(-1, K, 1)).squeeze(2)  # [F', K]
@@ -237,29 +313,32 @@ def greedy(ig: torch.Tensor, rows_of, row: torch.Tensor, f: Firings, valid: torc
         found = below.any(dim=1)
         stop = below.to(torch.int8).argmax(dim=1) + 1  # atoms zeroed
         done = found | (K == N) | (K > MAX_ATOMS)
-        for local in torch.nonzero(done).flatten().tolist():
-            firing = int(pending[local])
-            m = int(stop[local]) if bool(found[local]) else K
-            n_atoms[firing], attn_after[firing] = m, a_all[local, m]
-            capped[firing] = m >= MAX_ATOMS
-            picked[firing] = (top[local, :m], (a_all[local, :m] - a_all[local, 1:m + 1]))
+        m = torch.where(found, stop, torch.full_like(stop, K))  # atoms zeroed (all K when never below)
+        finished = pending[done]
+        n_atoms[finished] = m[done]
+        attn_after[finished] = a_all[done].gather(1, m[done].unsqueeze(1)).squeeze(1)
+        capped[finished] = m[done] >= MAX_ATOMS
+        local, rank = torch.nonzero(done.unsqueeze(1) & (torch.arange(K).unsqueeze(0) < m.unsqueeze(1)),
+                                    as_tuple=True)
+        drop = a_all[:, :-1] - a_all[:, 1:]
+        parts.append((pending[local], rank, top[local, rank], drop[local, rank]))
         pending = pending[~done]
-    return _selection(picked, layout, F, n_atoms, attn_after, capped)
+    return _selection(parts, layout, n_atoms, attn_after, capped)
 
 
-def _selection(picked: dict, layout, F: int, n_atoms, attn_after, capped) -> Selection:
+def _selection(parts: list, layout, n_atoms, attn_after, capped) -> Selection:
     _, n_comp, r, n_pos = layout
-    firings = sorted(picked)
-    idx = torch.cat([picked[k][0] for k in firings]) if firings else torch.zeros(0, dtype=torch.long)
-    drop = torch.cat([picked[k][1] for k in firings]) if firings else torch.zeros(0, dtype=torch.float64)
-    firing = torch.cat([torch.full((len(picked[k][0]),), k) for k in firings]) if firings else idx.clone()
-    rank = torch.cat([torch.arange(len(picked[k][0])) for k in firings]) if firings else idx.clone()
+    firing, rank, idx, drop = (torch.cat([p[c] for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
+                               for c in range(4))
+    order = torch.argsort(firing * (MAX_ATOMS + 2) + rank)  # by firing, then selection order
+    firing, rank, idx, drop = firing[order], rank[order], idx[order], drop[order].double()
     return Selection(
         firing=firing, rank=rank, up_layer=idx // (n_comp * r * n_pos), comp=(idx // (r * n_pos)) % n_comp,
         sv=(idx // n_pos) % r, token=idx % n_pos, drop=drop, n_atoms=n_atoms, attn_after=attn_after, capped=capped,
     )
 
 
-def _concat(parts: list[Selection]) -> Selection:
-    fields = Selection.__dataclass_fields__
-    return Selection(**{name: torch.cat([getattr(p, name) for p in parts]) for name in fields})
+def _concat(parts: list[Selection], **per_firing) -> Selection:
+    """One selection from the chunks' atoms, with the per-firing results given."""
+    atom_fields = [name for name in Selection.__dataclass_fields__ if name not in per_firing]
+    return Selection(**{name: torch.cat([getattr(p, name) for p in parts]) for name in atom_fields}, **per_firing)

@@ -42,7 +42,8 @@ def component_scores(res: Residual, prompt: int, end: int, vector: torch.Tensor)
     L, H, n_pos = res.pattern.shape[1], res.pattern.shape[2], res.pattern.shape[-1]
     scale = res.final_scale[prompt, end].double()
     scores = torch.zeros(L, H + 3, n_pos, dtype=torch.float64)
-    vo_dot = torch.einsum("plhd,d->lhp", res.vo[prompt].double(), vector)  # [layer, head, tb]
+    out_dot = res.W_O.double() @ vector  # [layer, head, d_head]: W_O . vector, then v . that
+    vo_dot = torch.einsum("plhe,lhe->lhp", res.v[prompt].double(), out_dot)  # [layer, head, tb]
     scores[:, :H] = res.pattern[prompt, :, :, end, :].double() * vo_dot / scale
     dense = res.dense[prompt, end].double() @ vector / scale  # mlp 0.., b_O 0.., embedding
     scores[:, H, end], scores[:, H + 1, end], scores[0, H + 2, end] = dense[:L], dense[L:2 * L], dense[2 * L]
@@ -55,7 +56,8 @@ def component_output(res: Residual, prompt: int, end: int, layer: int, comp: int
     H = res.pattern.shape[2]
     scale = res.final_scale[prompt, end].double()
     if comp < H:
-        return res.pattern[prompt, layer, comp, end, token].double() * res.vo[prompt, token, layer, comp].double() / scale
+        vo = res.v[prompt, token, layer, comp].double() @ res.W_O[layer, comp].double()
+        return res.pattern[prompt, layer, comp, end, token].double() * vo / scale
     index = res.dense_index(("mlp", "attn_bias", "embed")[comp - H], layer)
     return res.dense[prompt, end, index].double() / scale
 

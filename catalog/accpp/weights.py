@@ -9,7 +9,7 @@ No sign convention is needed: every ACC++ quantity uses u_k and v_k in pairs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,18 @@ class AccppWeights:
     V: torch.Tensor  # [layer, head, d_model, sv] key-side singular vectors v_k
     c_d: torch.Tensor  # [layer, head, d_model] query bias offset b_Q W_Q^+
     c_s: torch.Tensor  # [layer, head, d_model] key bias offset b_K W_K^+
+    _through: dict = field(default_factory=dict, repr=False)  # (layer, head) -> W_O U, W_O V
+
+    def through_output(self, W_O: torch.Tensor, layer: int, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_O[l', h'] U[layer, h] and W_O[l', h'] V[layer, h] for every upstream head l' < layer:
+        [heads, layer * H, d_head, d_head] each. A head slice projects on u_k as v (W_O u_k), and
+        d_head is far smaller than d_model; cached, since the weights never change within a run."""
+        for head in heads.tolist():
+            if (layer, head) not in self._through:
+                upstream = W_O[:layer].flatten(0, 1)  # [layer * H, d_head, d_model]
+                self._through[(layer, head)] = (upstream @ self.U[layer, head], upstream @ self.V[layer, head])
+        pairs = [self._through[(layer, head)] for head in heads.tolist()]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
 def plain_svd(W_Q: torch.Tensor, W_K: torch.Tensor):
