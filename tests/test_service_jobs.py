@@ -160,8 +160,7 @@ def test_killed_then_stopped_server_resumes_its_run_to_the_same_catalog(tiny_che
     db = tmp_path / "killed.duckdb"
 
     def committed() -> tuple:
-        # Auto-install off: see catalog.service.connection.replay_wal (the WAL of a killed process).
-        with duckdb.connect(str(db), read_only=True, config={"autoinstall_known_extensions": False}) as con:
+        with duckdb.connect(str(db), read_only=True) as con:
             status = con.execute("SELECT status FROM runs").fetchall()[0][0]
             return (status,) + con.execute(CONSISTENCY_SQL).fetchall()[0]
 

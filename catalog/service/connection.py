@@ -12,25 +12,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-import duckdb
-
 from catalog.store import Catalog
-
-
-def replay_wal(path: Path) -> None:
-    """Fold a WAL left by a killed process into the file, with extension auto-install off.
-
-    Replaying some WAL records (a batch's UPDATE of prompts) makes DuckDB 2.0.1 try to *install*
-    its statically linked core_functions extension from the network, which fails offline and so
-    would keep a killed service from starting again. With auto-install off the linked extension
-    is used. Any other problem is left for Catalog(path) to report in one line.
-    """
-    if not path.with_name(path.name + ".wal").exists():
-        return
-    try:
-        duckdb.connect(str(path), config={"autoinstall_known_extensions": False}).close()
-    except duckdb.Error:
-        pass
 
 
 class ServiceCatalog:
@@ -38,7 +20,6 @@ class ServiceCatalog:
 
     def __init__(self, db_path: str | Path):
         self.path = Path(db_path)
-        replay_wal(self.path)
         # Catalog creates a missing file and applies missing migrations; its connection keeps the
         # instance (and the file lock) alive for the service's lifetime.
         self._catalog = Catalog(self.path)
