@@ -285,8 +285,9 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
     spectrum     its top singular values (sv, sigma) in the run's model
     activity     n_firings, n_prompts (of n_prompts_run), mean attention, score and signal size
     role_pairs   dest_role -> src_role of its firings, with counts
-    signal_size  histogram of n_svs (the sparse signal's size)
-    top_svs      its singular vectors by the number of firings whose signal uses them
+    signal_size  histogram of n_svs (the sparse signal's size); ACC++: of atoms zeroed per side
+    top_svs      its singular vectors by the number of firings whose signal uses them (ACC++: whose
+                 edges go through them, with their total attention drop)
     upstream     its main upstream heads (edges_into; with their measured effect if `effect`)
     downstream   the heads it feeds most (edges_from; the same)
 
@@ -294,12 +295,13 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
     """
     run = resolve_run(con, run_id, HEAD_TABLES)
     layer, head_index = run.head(head)
-    p = {"run": run.run_id, "model": run.model_id, "layer": layer, "head": head_index, "top": int(top)}
+    p = {"run": run.run_id, "model": run.model_id, "layer": layer, "head": head_index, "top": int(top),
+         "form": run.sv_form}
     this_head = "run_id = $run AND layer = $layer AND head = $head"
     tables = {
         "spectrum": fetch(con, """
             SELECT sv, sigma FROM singular_vectors
-            WHERE model_id = $model AND layer = $layer AND head = $head ORDER BY sv LIMIT $top""", p),
+            WHERE model_id = $model AND form = $form AND layer = $layer AND head = $head ORDER BY sv LIMIT $top""", p),
         "activity": fetch(con, f"""
             SELECT count(*) AS n_firings, count(DISTINCT prompt_id) AS n_prompts,
                    (SELECT count(*) FROM prompts WHERE run_id = $run) AS n_prompts_run,
@@ -317,10 +319,25 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
                    count(*) / (SELECT count(*) FROM firings WHERE {this_head}) AS share_of_firings,
                    avg(f.contribution) AS mean_contribution
             FROM firing_svs f
-            LEFT JOIN singular_vectors s ON s.model_id = $model AND s.layer = f.layer AND s.head = f.head AND s.sv = f.sv
+            LEFT JOIN singular_vectors s ON s.model_id = $model AND s.form = $form AND s.layer = f.layer
+                 AND s.head = f.head AND s.sv = f.sv
             WHERE f.run_id = $run AND f.layer = $layer AND f.head = $head
             GROUP BY f.sv ORDER BY n_firings DESC, f.sv LIMIT $top""", p),
     }
+    if run.method == "accpp":  # no sparse signal per firing: atoms per side, and the edges' directions
+        tables["signal_size"] = fetch(con, f"""
+            SELECT side, n_atoms, count(*) AS n_firings, count(*) / sum(count(*)) OVER (PARTITION BY side) AS share
+            FROM firing_sides WHERE {this_head} GROUP BY side, n_atoms ORDER BY side, n_atoms""", p)
+        tables["top_svs"] = fetch(con, f"""
+            SELECT s.sv, any_value(v.sigma) AS sigma, count(DISTINCT (e.prompt_id, e.dest_pos, e.src_pos)) AS n_firings,
+                   count(DISTINCT (e.prompt_id, e.dest_pos, e.src_pos)) / (SELECT count(*) FROM firings WHERE {this_head})
+                       AS share_of_firings,
+                   sum(s.weight) AS total_drop
+            FROM edges e JOIN edge_svs s USING (run_id, prompt_id, edge_id)
+            LEFT JOIN singular_vectors v ON v.model_id = $model AND v.form = $form AND v.layer = e.layer
+                 AND v.head = e.head AND v.sv = s.sv
+            WHERE e.run_id = $run AND e.layer = $layer AND e.head = $head
+            GROUP BY s.sv ORDER BY n_firings DESC, s.sv LIMIT $top""", p)
     tables["upstream"] = edges_into(con, head, run_id=run.run_id, top=5, effect=effect, min_effect=min_effect,
                                     effect_mode=effect_mode)
     tables["downstream"] = edges_from(con, head, run_id=run.run_id, top=5, effect=effect, min_effect=min_effect,

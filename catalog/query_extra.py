@@ -122,7 +122,7 @@ def firing(con, prompt_id: int, head: str, dest_pos: int, src_pos: int, run_id: 
     run = resolve_run(con, run_id, HEAD_TABLES)
     layer, head_index = run.head(head)
     p = {"run": run.run_id, "model": run.model_id, "prompt": int(prompt_id), "layer": layer,
-         "head": head_index, "dest": int(dest_pos), "src": int(src_pos)}
+         "head": head_index, "dest": int(dest_pos), "src": int(src_pos), "form": run.sv_form}
     key = _firing_key("")
     found = fetch(con, f"SELECT * FROM firing_roles WHERE {key}", p).to_pylist()
     if not found:
@@ -132,7 +132,8 @@ def firing(con, prompt_id: int, head: str, dest_pos: int, src_pos: int, run_id: 
         SELECT f.rank, f.sv, s.sigma, f.contribution, f.contribution / sum(f.contribution) OVER () AS share,
                f.dest_proj, f.src_proj
         FROM firing_svs f
-        LEFT JOIN singular_vectors s ON s.model_id = $model AND s.layer = f.layer AND s.head = f.head AND s.sv = f.sv
+        LEFT JOIN singular_vectors s ON s.model_id = $model AND s.form = $form AND s.layer = f.layer
+             AND s.head = f.head AND s.sv = f.sv
         WHERE {_firing_key("f.")}
         ORDER BY f.rank""", p)
     edges = fetch(con, f"SELECT * FROM edges WHERE {key} ORDER BY side, weight DESC", p)
