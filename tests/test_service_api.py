@@ -126,6 +126,9 @@ def test_edges_into_and_from_equal_the_query_functions(served, reference, catalo
     role = fetch_dicts(catalog_db, "SELECT role FROM tokens WHERE role IS NOT NULL LIMIT 1")[0]["role"]
     got = client.get(f"/api/v1/edges_into/{head}", params={"role": role, "n_svs": 2}).json()
     assert_same_rows(got, rows(query.edges_into(reference, head, role=role, n_svs=2)))
+    got = client.get(f"/api/v1/edges_into/{head}", params={"effect": "true", "kind": "head"}).json()
+    assert_same_rows(got, rows(query.edges_into(reference, head, effect=True, kind=["head"])))
+    assert "mean_effect" in got[0]
 
 
 def test_head_summary_and_grid(served, reference, catalog_db):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from decimal import Decimal
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from catalog import query, query_extra
@@ -59,6 +59,13 @@ def _heads(values: list[str] | None) -> list[str] | None:
     """Root heads from ?roots=9.9&roots=10.0 or ?roots=9.9,10.0."""
     found = [part.strip() for text in values or [] for part in text.split(",") if part.strip()]
     return found or None
+
+
+class EffectParams:
+    """The measured-effect options of edges, head and trace (catalog.interventions' effects)."""
+
+    def __init__(self, effect: bool = False, min_effect: float | None = None, effect_mode: str = "local"):
+        self.values = {"effect": effect, "min_effect": min_effect, "effect_mode": effect_mode}
 
 
 # -- runs and ingest jobs ---------------------------------------------------------------------
@@ -122,10 +129,11 @@ def head_grid(request: Request, run_id: int | None = None, dest_role: str | None
 
 
 @router.get("/heads/{head}", summary="Everything about one head (query.head_summary): spectrum and profile")
-def head_summary(request: Request, head: str, run_id: int | None = None, top: int = Query(10, ge=1)):
+def head_summary(request: Request, head: str, run_id: int | None = None, top: int = Query(10, ge=1),
+                 effects: EffectParams = Depends()):
     with _service(request).reader() as con:
         run = query.resolve_run(con, run_id)
-        tables = query.head_summary(con, head, run_id=run.run_id, top=top)
+        tables = query.head_summary(con, head, run_id=run.run_id, top=top, **effects.values)
         layer, index = run.head(head)
         return dict({"head": f"{layer}.{index}", "run_id": run.run_id},
                     **{name: rows_of(table) for name, table in tables.items()})
@@ -141,17 +149,20 @@ def head_firings(request: Request, head: str, run_id: int | None = None, prompt_
 @router.get("/edges_into/{head}", summary="Upstream heads of a head (query.edges_into)")
 def edges_into(request: Request, head: str, side: str | None = None, role: str | None = None,
                run_id: int | None = None, top: int | None = Query(None, ge=1), n_svs: int = Query(3, ge=1),
-               kind: list[str] | None = Query(None, description="component kinds: head, mlp, attn_bias, embed, offset")):
+               kind: list[str] | None = Query(None, description="component kinds: head, mlp, attn_bias, embed, offset"),
+               effects: EffectParams = Depends()):
     with _service(request).reader() as con:
         return rows_of(query.edges_into(con, head, side=side, role=role, run_id=run_id, top=top, n_svs=n_svs,
-                                        kind=kind))
+                                        kind=kind, **effects.values))
 
 
 @router.get("/edges_from/{head}", summary="Downstream heads of a head (query.edges_from)")
 def edges_from(request: Request, head: str, side: str | None = None, role: str | None = None,
-               run_id: int | None = None, top: int | None = Query(None, ge=1), n_svs: int = Query(3, ge=1)):
+               run_id: int | None = None, top: int | None = Query(None, ge=1), n_svs: int = Query(3, ge=1),
+               effects: EffectParams = Depends()):
     with _service(request).reader() as con:
-        return rows_of(query.edges_from(con, head, side=side, role=role, run_id=run_id, top=top, n_svs=n_svs))
+        return rows_of(query.edges_from(con, head, side=side, role=role, run_id=run_id, top=top, n_svs=n_svs,
+                                        **effects.values))
 
 
 # -- trace, firings, prompts ---------------------------------------------------------------------
@@ -162,12 +173,13 @@ TRACE_DOWNLOADS = {"graphml": "application/graphml+xml", "dot": "text/vnd.graphv
 @router.get("/trace", summary="The recursive trace (trace.trace) as JSON, GraphML or DOT")
 def trace(request: Request, roots: list[str] | None = Query(None), dest_role: str = DEFAULT_DEST_ROLE,
           src_role: str = DEFAULT_SRC_ROLE, prompt_id: int | None = None, run_id: int | None = None,
-          n_svs: int = Query(3, ge=1), format: str = "json"):
+          n_svs: int = Query(3, ge=1), kind: list[str] | None = Query(None), effects: EffectParams = Depends(),
+          format: str = "json"):
     if format not in ("json",) + tuple(TRACE_DOWNLOADS):
         raise CatalogError(f"format must be json, graphml or dot, not '{format}'")
     with _service(request).reader() as con:
         graph = trace_circuit(con, roots=_heads(roots), dest_role=_role(dest_role), src_role=_role(src_role),
-                              prompt_id=prompt_id, run_id=run_id, n_svs=n_svs)
+                              prompt_id=prompt_id, run_id=run_id, n_svs=n_svs, kinds=kind, **effects.values)
     if format != "json":
         from catalog.render import render_graph
 

@@ -229,20 +229,34 @@ function drawCircuit(graph, columns) {
   const box = document.getElementById("circuit");
   if (!graph.nodes.length) { box.textContent = "nothing to draw: the roots have no firing between these roles"; return; }
   const colW = columns.length > 12 ? 72 : 120, rowH = 120, left = 70, top = 30;
-  const layers = graph.nodes.map(n => n.layer);
-  const maxLayer = Math.max(...layers), minLayer = Math.min(...layers);
+  // Rows: a node's layer; nodes without one (ACC++: the output root on top, embed and offset
+  // leaves at the bottom) get a row of their own.
+  const known = graph.nodes.filter(n => n.layer !== null).map(n => n.layer);
+  const topLayer = known.length ? Math.max(...known) : 0, bottomLayer = known.length ? Math.min(...known) : 0;
+  const rowOf = n => n.layer ?? (n.kind === "root" ? topLayer + 1 : bottomLayer - 1);
+  const rows = graph.nodes.map(rowOf);
+  const maxLayer = Math.max(...rows), minLayer = Math.min(...rows);
+  columns = columns.slice();
   const colIndex = Object.fromEntries(columns.map((c, i) => [c.key, i]));
+  // Column: the token a node belongs to (a token node's role or position; for ACC++ nodes the
+  // token after "@", its destination before ">"). Tokens not among the columns get one.
+  const columnOf = n => {
+    const key = n.kind === "token" ? (n.pos !== null ? String(n.pos) : n.role) : String(n.pos ?? "").split(">")[0];
+    if (!(key in colIndex)) { colIndex[key] = columns.length; columns.push({key, label: key || "(output)"}); }
+    return key;
+  };
   const rowY = layer => top + (maxLayer - layer) * rowH + rowH / 2;
-  const colX = key => left + (colIndex[key] ?? columns.length) * colW + colW / 2;
+  const colX = key => left + colIndex[key] * colW + colW / 2;
   const pos = {};
-  // Token nodes: row = their head's layer, column = their role or position; heads of one cell side by side.
+  // Nodes other than heads: row and column as above, side by side within a cell (token nodes
+  // of the 2024 method sit in the lower half of their head's row).
   const cells = {};
-  graph.nodes.filter(n => n.kind === "token").forEach(n => {
-    const key = n.pos !== null ? String(n.pos) : n.role;
-    (cells[`${n.layer}|${key}`] = cells[`${n.layer}|${key}`] || []).push([n, key]);
+  graph.nodes.filter(n => n.kind !== "head").forEach(n => {
+    const key = columnOf(n), cell = `${rowOf(n)}|${key}`;
+    (cells[cell] = cells[cell] || []).push([n, key]);
   });
   Object.values(cells).forEach(list => list.forEach(([n, key], i) => {
-    pos[n.node] = [colX(key) + (i - (list.length - 1) / 2) * 18, rowY(n.layer) + 26];
+    pos[n.node] = [colX(key) + (i - (list.length - 1) / 2) * 18, rowY(rowOf(n)) + (n.kind === "token" ? 26 : 0)];
   }));
   // Head nodes: above their token nodes, at their mean column; a head that nothing traced feeds
   // (layer 0, say) sits over the tokens it writes to. Then pushed apart within a layer.
@@ -273,11 +287,12 @@ function drawCircuit(graph, columns) {
   };
   for (let layer = minLayer; layer <= maxLayer; layer++) {
     add(svg, "line", {class: "lane", x1: 0, x2: width, y1: rowY(layer) + rowH / 2, y2: rowY(layer) + rowH / 2});
-    add(svg, "text", {class: "lane-label", x: 4, y: rowY(layer) + 4}, `layer ${layer}`);
+    const label = layer > topLayer ? "output" : layer < bottomLayer ? "embed" : `layer ${layer}`;
+    add(svg, "text", {class: "lane-label", x: 4, y: rowY(layer) + 4}, label);
   }
   columns.forEach(c => add(svg, "text", {class: "lane-label", x: colX(c.key), y: height - 8, "text-anchor": "middle"}, c.label));
   const strength = e => Math.abs(e.mean_weight ?? 0) * e.n_edges;
-  const maxStrength = Math.max(...graph.edges.filter(e => e.kind === "writes").map(strength), 1e-9);
+  const maxStrength = Math.max(...graph.edges.filter(e => e.kind !== "reads").map(strength), 1e-9);
   const edgeEls = graph.edges.map(e => {
     const [x1, y1] = pos[e.source], [x2, y2] = pos[e.target];
     const sideClass = e.kind === "reads" ? "reads" : e.side;
@@ -297,6 +312,7 @@ function drawCircuit(graph, columns) {
     add(g, "circle", {cx: x, cy: y, r: n.kind === "head" ? 13 : 7});
     // Token nodes need no label: their column says the role (or position), the tooltip the rest.
     if (n.kind === "head") add(g, "text", {x: x, y: y + 3.5, "text-anchor": "middle"}, n.node);
+    else if (n.kind !== "token") add(g, "text", {x: x, y: y + 18, "text-anchor": "middle"}, n.node.split("@")[0]);
     g.addEventListener("mousemove", ev => showTip(ev, nodeTip(n, graph.edges)));
     g.addEventListener("mouseleave", hideTip);
     g.addEventListener("click", () => {
@@ -321,6 +337,8 @@ function edgeTip(e, onePrompt) {
 function nodeTip(n, edges) {
   const into = edges.filter(e => e.target === n.node).length, out = edges.filter(e => e.source === n.node).length;
   const what = n.kind === "head" ? `head ${n.node}${n.is_root ? " (root)" : ""}\nclick to open its page` :
+    n.kind !== "token" ? `${n.node} (${n.kind}${n.count ? `, in ${n.count} prompts` : ""})` +
+      `${n.token ? `\n${n.token}` : ""}\nclick to pin its edges` :
     `${n.node.split("@")[0]} at ${n.pos !== null ? `position ${n.pos} '${(n.token || "").trim()}'` : ""}` +
     `${n.role ? ` role ${n.role}` : ""}\nclick to pin its edges`;
   return `${what}\n${into} edges in, ${out} out`;
