@@ -93,6 +93,19 @@ def test_from_the_grid_to_why_a_head_fires(served, browser_page, tmp_path):
         [r["up_head"] for r in summary["upstream"]]
     assert int(page.get_attribute("#role-pairs table", "data-rows")) == len(summary["role_pairs"])
 
+    # Its strongest firing: the prompt, the sparse signal and the edges into it.
+    strongest = api.get(f"/api/v1/heads/{name}/firings", params={"limit": 10}).json()
+    assert len(page.query_selector_all("#firings a.firing-link")) == len(strongest) > 0
+    page.click("#firings a.firing-link >> nth=0")
+    page.wait_for_selector("#firing-title")
+    f = strongest[0]
+    detail = api.get(f"/api/v1/firings/{f['prompt_id']}/{name}/{f['dest_pos']}/{f['src_pos']}").json()
+    assert len(page.query_selector_all("#signal tbody tr")) == len(detail["signal"]) == f["n_svs"]
+    assert len(page.query_selector_all("#firing-edges tbody tr")) == len(detail["edges"])
+    assert page.inner_text(".prompt .tok.dest") == f["dest_token"]
+    page.go_back()
+    page.wait_for_selector("#trace-button")
+
     # Why does it fire at `end`? The circuit, traced from it.
     assert page.input_value("#trace-dest") == "end"
     page.select_option("#trace-src", "any")

@@ -2,6 +2,7 @@
 // no network beyond this server. Views, chosen by the URL's hash:
 //   #/heads?dest_role=end        the layer x head grid, coloured by how often each head fires
 //   #/head/9.9                   one head: spectrum, roles, signal sizes, directions, neighbours
+//   #/firing/0/9.9/16/5          one firing: the prompt, its sparse signal, its edges
 //   #/circuit?roots=9.9&...      the traced circuit: layers up, token roles (or positions) across
 "use strict";
 
@@ -150,6 +151,7 @@ async function showGrid(params) {
 
 async function showHead(name) {
   const head = await api(`heads/${encodeURIComponent(name)}`, {run_id: state.run, top: 16});
+  const firings = await api(`heads/${encodeURIComponent(name)}/firings`, {run_id: state.run, limit: 10});
   const activity = head.activity[0] || {};
   const destDefault = state.roles.includes(state.lastDestRole) ? state.lastDestRole : (state.roles.includes("end") ? "end" : "any");
   view.innerHTML = `
@@ -176,10 +178,38 @@ async function showHead(name) {
         table(head.upstream, ["up_head", "side", "n_prompts", "n_firings", "mean_weight", "top_svs"], {up_head: headLink})}</div></section>
       <section><h3>Downstream heads (edges from ${esc(head.head)})</h3><div id="downstream">${
         table(head.downstream, ["down_head", "side", "token_role", "n_prompts", "mean_weight", "top_svs"], {down_head: headLink})}</div></section>
+      <section><h3>Strongest firings (click one for its signal)</h3><div id="firings">${
+        table(firings, ["prompt_id", "dest_token", "src_token", "dest_role", "src_role", "attn_weight", "n_svs"], {
+          prompt_id: (p, f) => `<a class="firing-link" href="#/firing/${p}/${esc(head.head)}/${f.dest_pos}/${f.src_pos}">prompt ${p}: ${f.dest_pos} &rarr; ${f.src_pos}</a>`,
+          dest_role: noRole, src_role: noRole})}</div></section>
     </div>`;
   document.getElementById("trace-button").addEventListener("click", () => go("/circuit", {
     roots: head.head, dest_role: document.getElementById("trace-dest").value,
     src_role: document.getElementById("trace-src").value}));
+}
+
+// -- one firing -------------------------------------------------------------------------------
+
+async function showFiring(promptId, name, dest, src) {
+  const found = await api(`firings/${promptId}/${encodeURIComponent(name)}/${dest}/${src}`, {run_id: state.run});
+  const tokens = (await api(`prompts/${promptId}`, {run_id: state.run})).tokens;
+  const f = found.firing;
+  const text = tokens.map(t => {
+    const mark = t.pos === f.dest_pos ? "dest" : t.pos === f.src_pos ? "src" : "";
+    return `<span class="tok ${mark}" title="${t.pos}${t.role ? " " + esc(t.role) : ""}">${esc(t.token)}</span>`;
+  }).join("");
+  view.innerHTML = `
+    <h2 id="firing-title">${headLink(name)} fires from ${f.dest_pos} to ${f.src_pos} in prompt ${promptId}</h2>
+    <p class="prompt">${text}</p>
+    <p>attention ${fmt(f.attn_weight)}, score ${fmt(f.score)}; destination ${esc(f.dest_token)} (${noRole(f.dest_role)}),
+       source ${esc(f.src_token)} (${noRole(f.src_role)}); its sparse signal has ${f.n_svs ?? "no"} singular directions</p>
+    <div class="cols">
+      <section><h3>Sparse signal</h3><div id="signal">${
+        table(found.signal, ["rank", "sv", "sigma", "contribution", "share", "dest_proj", "src_proj"])}</div></section>
+      <section><h3>Edges into this firing</h3><div id="firing-edges">${
+        table(found.edges.map(e => ({...e, upstream: e.up_head !== null && e.up_head !== undefined ? `${e.up_layer}.${e.up_head}` : (e.up_kind || "")})),
+              ["upstream", "side", "weight"], {upstream: u => /^\d+\.\d+$/.test(u) ? headLink(u) : esc(u)})}</div></section>
+    </div>`;
 }
 
 // -- the circuit ------------------------------------------------------------------------------
@@ -362,6 +392,7 @@ async function route() {
   try {
     if (state.run === null) { view.innerHTML = "<p>The catalog has no runs yet: submit an ingest (POST /api/v1/runs).</p>"; return; }
     if (path.startsWith("/head/")) await showHead(decodeURIComponent(path.slice(6)));
+    else if (path.startsWith("/firing/")) await showFiring(...path.slice(8).split("/").map(decodeURIComponent));
     else if (path === "/circuit") await showCircuit(params);
     else await showGrid(params);
   } catch (err) {
