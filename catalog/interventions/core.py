@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from catalog.interventions.forward import (
-    CONTROL, GLOBAL_MID, GLOBAL_PRE, LOCAL_KEY, LOCAL_QUERY, CleanPass, ModelWeights, Rows, propagate,
+    CONTROL, GLOBAL_MID, GLOBAL_PRE, LOCAL_KEY, LOCAL_QUERY, CleanPass, ModelWeights, Rows, TensorColumns, propagate,
 )
 
 UP_KINDS = ("head", "mlp", "attn_bias", "embed", "offset")
@@ -54,7 +54,7 @@ class Directions:
 
 
 @dataclass
-class EdgeBatch:
+class EdgeBatch(TensorColumns):
     """Edges to intervene on, as index tensors (all [edge] unless noted).
 
     `prompt` indexes the CleanPass batch; `up_src` is the token an ACC++ head slice reads (-1: the
@@ -72,12 +72,6 @@ class EdgeBatch:
     up_head: torch.Tensor
     up_src: torch.Tensor
     svs: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.prompt)
-
-    def take(self, index) -> "EdgeBatch":
-        return EdgeBatch(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
 
     @property
     def pos(self) -> torch.Tensor:

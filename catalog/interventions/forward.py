@@ -11,8 +11,10 @@ the clean cache's. Rows are independent: a row's perturbation enters only its ow
 Both passes compute every layer the same way: LayerNorm without affine part (folded into the
 weights by TransformerLens' processing), the fused QKV projection on flat tokens [token, d_model],
 attention per row against that row's full key/value matrices, the MLP on flat tokens. That is
-HookedTransformer's GPT-2 (checked against the TransformerBridge's logits and hooks in
-tests/test_interventions.py).
+HookedTransformer's GPT-2, with torch's fused LayerNorm and tanh-GELU kernels (equal to its
+written-out formulas up to float rounding; checked against the TransformerBridge's logits and
+hooks in tests/test_interventions.py). Both passes use the same operations, so an unchanged row
+reproduces the clean pass exactly.
 
 Shapes are named as TransformerLens names them: [layer, prompt, pos, d_model], [.., head, d_head].
 """
@@ -87,15 +89,20 @@ class ModelWeights:
         )
 
 
-def layer_norm(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """LNPre: (x - mean) / scale, scale = sqrt(var + eps) ([..., 1]), as ln1.hook_normalized / hook_scale."""
+def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LNPre, (x - mean) / sqrt(var + eps), as ln1.hook_normalized (one fused kernel)."""
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def ln_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """sqrt(var + eps) of each row [..., 1], as ln1.hook_scale."""
     x = x - x.mean(-1, keepdim=True)
-    scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-    return x / scale, scale
+    return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    """GPT-2's tanh approximation of GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), fused."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
 
 
 _MIN_ROWS = 16
@@ -113,7 +120,7 @@ def linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _mlp(w: ModelWeights, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
     """hook_mlp_out for flat tokens [token, d_model]."""
-    x, _ = layer_norm(resid_mid, w.eps)
+    x = normalize(resid_mid, w.eps)
     return linear(gelu_new(linear(x, w.W_in[layer], w.b_in[layer])), w.W_out[layer], w.b_out[layer])
 
 
@@ -164,7 +171,7 @@ def clean_forward(w: ModelWeights, tokens: torch.Tensor, end_pos: torch.Tensor) 
                                   "attn_out", "mlp_out")}
     for layer in range(w.n_layers):
         keep["resid_pre"].append(resid)
-        x, scale = layer_norm(resid, w.eps)
+        x, scale = normalize(resid, w.eps), ln_scale(resid, w.eps)
         q, k, v = linear(x, w.W_qkv[layer], w.b_qkv[layer]).view(n_prompts, n_pos, 3, H, dh).unbind(2)
         pattern, z = _attend(w, q, k, v, query_pos)
         attn_out = linear(z.reshape(n_prompts * n_pos, H * dh), w.W_O_flat[layer], w.b_O[layer])
@@ -189,7 +196,7 @@ def clean_forward(w: ModelWeights, tokens: torch.Tensor, end_pos: torch.Tensor) 
 
 def unembed(w: ModelWeights, resid_final: torch.Tensor) -> torch.Tensor:
     """Logits [row, d_vocab] of final residuals [row, d_model] (ln_final, then W_U, b_U)."""
-    x, _ = layer_norm(resid_final, w.eps)
+    x = normalize(resid_final, w.eps)
     n = x.shape[0]
     if n < _MIN_ROWS:
         x = torch.cat([x, x.new_zeros(_MIN_ROWS - n, x.shape[1])])
@@ -207,8 +214,19 @@ CONTROL = 4  # nothing: the clean end token recomputed from `layer` (the batch's
 _ATTN, _HEAD, _MLP = 0, 1, 2
 
 
+class TensorColumns:
+    """A dataclass whose fields are equally long tensors (one entry per row): len() and take()."""
+
+    def __len__(self) -> int:
+        return len(getattr(self, next(iter(self.__dataclass_fields__))))
+
+    def take(self, index):
+        """The rows at index (a tensor of indices or a mask), as the same class."""
+        return type(self)(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
+
+
 @dataclass
-class Rows:
+class Rows(TensorColumns):
     """Copies of clean prompts, each with one change (all [row] unless noted)."""
 
     prompt: torch.Tensor  # index into the CleanPass batch
@@ -221,12 +239,6 @@ class Rows:
     watch_head: torch.Tensor
     watch_dest: torch.Tensor
     watch_src: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.prompt)
-
-    def take(self, index) -> "Rows":
-        return Rows(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
 
     @staticmethod
     def cat(parts: list["Rows"]) -> "Rows":
@@ -297,7 +309,7 @@ def propagate(w: ModelWeights, clean: CleanPass, rows: Rows) -> tuple[torch.Tens
         n_tok = int((tok_key <= ell * 3 + _ATTN).sum())
         if n_tok:
             n_act = int((row_key <= ell * 3).sum())
-            x, _ = layer_norm(resid[:n_tok], w.eps)
+            x = normalize(resid[:n_tok], w.eps)
             q, k, v = linear(x, w.W_qkv[ell], w.b_qkv[ell]).view(n_tok, 3, H, dh).unbind(1)
             keys = clean.k[ell][prompt[:n_act]]  # [row, pos, head, d_head]; the window's are replaced
             values = clean.v[ell][prompt[:n_act]]
