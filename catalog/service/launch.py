@@ -67,10 +67,10 @@ class ServerProcess:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM, as a service manager would stop it; returns the exit status."""
+    def stop(self, timeout: float = 60.0, sig: int = signal.SIGTERM) -> int:
+        """SIGTERM as a service manager would stop it (SIGINT: Ctrl-C); returns the exit status."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(sig)
         try:
             return self.process.wait(timeout)
         finally:
