@@ -61,7 +61,7 @@ def test_atoms_sum_to_the_hooks_score_row(batch, layer):
     items, res, weights = batch
     firings = _all_firings(res, layer, items)
     assert len(firings) > 3
-    decomposer = LayerDecomposer(layer, firings.head, res, weights)
+    decomposer = LayerDecomposer(layer, firings, res, weights)
     row, valid, sides = _full_rows(decomposer, firings)
     hook = res.attn_scores[firings.prompt, layer, firings.head, firings.dest].double()  # [F, pos], -inf after i
     hook = torch.where(valid, hook, torch.zeros_like(hook))
@@ -74,7 +74,7 @@ def test_atoms_sum_to_the_hooks_score_row(batch, layer):
 def test_ig_shortcut_equals_the_trapezoid_over_the_full_breakdown(batch):
     items, res, weights = batch
     firings = _all_firings(res, 2, items)
-    decomposer = LayerDecomposer(2, firings.head, res, weights)
+    decomposer = LayerDecomposer(2, firings, res, weights)
     row, valid, sides = _full_rows(decomposer, firings, steps=16)
     alphas, w = trapezoid_weights(16)
     for side, (ig, X) in sides.items():
@@ -92,7 +92,7 @@ def test_ig_shortcut_equals_the_trapezoid_over_the_full_breakdown(batch):
 def test_greedy_matches_a_plain_loop(batch):
     items, res, weights = batch
     firings = _all_firings(res, 2, items)
-    decomposer = LayerDecomposer(2, firings.head, res, weights)
+    decomposer = LayerDecomposer(2, firings, res, weights)
     row, valid, sides = _full_rows(decomposer, firings)
     selections = decomposer.decompose(firings, 64)
     for side, (ig, X) in sides.items():

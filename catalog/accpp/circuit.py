@@ -81,7 +81,7 @@ def analyse_batch(model, weights: AccppWeights, prompts: BatchPrompts, settings:
         firings = _firings(res, layer, frontier[layer], settings)
         if len(firings) == 0:
             continue
-        decomposer = LayerDecomposer(layer, firings.head, res, weights)
+        decomposer = LayerDecomposer(layer, firings, res, weights)
         selections = decomposer.decompose(firings, settings.ig_steps)
         _collect(res, prompts, layer, firings, selections, n_heads, model.d_head ** 0.5, frontier, out)
     edges, edge_svs = number_edges(concat(out["edges"]), concat(out["edge_svs"])) if out["edges"] else ({}, {})

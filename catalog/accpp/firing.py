@@ -96,11 +96,11 @@ class LayerDecomposer:
     upstream outputs, projected on its own head's singular vectors).
     """
 
-    def __init__(self, layer: int, heads: torch.Tensor, residual: Residual, weights: AccppWeights):
+    def __init__(self, layer: int, firings: "Firings", residual: Residual, weights: AccppWeights):
         self.layer, self.residual = layer, residual
         self.n_heads = weights.U.shape[1]
         self.rank = weights.U.shape[-1]
-        self.heads = torch.unique(heads)
+        self.heads = torch.unique(firings.head)
         self.local = torch.full((self.n_heads,), -1, dtype=torch.long)
         self.local[self.heads] = torch.arange(len(self.heads))
         U, V = weights.U[layer, self.heads], weights.V[layer, self.heads]  # [h, d_model, r]
@@ -111,15 +111,19 @@ class LayerDecomposer:
         self.xv = torch.einsum("bpd,hdk->bphk", x, V)
         self.cu = torch.einsum("hd,hdk->hk", weights.c_d[layer, self.heads], U)
         self.cv = torch.einsum("hd,hdk->hk", weights.c_s[layer, self.heads], V)
-        v = residual.v[:, :, :layer].flatten(2, 3)  # [prompt, tb, layer*head, d_head]
+        # Head slices projected on u_k / v_k, only for the (prompt, head) pairs that have firings:
+        # (v W_O) . u_k as [pair, upstream head, k, tb], a firing's slab one contiguous block.
+        pair_keys = torch.unique(firings.prompt * self.n_heads + firings.head)
+        self.pair = torch.full((residual.v.shape[0], self.n_heads), -1, dtype=torch.long)
+        self.pair.view(-1)[pair_keys] = torch.arange(len(pair_keys))
+        pair_prompt, pair_head = pair_keys // self.n_heads, self.local[pair_keys % self.n_heads]
+        v = residual.v[pair_prompt, :, :layer].flatten(2, 3)  # [pair, tb, layer*head, d_head]
         WU, WV = weights.through_output(residual.W_O, layer, self.heads)  # [h, layer*head, d_head, r]
-        # (v W_O) . u_k as [prompt, head, upstream head, k, tb]: a firing's slab is one contiguous block.
-        self.Pu_heads = torch.einsum("bpne,hnek->bhnkp", v, WU).contiguous()
-        self.Pv_heads = torch.einsum("bpne,hnek->bhnkp", v, WV).contiguous()
+        self.Pu_heads = torch.einsum("qpne,qnek->qnkp", v, WU[pair_head]).contiguous()
+        self.Pv_heads = torch.einsum("qpne,qnek->qnkp", v, WV[pair_head]).contiguous()
+        self.U, self.V = U, V
         dense, _ = residual.dense_upto(layer)
-        dense = dense / self.scale[:, :, None, None]  # LN scale of this layer at the component's token
-        self.Pu_dense = torch.einsum("bpcd,hdk->bpchk", dense, U)
-        self.Pv_dense = torch.einsum("bpcd,hdk->bpchk", dense, V)
+        self.dense = dense / self.scale[:, :, None, None]  # LN scale of this layer at the component's token
         self.A = residual.pattern[:, :layer].flatten(1, 2)  # [prompt, layer*head, dest, src]
 
     def layout(self) -> tuple[int, int, int, int]:
@@ -158,6 +162,7 @@ class LayerDecomposer:
         n_layer, n_comp, r, n_pos = self.layout()
         H, L = self.n_heads, self.layer
         b, h, i, j = f.prompt, self.local[f.head], f.dest, f.src
+        q = self.pair[b, f.head]  # the firing's (prompt, head) pair
         S = self.S[h]  # [F, r]
         acoef = S * (self.xu[b, i, h] + self.cu[h])  # [F, r]
         bcoef = self.xv[b, :, h] + self.cv[h].unsqueeze(1)  # [F, pos, r]
@@ -171,16 +176,16 @@ class LayerDecomposer:
         # Query side: X[atom, j'] = value[atom] * bcoef[j', k], so IG = value * (bcoef[:, k] . g).
         G = torch.einsum("fpk,fp->fk", bcoef.double(), g).float()
         A_i = self.A[b, :, i, :T]  # [F, layer*head, tb]
-        query_heads = (self.Pu_heads[..., :T][b, h] * A_i.unsqueeze(2)).mul_((S * G / scale_i)[:, None, :, None])
-        query_comps = torch.cat([self.Pu_dense[b, i, :, h], self.cu[h].unsqueeze(1)], dim=1) * (S * G).unsqueeze(1)
+        query_heads = (self.Pu_heads[q, :, :, :T] * A_i.unsqueeze(2)).mul_((S * G / scale_i)[:, None, :, None])
+        dense_u = torch.bmm(self.dense[b, i], self.U[h])  # [F, 2L + 1, r]: components at i, on u_k
+        query_comps = torch.cat([dense_u, self.cu[h].unsqueeze(1)], dim=1) * (S * G).unsqueeze(1)
 
         def query_value(fs, up, comp, k, tb):
             """value[atom] of the atoms (flat keys decoded, [F', K] each) of the firings fs."""
             bs, hs = b[fs], h[fs]
             n = (up * H + comp).clamp(max=L * H - 1)
-            head = S[fs, k] * self.A[bs, n, i[fs], tb] * self.Pu_heads[bs, hs, n, k, tb] / self.scale[bs, i[fs]]
-            other = S[fs, k] * torch.where(comp == H + 3, self.cu[hs, k],
-                                           self.Pu_dense[bs, i[fs], _dense_index(comp, up, H, L), hs, k])
+            head = S[fs, k] * self.A[bs, n, i[fs], tb] * self.Pu_heads[q[fs], n, k, tb] / self.scale[bs, i[fs]]
+            other = S[fs, k] * torch.where(comp == H + 3, self.cu[hs, k], dense_u[fs, _dense_index(comp, up, H, L), k])
             return torch.where(comp < H, head, torch.where(_exists(comp, up, tb, i[fs], H), other, 0.0))
 
         def query_rows(sel, idx):
@@ -190,8 +195,8 @@ class LayerDecomposer:
 
         # Key side: IG = acoef[k] * sum_j' (v_k . y(j')) g[j'].
         Ag = torch.einsum("fntp,ft->fnp", self.A[b, :, :T, :T], g32[:, :T] / self.scale[b, :T])  # [F, layer*head, tb]
-        key_heads = (self.Pv_heads[..., :T][b, h] * Ag.unsqueeze(2)).mul_(acoef[:, None, :, None])
-        dense_g = torch.einsum("fpck,fp->fck", self.Pv_dense[b, :, :, h], g32)
+        key_heads = (self.Pv_heads[q, :, :, :T] * Ag.unsqueeze(2)).mul_(acoef[:, None, :, None])
+        dense_g = torch.bmm(torch.einsum("fpcd,fp->fcd", self.dense[b, :T], g32[:, :T]), self.V[h])  # [F, 2L + 1, r]
         key_comps = torch.cat([dense_g, (self.cv[h] * g32.sum(1, keepdim=True)).unsqueeze(1)], dim=1) * acoef.unsqueeze(1)
 
         def key_rows(sel, idx):
@@ -200,12 +205,17 @@ class LayerDecomposer:
             bs, hs = b[fs], h[fs]
             coef = acoef[fs, k]  # [F', K]
             n = (up * H + comp).clamp(max=L * H - 1)
-            head_rows = (coef * self.Pv_heads[bs, hs, n, k, tb]).unsqueeze(-1) * self.A[bs, n, :, tb] / self.scale[bs]
-            dense_rows = coef.unsqueeze(-1) * self.Pv_dense[bs, :, _dense_index(comp, up, H, L), hs, k]
+            head_rows = (coef * self.Pv_heads[q[fs], n, k, tb]).unsqueeze(-1) * self.A[bs, n, :, tb] / self.scale[bs]
             offset_rows = (coef * self.cv[hs, k]).unsqueeze(-1).expand(-1, -1, n_pos)
-            rows = torch.where((comp == H + 3).unsqueeze(-1), offset_rows, dense_rows)
-            rows = torch.where(_exists(comp, up, tb, j[fs], H).unsqueeze(-1), rows, torch.zeros_like(rows))
-            return torch.where((comp < H).unsqueeze(-1), head_rows, rows).double()
+            rows = torch.where((comp < H).unsqueeze(-1), head_rows, offset_rows)
+            exists = _exists(comp, up, tb, j[fs], H)
+            rows = torch.where(((comp >= H) & ~exists).unsqueeze(-1), torch.zeros_like(rows), rows)
+            # MLP, b_O and embedding rows, (y(j') / scale) . v_k at every key column, for those atoms only.
+            m = torch.nonzero((comp >= H) & (comp < H + 3) & exists, as_tuple=True)
+            if len(m[0]):
+                y = self.dense[bs[m], :, _dense_index(comp[m], up[m], H, L)]  # [M, pos, d_model]
+                rows[m] = coef[m].unsqueeze(-1) * torch.einsum("mpd,md->mp", y, self.V[hs[m], :, k[m]])
+            return rows.double()
 
         def candidates_of(heads_ig, comps_ig, slot):
             comp_keys = _component_keys(L, H, r, n_pos)  # [2L + 2, r] flat keys at token 0
