@@ -202,7 +202,10 @@ def _edge_table(con, run: Run, fixed: str, layer_head: tuple[int, int], group: l
     by_sv AS (
         SELECT {", ".join("c." + g for g in group)}, s.sv, sum(s.weight) AS sv_weight
         FROM chosen c
-        JOIN edge_svs s ON s.run_id = $run AND s.prompt_id = c.prompt_id AND s.edge_id = c.edge_id
+        -- Filtered before the join: a plain join would hash all of the run's edge_svs, whatever the head.
+        JOIN (SELECT * FROM edge_svs WHERE run_id = $run
+              AND (prompt_id, edge_id) IN (SELECT prompt_id, edge_id FROM chosen)) s
+          ON s.prompt_id = c.prompt_id AND s.edge_id = c.edge_id
         GROUP BY {", ".join("c." + g for g in group)}, s.sv
     ),
     sv_lists AS (
