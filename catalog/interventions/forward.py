@@ -261,14 +261,17 @@ def propagate(w: ModelWeights, clean: CleanPass, rows: Rows) -> tuple[torch.Tens
     L, H, dh = w.n_layers, w.n_heads, w.d_head
     n_rows = len(rows)
     kind, layer, t = rows.kind, rows.layer, rows.pos
+    # The window: positions t..end, except that a key patched at position 0 cannot move position 0
+    # itself (its attention row has that one key, weight 1 whatever the key): there it is 1..end.
+    start = t + ((kind == LOCAL_KEY) & (t == 0) & (rows.watch_dest >= 1)).long()
     end = clean.end_pos[rows.prompt]
-    width = end - t + 1
+    width = end - start + 1
     # Tokens: (row, pos) for every position of every row's window, with the key where it starts.
     tok_row = torch.repeat_interleave(torch.arange(n_rows), width)
     first = torch.zeros(n_rows, dtype=torch.long)
     first[1:] = width.cumsum(0)[:-1]
     tok_slot = torch.arange(len(tok_row)) - first[tok_row]
-    tok_pos = t[tok_row] + tok_slot
+    tok_pos = start[tok_row] + tok_slot
     at_t = tok_slot == 0
     tk = kind[tok_row]
     tl = layer[tok_row]
@@ -287,7 +290,7 @@ def propagate(w: ModelWeights, clean: CleanPass, rows: Rows) -> tuple[torch.Tens
     tok_row, tok_slot, tok_pos, tok_key = row_rank[tok_row[tok_order]], tok_slot[tok_order], tok_pos[tok_order], \
         tok_key[tok_order]
     start_layer, stage, at_t = start_layer[tok_order], stage[tok_order], at_t[tok_order]
-    prompt, kind, layer, t, end = (x[row_order] for x in (rows.prompt, kind, layer, t, end))
+    prompt, kind, layer, t, start, end = (x[row_order] for x in (rows.prompt, kind, layer, t, start, end))
     head, vector, row_key = rows.head[row_order], rows.vector[row_order], row_key[row_order]
     watch_layer, watch_head, watch_dest, watch_src = (x[row_order] for x in (
         rows.watch_layer, rows.watch_head, rows.watch_dest, rows.watch_src))
@@ -335,7 +338,8 @@ def propagate(w: ModelWeights, clean: CleanPass, rows: Rows) -> tuple[torch.Tens
         local = torch.nonzero(((kind == LOCAL_QUERY) | (kind == LOCAL_KEY)) & (layer == ell)).flatten()
         if len(local):
             _head_stage(w, clean, ell, local, resid, tok_key == ell * 3 + _HEAD, tok_row, tok_slot, tok_pos,
-                        prompt, kind, t, head, vector, max_width, (watch_layer, watch_head, watch_dest, watch_src),
+                        prompt, kind, t, start, head, vector, max_width,
+                        (watch_layer, watch_head, watch_dest, watch_src),
                         watched)
         n_tok = int((tok_key <= ell * 3 + _MLP).sum())
         if n_tok:
@@ -345,8 +349,8 @@ def propagate(w: ModelWeights, clean: CleanPass, rows: Rows) -> tuple[torch.Tens
     return watched[row_rank], logits[row_rank]
 
 
-def _head_stage(w, clean, ell, local, resid, starts_here, tok_row, tok_slot, tok_pos, prompt, kind, t, head, vector,
-                max_width, watch, watched) -> None:
+def _head_stage(w, clean, ell, local, resid, starts_here, tok_row, tok_slot, tok_pos, prompt, kind, t, start, head,
+                vector, max_width, watch, watched) -> None:
     """Local rows of layer ell: head h's attention with the patched query or key; the tokens that
     start here get resid_mid + (z' - z) W_O[h]."""
     H, dh = w.n_heads, w.d_head
@@ -367,13 +371,13 @@ def _head_stage(w, clean, ell, local, resid, starts_here, tok_row, tok_slot, tok
     q_pad[r, tok_slot[toks], 0] = clean.q[ell][p[r], tok_pos[toks], h[r]]
     qr = torch.nonzero(~is_key).flatten()
     q_pad[qr, 0, 0] = patched[qr, 0, h[qr]]
-    query_pos = t[local].view(-1, 1) + torch.arange(max_width).view(1, -1)
+    query_pos = start[local].view(-1, 1) + torch.arange(max_width).view(1, -1)
     pattern, z = _attend(w, q_pad, keys, values, query_pos)
     watch_layer, watch_head, watch_dest, watch_src = watch
     rows_here = local[(watch_layer[local] == ell)]
     if len(rows_here):
         rr = rank[rows_here]
-        watched[rows_here] = pattern[rr, 0, watch_dest[rows_here] - t[rows_here], watch_src[rows_here]]
+        watched[rows_here] = pattern[rr, 0, watch_dest[rows_here] - start[rows_here], watch_src[rows_here]]
     dz = z[r, tok_slot[toks], 0] - clean.z[ell][p[r], tok_pos[toks], h[r]]  # [token, d_head]
     out = torch.zeros(len(toks), w.W_O.shape[-1])
     for one in torch.unique(h).tolist():  # at most n_heads small matmuls
