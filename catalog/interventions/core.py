@@ -232,7 +232,10 @@ def intervene(w: ModelWeights, clean: CleanPass, edges: EdgeBatch, directions: D
     wrong = torch.full((n_prompts,), -1) if wrong is None else torch.as_tensor(wrong)
     known = (answer >= 0) & (wrong >= 0)
     ans, wr = answer.clamp(min=0), wrong.clamp(min=0)
-    clean_logp = clean.logits_end.double().log_softmax(dim=-1)  # KL in float64: no rounding below 0
+    # KL(clean || q) = sum_v p log p - p . z_q + logsumexp(z_q) (sum_v p = 1), in float64: the terms
+    # cancel to small numbers, and float32 would round them below 0.
+    clean_p = clean.logits_end.double().softmax(dim=-1)
+    neg_entropy = (clean_p * clean.logits_end.double().log_softmax(dim=-1)).sum(dim=-1)
     all_prompts = torch.arange(n_prompts)
     enters = edges.layer if mode == "local" else edges.up_layer
     for part in torch.argsort(enters, stable=True).split(max_rows):
@@ -243,13 +246,13 @@ def intervene(w: ModelWeights, clean: CleanPass, edges: EdgeBatch, directions: D
         watched, logits = propagate(w, clean, Rows.cat([rows, controls]))
         edge_logits, control_logits = logits[: len(part)], logits[len(part):]
         p = chunk.prompt
-        logp = edge_logits.double().log_softmax(dim=-1)
+        z = edge_logits.double()
         for name, value in (
             ("signal_norm", signals.norm), ("norm_ratio", signals.norm_ratio), ("cos_sim", signals.cos_sim),
             ("attn_after", watched[: len(part)]),
             ("diff_after", edge_logits.gather(1, ans[p].view(-1, 1)).squeeze(1)
              - edge_logits.gather(1, wr[p].view(-1, 1)).squeeze(1)),
-            ("kl", (clean_logp[p].exp() * (clean_logp[p] - logp)).sum(dim=-1).float()),
+            ("kl", (neg_entropy[p] - (clean_p[p] * z).sum(dim=-1) + torch.logsumexp(z, dim=-1)).float()),
             ("other", (control_logits - clean.logits_end).abs().max().expand(len(part))),
         ):
             out[name][part] = value
