@@ -177,7 +177,7 @@ class LayerDecomposer:
         G = torch.einsum("fpk,fp->fk", bcoef.double(), g).float()
         A_i = self.A[b, :, i, :T]  # [F, layer*head, tb]
         query_heads = (self.Pu_heads[q, :, :, :T] * A_i.unsqueeze(2)).mul_((S * G / scale_i)[:, None, :, None])
-        dense_u = torch.bmm(self.dense[b, i], self.U[h])  # [F, 2L + 1, r]: components at i, on u_k
+        dense_u = _per_head(self.dense[b, i], self.U, h)  # [F, 2L + 1, r]: components at i, on u_k
         query_comps = torch.cat([dense_u, self.cu[h].unsqueeze(1)], dim=1) * (S * G).unsqueeze(1)
 
         def query_value(fs, up, comp, k, tb):
@@ -196,7 +196,7 @@ class LayerDecomposer:
         # Key side: IG = acoef[k] * sum_j' (v_k . y(j')) g[j'].
         Ag = torch.einsum("fntp,ft->fnp", self.A[b, :, :T, :T], g32[:, :T] / self.scale[b, :T])  # [F, layer*head, tb]
         key_heads = (self.Pv_heads[q, :, :, :T] * Ag.unsqueeze(2)).mul_(acoef[:, None, :, None])
-        dense_g = torch.bmm(torch.einsum("fpcd,fp->fcd", self.dense[b, :T], g32[:, :T]), self.V[h])  # [F, 2L + 1, r]
+        dense_g = _per_head(_weighted_by_prompt(self.dense[:, :T], b, g32[:, :T]), self.V, h)  # [F, 2L + 1, r]
         key_comps = torch.cat([dense_g, (self.cv[h] * g32.sum(1, keepdim=True)).unsqueeze(1)], dim=1) * acoef.unsqueeze(1)
 
         def key_rows(sel, idx):
@@ -239,6 +239,26 @@ class LayerDecomposer:
             "query": (candidates_of(query_heads, query_comps, i), query_rows),
             "key": (candidates_of(key_heads, key_comps, j), key_rows),
         })
+
+
+def _per_head(x: torch.Tensor, W: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """x[f] @ W[head[f]] for x [F, c, d], W [h, d, r]: one matmul per head (no [F, d, r] gather)."""
+    out = x.new_empty(x.shape[0], x.shape[1], W.shape[-1])
+    for hh in torch.unique(head).tolist():
+        rows = torch.nonzero(head == hh).flatten()
+        out[rows] = x[rows] @ W[hh]
+    return out
+
+
+def _weighted_by_prompt(dense: torch.Tensor, prompt: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_p weights[f, p] dense[prompt[f], p] for dense [prompt, pos, c, d]: [F, c, d], one matmul
+    per prompt (no [F, pos, c, d] gather)."""
+    flat = dense.flatten(2)  # [prompt, pos, c * d]
+    out = flat.new_empty(len(prompt), flat.shape[-1])
+    for bb in torch.unique(prompt).tolist():
+        rows = torch.nonzero(prompt == bb).flatten()
+        out[rows] = weights[rows] @ flat[bb]
+    return out.view(len(prompt), dense.shape[2], dense.shape[3])
 
 
 def _decode(idx: torch.Tensor, n_comp: int, r: int, n_pos: int):
