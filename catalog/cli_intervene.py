@@ -5,6 +5,7 @@ torch and transformer_lens are imported inside the command, never here.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -37,9 +38,16 @@ def intervene(db_path, run_id, mode, boost, top_edges, min_weight, prompt_id, he
     """
     from catalog.interventions.run import intervene_run
 
-    summary = intervene_run(db_path, run_id=run_id, mode=mode, boost=boost, top_edges=top_edges,
-                            min_weight=min_weight, prompt_id=prompt_id, heads=heads, model=model,
-                            model_path=model_path, batch_size=batch_size)
+    try:
+        summary = intervene_run(db_path, run_id=run_id, mode=mode, boost=boost, top_edges=top_edges,
+                                min_weight=min_weight, prompt_id=prompt_id, heads=heads, model=model,
+                                model_path=model_path, batch_size=batch_size, say=_progress)
+        if _progress.shown:
+            click.echo(err=True)  # end the progress line
+    except KeyboardInterrupt:  # each batch of prompts is committed whole or not at all
+        click.echo(f"interrupted: the batches committed so far are kept in {db_path}; run the same command "
+                   "again to intervene on the rest", err=True)
+        sys.exit(130)
     direction = "boost" if boost else "ablate"
     notes = []
     if summary["already_stored"]:
@@ -57,5 +65,13 @@ def intervene(db_path, run_id, mode, boost, top_edges, min_weight, prompt_id, he
         + f", {summary['wall_s']:.1f} s -> {summary['db']}"
     )
 
+
+def _progress(message: str) -> None:
+    """One status line on stderr, rewritten after each committed batch."""
+    click.echo(f"\r{message}", nl=False, err=True)
+    _progress.shown = True
+
+
+_progress.shown = False
 
 COMMANDS = [intervene]
