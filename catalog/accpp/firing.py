@@ -178,7 +178,9 @@ class LayerDecomposer:
         # Query side: X[atom, j'] = value[atom] * bcoef[j', k], so IG = value * (bcoef[:, k] . g).
         G = torch.einsum("fpk,fp->fk", bcoef.double(), g).float()
         A_i = self.A[b, :, i, :T]  # [F, layer*head, tb]
-        query_heads = (self.Pu_heads[q, :, :, :T] * A_i.unsqueeze(2)).mul_((S * G / scale_i)[:, None, :, None])
+        # One copy of the firings' slabs, then products in place: this is the bulk of the memory traffic.
+        query_heads = self.Pu_heads[..., :T].index_select(0, q).mul_(A_i.unsqueeze(2))
+        query_heads.mul_((S * G / scale_i)[:, None, :, None])
         dense_u = _per_head(self.dense[b, i], self.U, h)  # [F, 2L + 1, r]: components at i, on u_k
         query_comps = torch.cat([dense_u, self.cu[h].unsqueeze(1)], dim=1) * (S * G).unsqueeze(1)
 
@@ -197,7 +199,7 @@ class LayerDecomposer:
 
         # Key side: IG = acoef[k] * sum_j' (v_k . y(j')) g[j'].
         Ag = torch.einsum("fntp,ft->fnp", self.A[b, :, :T, :T], g32[:, :T] / self.scale[b, :T])  # [F, layer*head, tb]
-        key_heads = (self.Pv_heads[q, :, :, :T] * Ag.unsqueeze(2)).mul_(acoef[:, None, :, None])
+        key_heads = self.Pv_heads[..., :T].index_select(0, q).mul_(Ag.unsqueeze(2)).mul_(acoef[:, None, :, None])
         dense_g = _per_head(_weighted_by_prompt(self.dense[:, :T], b, g32[:, :T]), self.V, h)  # [F, 2L + 1, r]
         key_comps = torch.cat([dense_g, (self.cv[h] * g32.sum(1, keepdim=True)).unsqueeze(1)], dim=1) * acoef.unsqueeze(1)
 
