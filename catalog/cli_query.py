@@ -39,6 +39,18 @@ def _emit(text: str, out: str | None = None) -> None:
         Path(out).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
 
 
+def _notes(run: dict | None, notes: list[str]) -> None:
+    """The run a result was read from, and its notes, on stderr (stdout stays machine-readable)."""
+    if run:
+        click.echo(f"note: {query.run_line(run)}", err=True)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+
+
+SVS_HELP = ("top_svs lists the singular directions of the downstream head that the edges write through, "
+            "largest first, as {sv, share} (table: sv:share): " + query.SHARE_MEANING + ".")
+
+
 def effect_options(command):
     """--effect, --min-effect X, --effect-mode: the measured effect of edges (`circuit-catalog intervene`)."""
     command = click.option("--effect-mode", type=click.Choice(query.EFFECT_MODES), default="local",
@@ -52,7 +64,7 @@ def effect_options(command):
 
 @click.command()
 @db_option
-@click.option("--into", "into_head", metavar="L.H", help="Which heads feed this head (9.9, or L9H9)?")
+@click.option("--into", "into_head", metavar="L.H", help="Which heads feed this head (L9H9, or 9.9)?")
 @click.option("--from", "from_head", metavar="L.H", help="Which heads, sides and token roles does this head feed?")
 @click.option("--side", type=click.Choice(query.SIDES), help="Only edges on this side of the downstream head.")
 @click.option("--role", help="Only edges whose token (the one the upstream head writes to) has this role.")
@@ -65,9 +77,16 @@ def effect_options(command):
 def edges(db_path, into_head, from_head, side, role, run_id, top, kinds, effect, min_effect, effect_mode, fmt):
     """Upstream heads of --into HEAD, or downstream heads of --from HEAD, with counts and weights.
 
-    One row per head (and side; and token role for --from): the prompts and firings it is an
-    edge of, its mean and total edge weight, and the singular directions it writes through
-    ("sv:share"), most frequent first.
+    One row per head (and side; and token role for --from): its display name (upstream or
+    downstream: L6H10, or MLP 3, b_O 3, embed, offset on ACC++ runs) and integer columns
+    (up_kind, up_layer, up_head; down_layer, down_head), the prompts and firings it is an edge
+    of, its mean and total edge weight, and the singular directions it writes through, most
+    frequent first.
+
+    {svs} stderr names the run read, rows left out (--top, --min-effect) and why an empty answer is
+    empty.
+
+    Example: circuit-catalog edges --db ioi.duckdb --into 9.9 --side query --role end --format csv
     """
     if (into_head is None) == (from_head is None):
         raise CatalogError("give exactly one of --into HEAD or --from HEAD")
@@ -78,7 +97,11 @@ def edges(db_path, into_head, from_head, side, role, run_id, top, kinds, effect,
         else:
             table = query.edges_from(con, from_head, side=side, role=role, run_id=run_id, top=top,
                                      effect=effect, min_effect=min_effect, effect_mode=effect_mode)
+    _notes(query.result_run(table), query.result_notes(table))
     click.echo(render(table, fmt))
+
+
+
 
 
 HEAD_TITLES = {
@@ -100,18 +123,31 @@ HEAD_TITLES = {
 @effect_options
 @format_option()
 def head(db_path, head_name, run_id, top, effect, min_effect, effect_mode, fmt):
-    """Everything about one HEAD (9.9): spectrum, firings, token roles, signal size, neighbours."""
+    """Everything about one HEAD (L9H9 or 9.9): spectrum, firings, token roles, signal size, neighbours.
+
+    With --format json, one object: name ("L9H9"), layer, head, run_id, run, notes, and one list
+    of rows per table (spectrum, activity, role_pairs, signal_size, top_svs, upstream,
+    downstream). The upstream/downstream rows are those of `edges` (top_svs: {sv, share}).
+    """
     with _catalog(db_path) as con:
         run = query.resolve_run(con, run_id)
         tables = query.head_summary(con, head_name, run_id=run.run_id, top=top, effect=effect, min_effect=min_effect,
                                     effect_mode=effect_mode)
+        if fmt == "json":  # one object: the head, its run and notes, then one list of rows per table
+            document = query.head_document(con, head_name, run_id=run.run_id, top=top,
+                                           rows_of=lambda table: json.loads(render(table, "json")), effect=effect,
+                                           min_effect=min_effect, effect_mode=effect_mode)
+            _notes(document["run"], document["notes"])
+            click.echo(json.dumps(document, indent=2))
+            return
     layer, head_index = run.head(head_name)
-    name = f"{layer}.{head_index}"
-    if fmt == "json":
-        document = {"head": name, "run_id": run.run_id}
-        document.update({key: json.loads(render(table, "json")) for key, table in tables.items()})
-        click.echo(json.dumps(document, indent=2))
-        return
+    name = query.head_name(layer, head_index)
+    notes = []
+    if not tables["activity"].column("n_firings")[0].as_py():
+        notes.append(f"{name} never fires in run {run.run_id}")
+    for key in ("upstream", "downstream"):
+        notes += [f"{key}: {note}" for note in query.result_notes(tables[key])]
+    _notes(query.result_run(tables["upstream"]), notes)
     blocks = []
     for key, table in tables.items():
         title = f"{HEAD_TITLES[key]} ({name}, run {run.run_id})"
@@ -134,18 +170,38 @@ ANY_ROLE = "any"
 @click.option("--kind", "kinds", metavar="KIND,...",
               help="ACC++ runs: only components of these kinds (head, mlp, attn_bias, embed, offset).")
 @effect_options
+@click.option("--min-count", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Prune: only edges in at least N prompts (with --prompt: N firings).")
+@click.option("--min-weight", type=click.FloatRange(min=0), default=None, metavar="W",
+              help="Prune: only edges whose |mean weight| is at least W.")
+@click.option("--max-depth", type=click.IntRange(min=0), default=None, metavar="D",
+              help="Prune: only what is at most D upstream steps from a root (1: the roots' direct inputs).")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Prune: each node written to (a token node; ACC++: a firing or the output) keeps its K "
+                   "strongest upstream edges (most prompts, then largest |mean weight|).")
 @format_option(FORMATS + ("graphml", "dot", "html", "png"))
 @click.option("--out", type=click.Path(dir_okay=False), help="Output file (required for png; default stdout).")
-def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, effect, min_effect, effect_mode, fmt, out):
+def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, effect, min_effect, effect_mode,
+          min_count, min_weight, max_depth, top_k, fmt, out):
     """Trace the circuit behind root heads, recursively over the stored firings and edges.
 
     On an ACC++ run (ingest --method accpp) it draws the stored circuit instead, rooted at the
     model's output: seeds -> root, firings L.H@dest>src, and MLP / b_O / embed / offset leaves;
     --root and the roles do not apply, and without --prompt the prompts' circuits are combined.
 
-    Nodes are heads L.H and token nodes L.H@role (L.H@pos with --prompt); an edge goes from an
-    upstream head to the token node it writes to, labelled with side, count (prompts; firings
-    with --prompt), mean weight and singular directions.
+    Nodes are heads L9H9 and token nodes L9H9@role (L9H9@pos with --prompt; over all prompts a
+    token without a role is L9H9@posN, so no edge is left out); an edge goes from an upstream
+    head to the token node it writes to, labelled with side, count (prompts; firings with
+    --prompt), mean weight and singular directions. Every edge row also has up_kind, up_layer,
+    up_head, down_layer, down_head (integers) and token.
+
+    {svs}
+
+    --format json is one object: run_id, run, prompt_id, roots, dest_role, src_role, notes,
+    n_firings, nodes, edges. csv and table give the edges. stderr names the run and ends with a
+    summary line (firings reached, nodes, edges, what pruning left out).
+
+    Example: circuit-catalog trace --db ioi.duckdb --root 9.9 --top-k 3 --format png --out c.png
     """
     root_list = [part.strip() for text in roots for part in text.split(",") if part.strip()] or None
     if fmt == "png" and out is None:
@@ -155,20 +211,26 @@ def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, effect,
                               dest_role=None if dest_role == ANY_ROLE else dest_role,
                               src_role=None if src_role == ANY_ROLE else src_role,
                               prompt_id=prompt_id, run_id=run_id, kinds=kinds, effect=effect,
-                              min_effect=min_effect, effect_mode=effect_mode)
-    for note in graph.notes:
-        click.echo(f"note: {note}", err=True)
-    if fmt in FORMATS:
+                              min_effect=min_effect, effect_mode=effect_mode, min_count=min_count,
+                              min_weight=min_weight, max_depth=max_depth, top_k=top_k)
+    _notes(graph.run, [n for n in graph.notes if not n.startswith("pruned")])
+    if fmt == "json":
+        _emit(json.dumps(graph.document(lambda table: json.loads(render(table, "json"))), indent=2), out)
+    elif fmt in FORMATS:
         _emit(render(graph.edges, fmt), out)
+    if fmt in FORMATS:
+        click.echo(f"note: {graph.summary()}" + (f" -> {out}" if out else ""), err=True)
         return
     # Imported here: only the picture formats need it (and it pulls in networkx or matplotlib lazily).
     from catalog.render import render_graph
 
+    from catalog.render import drawing_notes
+
+    _notes(None, drawing_notes(graph) if fmt in ("html", "png") else [])
     text = render_graph(graph, fmt, out)
     if text is not None:
         _emit(text, out)
-    if out is not None:
-        click.echo(f"wrote {out} ({graph.nodes.num_rows} nodes, {graph.edges.num_rows} edges)", err=True)
+    click.echo((f"wrote {out}: " if out is not None else "note: ") + graph.summary(), err=True)
 
 
 @click.command()
@@ -183,4 +245,6 @@ def export(db_path, fmt, force, out_dir):
     click.echo(render(written, "table"))
 
 
+edges.help = edges.help.replace("{svs}", SVS_HELP)
+trace.help = trace.help.replace("{svs}", SVS_HELP)
 COMMANDS = [edges, head, trace, export]

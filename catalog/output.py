@@ -37,6 +37,8 @@ def _cell(value) -> str:
             return "nan"
         return f"{value:.4g}"
     if isinstance(value, dict):
+        if set(value) == {"sv", "share"}:  # a singular direction and its share of an edge weight
+            return f"{value['sv']}:{value['share']:.2f}" if value["share"] is not None else f"{value['sv']}:"
         return " ".join(f"{key}={_cell(item)}" for key, item in value.items())
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_cell(v) for v in value) + "]"

@@ -13,9 +13,15 @@ Example (a catalog of GPT-2 small on IOI prompts):
     >>> from catalog import query
     >>> con = open_readonly("ioi.duckdb")
     >>> query.edges_into(con, "9.9", side="query", top=3).column_names
-    ['up_head', 'side', 'n_prompts', 'n_firings', 'mean_weight', 'total_weight', 'top_svs']
+    ['upstream', 'up_kind', 'up_layer', 'up_head', 'side', 'n_prompts', 'n_firings', 'mean_weight', 'total_weight', 'top_svs']
     >>> query.edges_from(con, "7.3", role="S2").column_names
-    ['down_head', 'side', 'token_role', 'n_prompts', 'n_firings', 'mean_weight', 'total_weight', 'top_svs']
+    ['downstream', 'down_layer', 'down_head', 'side', 'token_role', 'n_prompts', 'n_firings', 'mean_weight', 'total_weight', 'top_svs']
+    >>> query.result_notes(query.edges_into(con, "9.9"))   # why a table is empty, rows left out
+    []
+
+Display names of heads are "L9H9" (never "9.9", which CSV readers take for a number); every
+result also has the integer layer/head columns. Each table's schema metadata names the run it
+read and carries its notes (`result_run`, `result_notes`).
     >>> sorted(query.head_summary(con, "9.9"))
     ['activity', 'downstream', 'role_pairs', 'signal_size', 'spectrum', 'top_svs', 'upstream']
 """
@@ -116,6 +122,56 @@ def resolve_run(con: duckdb.DuckDBPyConnection, run_id: int | None = None, table
     return Run(*found[0])
 
 
+def run_info(con: duckdb.DuckDBPyConnection, run: Run) -> dict:
+    """What a result says about the run it read: id, method, status, prompts, model, thresholds."""
+    found = rows(con, """
+        SELECT r.run_id, coalesce(r.method, 'sad'), r.status, (SELECT count(*) FROM prompts p WHERE p.run_id = r.run_id),
+               m.name, r.attn_threshold, r.sv_threshold, r.edge_threshold, coalesce(r.weight_unit, 'score')
+        FROM runs r JOIN models m USING (model_id) WHERE r.run_id = ?""", [run.run_id])
+    keys = ("run_id", "method", "status", "n_prompts", "model", "attn_threshold", "sv_threshold", "edge_threshold",
+            "weight_unit")
+    info = dict(zip(keys, found[0]))
+    info["latest_finished"] = bool(rows(
+        con, "SELECT max(run_id) = ? FROM runs WHERE status = 'finished'", [run.run_id])[0][0])
+    return info
+
+
+def run_line(info: dict) -> str:
+    """One line naming a run: `run 3 (sad, finished, 256 prompts, model attn-real, latest finished run)`."""
+    latest = ", the latest finished run" if info.get("latest_finished") else ""
+    return (f"run {info['run_id']} ({info['method']}, {info['status']}, {info['n_prompts']} prompts, "
+            f"model {info['model']}{latest})")
+
+
+_META_KEY = b"circuit_catalog"
+
+
+def with_notes(table: pa.Table, info: dict, notes: list[str]) -> pa.Table:
+    """The table with its run and notes in the schema metadata (kept by Arrow IPC and Parquet)."""
+    import json
+
+    meta = dict(table.schema.metadata or {})
+    meta[_META_KEY] = json.dumps({"run": info, "notes": notes}, default=str).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def _meta(table) -> dict:
+    import json
+
+    raw = (getattr(table, "schema", None) and table.schema.metadata or {}).get(_META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def result_notes(table) -> list[str]:
+    """The notes a query attached to its result: why it is empty, how many rows were left out."""
+    return list(_meta(table).get("notes", []))
+
+
+def result_run(table) -> dict:
+    """The run a query result was read from (run_info), or {} for a table without it."""
+    return dict(_meta(table).get("run", {}))
+
+
 def check_role(con: duckdb.DuckDBPyConnection, run: Run, role: str | None) -> None:
     """CatalogError when no token of the run has this role (a typo would otherwise give no rows)."""
     if role is None:
@@ -135,18 +191,34 @@ def check_side(side: str | None) -> None:
 # The token an upstream component writes to: the destination on the query side, the source on the key side.
 _TOKEN_POS = "CASE WHEN e.side = 'query' THEN e.dest_pos ELSE e.src_pos END"
 
-# Shares of the edge weight per singular direction, largest first, as "sv:share" strings.
-_TOP_SVS = "list(printf('%d:%.2f', sv, sv_weight / nullif(total, 0)) ORDER BY sv_weight DESC)[1:{n}]"
+# The singular directions of the downstream head an edge writes through, largest first: a list of
+# {sv, share} structs, share = that direction's part of the edge weight (signed; can exceed 1 when
+# other directions' parts are negative).
+SHARE_MEANING = ("share = that singular direction's part of the edge weight (its term divided by the "
+                 "whole weight); signed, and above 1 when other directions' terms are negative")
+_TOP_SVS = ("list({{'sv': CAST(sv AS INTEGER), 'share': CAST(sv_weight / nullif(total, 0) AS FLOAT)}} "
+            "ORDER BY sv_weight DESC)[1:{n}]")
+SVS_TYPE = "STRUCT(sv INTEGER, share FLOAT)[]"
 
 # Upstream component kinds (edges.up_kind): heads for both methods, the rest from ACC++ runs.
 KINDS = ("head", "mlp", "attn_bias", "embed", "offset")
 
 
+def head_name(layer: int, head: int) -> str:
+    """The display name of a head: "L9H9" (a bare "9.9" would be read as a number by CSV readers)."""
+    return f"L{int(layer)}H{int(head)}"
+
+
+def head_name_sql(layer: str, head: str) -> str:
+    """SQL for head_name over two integer expressions."""
+    return f"('L' || {layer} || 'H' || {head})"
+
+
 def component_name(prefix: str = "") -> str:
-    """SQL for a component's display name from {prefix}up_kind, up_layer, up_head: "L.H" for a head,
-    "MLP L", "b_O L", "embed", "offset"."""
+    """SQL for a component's display name from {prefix}up_kind, up_layer, up_head: "L9H9" for a head,
+    "MLP 3", "b_O 3", "embed", "offset"."""
     p = prefix
-    return (f"CASE {p}up_kind WHEN 'head' THEN {p}up_layer || '.' || {p}up_head "
+    return (f"CASE {p}up_kind WHEN 'head' THEN {head_name_sql(p + 'up_layer', p + 'up_head')} "
             f"WHEN 'mlp' THEN 'MLP ' || {p}up_layer WHEN 'attn_bias' THEN 'b_O ' || {p}up_layer "
             f"ELSE {p}up_kind END")
 
@@ -164,7 +236,7 @@ def check_kinds(kinds) -> list[str] | None:
 
 
 def _edge_table(con, run: Run, fixed: str, layer_head: tuple[int, int], group: list[str], display: str,
-                head_column: str, side: str | None, role: str | None, top: int | None, n_svs: int,
+                head_column: str, typed: list[str], side: str | None, role: str | None, top: int | None, n_svs: int,
                 kinds: list[str] | None = None, effect: bool = False, min_effect: float | None = None,
                 effect_mode: str = "local") -> pa.Table:
     """Edges with one end fixed (`fixed`: a condition on e.* with $layer, $head), grouped by the other.
@@ -213,9 +285,12 @@ def _edge_table(con, run: Run, fixed: str, layer_head: tuple[int, int], group: l
         FROM (SELECT b.*, sum(sv_weight) OVER (PARTITION BY {group_sql}) AS total FROM by_sv b)
         GROUP BY {group_sql}
     )
-    SELECT {display} AS {head_column}, {", ".join("g." + c for c in extra)},
-           g.n_prompts, g.n_firings, g.mean_weight, g.total_weight, coalesce(l.top_svs, []) AS top_svs
-           {", g.mean_effect, g.n_tested" if effect else ""}
+    SELECT {display} AS {head_column}, {", ".join(typed)}, {", ".join("g." + c for c in extra)},
+           g.n_prompts, g.n_firings, g.mean_weight, g.total_weight,
+           coalesce(l.top_svs, []::{SVS_TYPE}) AS top_svs
+           {", g.mean_effect, g.n_tested" if effect else ""},
+           count(*) OVER () AS _n_kept,
+           (SELECT count(*) FROM (SELECT 1 FROM chosen GROUP BY {group_sql})) AS _n_all
     FROM grouped g
     LEFT JOIN sv_lists l ON {" AND ".join(f"g.{c} IS NOT DISTINCT FROM l.{c}" for c in group)}
     ORDER BY g.n_prompts DESC, g.total_weight DESC, {", ".join("g." + c for c in group)}
@@ -223,7 +298,63 @@ def _edge_table(con, run: Run, fixed: str, layer_head: tuple[int, int], group: l
     """
     params = {"run": run.run_id, "layer": layer_head[0], "head": layer_head[1], "side": side, "role": role,
               "kinds": kinds, "min_effect": min_effect, "effect_mode": effect_mode}
-    return fetch(con, sql, params)
+    table = fetch(con, sql, params)
+    n_kept = table.column("_n_kept")[0].as_py() if table.num_rows else 0
+    n_all = table.column("_n_all")[0].as_py() if table.num_rows else None
+    table = table.drop(["_n_kept", "_n_all"])
+    notes = []
+    if table.num_rows and n_all is not None and n_kept < n_all:
+        notes.append(f"{n_all - n_kept} of {n_all} rows left out: their mean effect is below --min-effect {min_effect:g}"
+                     " (or not measured)")
+    if table.num_rows and n_kept > table.num_rows:
+        notes.append(f"showing the first {table.num_rows} of {n_kept} rows (top {top})")
+    if not table.num_rows:
+        notes.append(_why_empty(con, run, head_column, layer_head, side, role, kinds, effect, min_effect))
+    return with_notes(table, run_info(con, run), notes)
+
+
+def _why_empty(con, run: Run, direction: str, layer_head: tuple[int, int], side, role, kinds, effect,
+               min_effect) -> str:
+    """Why edges_into / edges_from found no rows: the first filter (or fact) that leaves nothing."""
+    layer, head = layer_head
+    name, where = head_name(layer, head), f"in run {run.run_id}"
+    if direction == "upstream":
+        n_firings = rows(con, "SELECT count(*) FROM firings WHERE run_id = ? AND layer = ? AND head = ?",
+                         [run.run_id, layer, head])[0][0]
+        if not n_firings:
+            return f"{name} never fires {where}, so nothing feeds it"
+        if layer == 0 and run.method != "accpp":
+            return f"{name} is in layer 0: no head is upstream of it"
+        fixed, params = "e.layer = ? AND e.head = ?", [layer, head]
+        what = f"{name} fires {n_firings} times {where} but"
+        none = "has no edges stored (no upstream component carries enough of a side's weight to pass the edge threshold)"
+    else:
+        if layer == run.n_layers - 1:
+            return f"{name} is in the last layer: no head is downstream of it"
+        fixed, params = "e.up_kind = 'head' AND e.up_layer = ? AND e.up_head = ?", [layer, head]
+        what = f"{name}"
+        none = (f"feeds no firing of a later head {where} (no edge from it passes the edge threshold; "
+                f"it fires {rows(con, 'SELECT count(*) FROM firings WHERE run_id = ? AND layer = ? AND head = ?', [run.run_id, layer, head])[0][0]} times)")
+    counted = rows(con, f"""
+        SELECT count(*), count(*) FILTER (WHERE ? IS NULL OR e.side = ?),
+               count(*) FILTER (WHERE (? IS NULL OR e.side = ?) AND (? IS NULL OR t.role = ?)),
+               count(*) FILTER (WHERE (? IS NULL OR e.side = ?) AND (? IS NULL OR t.role = ?)
+                                AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], e.up_kind)))
+        FROM edges e LEFT JOIN tokens t ON t.run_id = e.run_id AND t.prompt_id = e.prompt_id AND t.pos = {_TOKEN_POS}
+        WHERE e.run_id = ? AND {fixed}""", [side, side, side, side, role, role, side, side, role, role, kinds, kinds,
+                                             run.run_id] + params)[0]
+    total, on_side, with_role, of_kind = counted
+    if not total:
+        return f"{what} {none}"
+    if not on_side:
+        return f"{what} has {total} edges {where}, none on the {side} side"
+    if not with_role:
+        return f"{what} has {on_side} edges {where}{' on the ' + side + ' side' if side else ''}, none whose token has role {role}"
+    if not of_kind:
+        return f"{what} has {with_role} edges with these filters, none from a component of kind {', '.join(kinds)}"
+    if min_effect is not None:
+        return f"no row's mean effect (attention drop when ablated) reaches --min-effect {min_effect:g}, or none was measured"
+    return f"{what} has no edges with these filters"
 
 
 # The measured effect of an edge (issue 9): how much the downstream attention drops when the
@@ -244,32 +375,39 @@ def check_effect_mode(con, mode: str) -> None:
 def edges_into(con, head: str, side: str | None = None, role: str | None = None,
                run_id: int | None = None, top: int | None = None, n_svs: int = 3, kind=None,
                effect: bool = False, min_effect: float | None = None, effect_mode: str = "local") -> pa.Table:
-    """The upstream components that feed `head`: one row per (up_head, side).
+    """The upstream components that feed `head`: one row per (component, side).
 
-    Columns: up_head (the component: "L.H" for a head; "MLP L", "b_O L", "embed", "offset" in
-    ACC++ runs), side, n_prompts and n_firings it is an edge of, mean_weight and total_weight of
-    those edges (in the run's weight_unit), top_svs (the head's singular directions it writes
-    through, "sv:share" with share = that direction's part of the total weight, largest first).
+    Columns: upstream (the component's display name: "L6H10" for a head; "MLP 3", "b_O 3",
+    "embed", "offset" in ACC++ runs), up_kind, up_layer and up_head (integers; NULL where the
+    kind has none), side, n_prompts and n_firings it is an edge of, mean_weight and total_weight
+    of those edges (in the run's weight_unit), top_svs (the head's singular directions it writes
+    through: a list of {sv, share}, largest first; see SHARE_MEANING).
     `role` keeps edges whose token (the one the upstream component writes to) has that role;
     `kind` keeps components of these kinds (head, mlp, attn_bias, embed, offset).
     With `effect` (implied by `min_effect`) two more columns: mean_effect, the mean drop of the
     downstream attention when one of those edges is ablated (`interventions`, mode
     `effect_mode`), over the n_tested edges that have been intervened on; `min_effect` keeps
     rows whose mean_effect is at least that.
-    Ordered by n_prompts, then total_weight, descending.
+    Ordered by n_prompts, then total_weight, descending. The result's schema metadata names
+    the run (`result_run`) and holds notes (`result_notes`): rows left out by `top` or
+    `min_effect`, and why an empty result is empty.
 
         >>> edges_into(con, "9.9", side="query", role="end", top=5)   # doctest: +SKIP
     """
     run = resolve_run(con, run_id, EDGE_TABLES)
     return _edge_table(con, run, "e.layer = $layer AND e.head = $head", run.head(head),
-                       ["up_kind", "up_layer", "up_head", "side"], component_name("g."), "up_head",
+                       ["up_kind", "up_layer", "up_head", "side"], component_name("g."), "upstream",
+                       ["g.up_kind", "g.up_layer", "g.up_head"],
                        side, role, top, n_svs, kind, effect, min_effect, effect_mode)
 
 
 def edges_from(con, head: str, side: str | None = None, role: str | None = None,
                run_id: int | None = None, top: int | None = None, n_svs: int = 3,
                effect: bool = False, min_effect: float | None = None, effect_mode: str = "local") -> pa.Table:
-    """The downstream heads that `head` feeds: one row per (down_head, side, token_role).
+    """The downstream heads that `head` feeds: one row per (downstream head, side, token_role).
+
+    Columns: downstream (display name "L9H9"), down_layer, down_head (integers), side, token_role,
+    then as `edges_into`.
 
     Same counts, weights and effects as `edges_into`; top_svs are the downstream head's directions.
 
@@ -277,8 +415,9 @@ def edges_from(con, head: str, side: str | None = None, role: str | None = None,
     """
     run = resolve_run(con, run_id, EDGE_TABLES)
     return _edge_table(con, run, "e.up_kind = 'head' AND e.up_layer = $layer AND e.up_head = $head",
-                       run.head(head), ["layer", "head", "side", "token_role"], "g.layer || '.' || g.head",
-                       "down_head", side, role, top, n_svs, None, effect, min_effect, effect_mode)
+                       run.head(head), ["layer", "head", "side", "token_role"], head_name_sql("g.layer", "g.head"),
+                       "downstream", ["g.layer AS down_layer", "g.head AS down_head"],
+                       side, role, top, n_svs, None, effect, min_effect, effect_mode)
 
 
 def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effect: bool = False,
@@ -346,6 +485,26 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
     tables["downstream"] = edges_from(con, head, run_id=run.run_id, top=5, effect=effect, min_effect=min_effect,
                                       effect_mode=effect_mode)
     return tables
+
+
+def head_document(con, head: str, run_id: int | None = None, top: int = 10, rows_of=None, **effects) -> dict:
+    """Everything about one head as one JSON-ready object (`head --format json`, the service's
+    /heads/{head}): name ("L9H9"), layer, head (integers), run_id, run (run_info), notes (why a
+    part is empty, rows left out), then one list of rows per head_summary table.
+
+    `rows_of` turns an Arrow table into row dicts (default: Table.to_pylist)."""
+    rows_of = rows_of or (lambda table: table.to_pylist())
+    run = resolve_run(con, run_id)
+    layer, index = run.head(head)
+    tables = head_summary(con, head, run_id=run.run_id, top=top, **effects)
+    name = head_name(layer, index)
+    notes = [] if tables["activity"].column("n_firings")[0].as_py() else [f"{name} never fires in run {run.run_id}"]
+    for key in ("upstream", "downstream"):
+        notes += [f"{key}: {note}" for note in result_notes(tables[key])]
+    document = {"name": name, "layer": layer, "head": index, "run_id": run.run_id,
+                "run": result_run(tables["upstream"]), "notes": notes}
+    document.update({key: rows_of(table) for key, table in tables.items()})
+    return document
 
 
 def export_parquet(con, out_dir: str | Path, force: bool = False) -> pa.Table:

@@ -8,7 +8,7 @@ side, the source on the key side), when that firing was decomposed. As in the re
 a key-side head slice that reads a token after the firing's source (up_src_pos > src_pos) is part
 of the firing's decomposition (the edges table) but no node of the graph.
 
-Nodes: the root; firings "L.H@i>j" (positions; over all prompts, token roles or "posN"); leaves
+Nodes: the root; firings "L9H9@i>j" (positions; over all prompts, token roles or "posN"); leaves
 "MLP L@t", "b_O L@t", "embed@t", "offset@t" (t the token written to; the offset node is shared by
 every downstream head, as in the reference). Edges: "seed" (component -> root, weight in the
 objective's unit) and "query" / "key" (component -> firing, attention-probability drop). Over
@@ -61,12 +61,13 @@ graph_edges AS (   -- component -> firing, one row per stored edge of a reached 
 ),
 labelled AS (
     SELECT g.*,
-           CASE g.up_kind WHEN 'head' THEN g.up_layer || '.' || g.up_head || '@' || {tok_up} || '>' || {tok_src}
+           CASE g.up_kind WHEN 'head' THEN 'L' || g.up_layer || 'H' || g.up_head || '@' || {tok_up} || '>' || {tok_src}
                           WHEN 'mlp' THEN 'MLP ' || g.up_layer || '@' || {tok_up}
                           WHEN 'attn_bias' THEN 'b_O ' || g.up_layer || '@' || {tok_up}
                           ELSE g.up_kind || '@' || {tok_up} END AS source,
            CASE WHEN g.side = 'seed' THEN 'root'
-                ELSE g.layer || '.' || g.head || '@' || {tok_dest} || '>' || {tok_fsrc} END AS target
+                ELSE 'L' || g.layer || 'H' || g.head || '@' || {tok_dest} || '>' || {tok_fsrc} END AS target,
+           {tok_up} AS token
     FROM graph_edges g
     JOIN tokens tu ON tu.run_id = $run AND tu.prompt_id = g.prompt_id AND tu.pos = g.up_pos
     LEFT JOIN tokens ts ON ts.run_id = $run AND ts.prompt_id = g.prompt_id AND ts.pos = g.up_src_pos
@@ -87,13 +88,18 @@ def _graph_rows(con, run: Run, prompt_id: int | None, kinds) -> pa.Table:
 _EDGES_SQL = """
 WITH sv_lists AS (
     SELECT l.source, l.target, l.side,
-           list(printf('%d:%.2f', s.sv, s.weight / nullif(l.weight, 0)) ORDER BY s.rank)[1:$n_svs] AS top_svs
+           list({{'sv': CAST(s.sv AS INTEGER), 'share': CAST(s.weight / nullif(l.weight, 0) AS FLOAT)}}
+                ORDER BY s.rank)[1:$n_svs] AS top_svs
     FROM _accpp_graph l JOIN edge_svs s ON s.run_id = $run AND s.prompt_id = l.prompt_id AND s.edge_id = l.edge_id
     WHERE $one_prompt
     GROUP BY ALL
 )
-SELECT g.source, g.target, g.side AS kind, g.side, count(DISTINCT g.prompt_id) AS count, count(*) AS n_edges,
-       sum(g.weight) / $n_graphs AS mean_weight, coalesce(any_value(v.top_svs), []) AS top_svs
+SELECT g.source, g.target, g.side AS kind, g.side, any_value(g.up_kind) AS up_kind,
+       any_value(g.up_layer) AS up_layer, any_value(g.up_head) AS up_head, any_value(g.layer) AS down_layer,
+       any_value(g.head) AS down_head, any_value(g.token) AS token,
+       count(DISTINCT g.prompt_id) AS count, count(*) AS n_edges,
+       sum(g.weight) / $n_graphs AS mean_weight,
+       coalesce(any_value(v.top_svs), []::STRUCT(sv INTEGER, share FLOAT)[]) AS top_svs
        {effect_column}
 FROM _accpp_graph g LEFT JOIN sv_lists v USING (source, target, side)
 {effect_join}

@@ -223,12 +223,20 @@ def test_cli_accpp_queries(accpp_db, tmp_path):
     kinds = runner.invoke(main, ["edges", "--db", str(db), "--into", "2.0", "--kind", "mlp,offset", "--format", "json"])
     import json
 
-    rows = json.loads(kinds.output)
-    assert rows and all(r["up_head"].startswith(("MLP", "offset")) for r in rows)
+    rows = json.loads(kinds.stdout)
+    assert rows and all(r["upstream"].startswith(("MLP", "offset")) for r in rows)
+    assert all(r["up_kind"] in ("mlp", "offset") and (r["up_layer"] is None) == (r["up_kind"] == "offset")
+               for r in rows)
+    assert kinds.stderr.startswith("note: run ") and "(accpp, finished" in kinds.stderr
     assert runner.invoke(main, ["head", "--db", str(db), "2.0"]).exit_code == 0
     for fmt in ("graphml", "dot", "html", "json"):
         result = runner.invoke(main, ["trace", "--db", str(db), "--prompt", "0", "--format", fmt])
         assert result.exit_code == 0, result.output
+        if fmt == "json":  # one object: nodes and edges with the run and notes
+            document = json.loads(result.stdout)
+            assert {"run_id", "run", "notes", "nodes", "edges"} <= set(document)
+            assert all(e["up_kind"] is not None for e in document["edges"])
+            assert all(isinstance(s["sv"], int) for e in document["edges"] for s in e["top_svs"])
     png = tmp_path / "c.png"
     assert runner.invoke(main, ["trace", "--db", str(db), "--format", "png", "--out", str(png)]).exit_code == 0
     assert png.stat().st_size > 1000

@@ -100,12 +100,12 @@ def test_same_firings_components_svs_and_weights(reference_catalog):
 
 
 def _reference_label(node: str, tokens: dict[int, str], root: str) -> str:
-    """Our node name ("9.9@16>0", "MLP 3@16", "offset@16", "root") in the reference's label form."""
+    """Our node name ("L9H9@16>0", "MLP 3@16", "offset@16", "root") in the reference's label form."""
     if node == "root":
         return root
     name, _, positions = node.partition("@")
     if ">" in positions:  # a firing
-        layer, head = (int(x) for x in name.split("."))
+        layer, head = (int(x) for x in name[1:].split("H"))
         dest, src = (int(x) for x in positions.split(">"))
         return str((layer, head, tokens[dest], tokens[src]))
     t = tokens[int(positions)]

@@ -65,20 +65,20 @@ def test_from_the_grid_to_why_a_head_fires(served, browser_page, tmp_path):
 
     # The grid: one cell per head, coloured by its firings.
     grid = api.get("/api/v1/heads").json()
-    assert cell_counts(page) == {f"{h['layer']}.{h['head']}": h["n_firings"] for h in grid["heads"]}
+    assert cell_counts(page) == {f"L{h['layer']}H{h['head']}": h["n_firings"] for h in grid["heads"]}
     assert page.inner_text("#run-picker option:checked").startswith(f"run {grid['run_id']}:")
 
     # Which heads fire at `end`?
     page.select_option("#grid-dest", "end")
     at_end = api.get("/api/v1/heads", params={"dest_role": "end"}).json()["heads"]
-    expected = {f"{h['layer']}.{h['head']}": h["n_firings"] for h in at_end}
+    expected = {f"L{h['layer']}H{h['head']}": h["n_firings"] for h in at_end}
     page.wait_for_function("document.querySelector('#grid-dest').value === 'end' && "
                            "location.hash.includes('dest_role=end')")
     page.wait_for_function(f"document.querySelectorAll('td.cell[data-firings]').length === {len(expected)}")
     page.wait_for_timeout(200)
     assert cell_counts(page) == expected
     head = max((h for h in at_end if h["layer"] > 0), key=lambda h: (h["n_firings"], h["layer"]))
-    name = f"{head['layer']}.{head['head']}"
+    name = f"L{head['layer']}H{head['head']}"   # heads are named L2H1 everywhere
     assert head["n_firings"] > 0
 
     # Its page.
@@ -91,7 +91,7 @@ def test_from_the_grid_to_why_a_head_fires(served, browser_page, tmp_path):
     assert len(page.query_selector_all("#signal-size rect.bar")) == len(summary["signal_size"])
     assert int(page.get_attribute("#upstream table", "data-rows")) == len(summary["upstream"])
     assert [a.inner_text() for a in page.query_selector_all("#upstream a.head-link")] == \
-        [r["up_head"] for r in summary["upstream"]]
+        [r["upstream"] for r in summary["upstream"] if r["up_kind"] == "head"]
     assert int(page.get_attribute("#role-pairs table", "data-rows")) == len(summary["role_pairs"])
 
     # Its strongest firing: the prompt, the sparse signal and the edges into it.
@@ -135,7 +135,7 @@ def test_from_the_grid_to_why_a_head_fires(served, browser_page, tmp_path):
     page.dispatch_event(selector, "mousemove", {"clientX": 300, "clientY": 300})
     tip = page.inner_text("#tooltip")
     assert f"{edge['source']} writes to {edge['target']}" in tip and f"count: {edge['count']} prompts" in tip
-    assert "mean weight" in tip and (" ".join(edge["top_svs"]) or "none") in tip
+    assert "mean weight" in tip and (" ".join(f"{s['sv']}:{s['share']:.2f}" for s in edge["top_svs"]) or "none") in tip
     page.dispatch_event(selector, "mouseleave")
 
     # Clicking a token node pins its edges: the others fade.

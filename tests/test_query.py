@@ -19,12 +19,12 @@ from _catalog_fixture import (
     busiest_heads,
     fetch_dicts,
     invoke,
-    parse_svs,
     token_roles,
 )
 
 from catalog import query
 from catalog.errors import CatalogError
+from catalog.output import render
 from catalog.store import Catalog, LATEST_VERSION, open_readonly
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "query.md"
@@ -42,9 +42,9 @@ def expected_edges(db, head: str, direction: str, run_id=LATEST_RUN, side=None, 
         if fixed != (layer, head_index) or side not in (None, e["side"]) or role not in (None, token_role):
             continue
         if direction == "into":
-            key = (f"{e['up_layer']}.{e['up_head']}", e["side"])
+            key = (f"L{e['up_layer']}H{e['up_head']}", e["up_layer"], e["up_head"], e["side"])
         else:
-            key = (f"{e['layer']}.{e['head']}", e["side"], token_role)
+            key = (f"L{e['layer']}H{e['head']}", e["layer"], e["head"], e["side"], token_role)
         groups[key]["prompts"].add(e["prompt_id"])
         groups[key]["weights"].append(e["weight"])
         keys_of_edge[(e["prompt_id"], e["edge_id"])] = key
@@ -70,7 +70,7 @@ def check_edge_table(table, expected: dict, key_columns: list[str]) -> None:
         assert (row["n_prompts"], row["n_firings"]) == (want["n_prompts"], want["n_firings"])
         assert row["mean_weight"] == pytest.approx(want["mean_weight"], rel=1e-5, abs=1e-6)
         assert row["total_weight"] == pytest.approx(want["total_weight"], rel=1e-5, abs=1e-6)
-        got_svs = parse_svs(row["top_svs"])
+        got_svs = [(item["sv"], item["share"]) for item in row["top_svs"]]  # a list of {sv, share}
         assert [sv for sv, _ in got_svs] == [sv for sv, _ in want["svs"]]
         assert [s for _, s in got_svs] == pytest.approx([s for _, s in want["svs"]], abs=0.006)
     order = [(-r["n_prompts"], -r["total_weight"]) for r in got]
@@ -88,7 +88,8 @@ def con(catalog_db):
 def test_edges_into_matches_python(catalog_db, con, side, role):
     for head in busiest_heads(catalog_db):
         table = query.edges_into(con, head, side=side, role=role)
-        check_edge_table(table, expected_edges(catalog_db, head, "into", side=side, role=role), ["up_head", "side"])
+        check_edge_table(table, expected_edges(catalog_db, head, "into", side=side, role=role),
+                         ["upstream", "up_layer", "up_head", "side"])
 
 
 @pytest.mark.parametrize("side,role", [(None, None), ("query", "end"), ("key", None)])
@@ -96,7 +97,7 @@ def test_edges_from_matches_python(catalog_db, con, side, role):
     for head in busiest_heads(catalog_db, min_layer=0):
         table = query.edges_from(con, head, side=side, role=role)
         expected = expected_edges(catalog_db, head, "from", side=side, role=role)
-        check_edge_table(table, expected, ["down_head", "side", "token_role"])
+        check_edge_table(table, expected, ["downstream", "down_layer", "down_head", "side", "token_role"])
 
 
 def test_edges_cli_agrees_with_api_and_reads_l_h_names(catalog_db, con):
@@ -104,11 +105,14 @@ def test_edges_cli_agrees_with_api_and_reads_l_h_names(catalog_db, con):
     layer, h = head.split(".")
     result = invoke("edges", "--db", catalog_db, "--into", f"L{layer}H{h}", "--top", "3", "--format", "json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == query.edges_into(con, head, top=3).to_pylist()
+    assert json.loads(result.stdout) == json.loads(render(query.edges_into(con, head, top=3), "json"))
     table = invoke("edges", "--db", catalog_db, "--from", "0.0", "--side", "key")
-    assert table.exit_code == 0 and table.stdout.startswith("down_head")
+    assert table.exit_code == 0 and table.stdout.startswith("downstream")
     csv = invoke("edges", "--db", catalog_db, "--into", head, "--format", "csv")
-    assert csv.stdout.splitlines()[0] == "up_head,side,n_prompts,n_firings,mean_weight,total_weight,top_svs"
+    assert csv.stdout.splitlines()[0] == ("upstream,up_kind,up_layer,up_head,side,n_prompts,n_firings,mean_weight,"
+                                          "total_weight,top_svs")
+    # stderr names the run read; stdout holds only the CSV
+    assert csv.stderr.startswith(f"note: run {LATEST_RUN} (sad, finished, 8 prompts")
 
 
 def test_default_run_is_latest_finished_and_run_option_selects(catalog_db, con):
@@ -116,9 +120,12 @@ def test_default_run_is_latest_finished_and_run_option_selects(catalog_db, con):
     assert query.resolve_run(con).run_id == finished == LATEST_RUN
     head = busiest_heads(catalog_db, run_id=OLDER_RUN)[0]
     older = query.edges_into(con, head, run_id=OLDER_RUN)
-    check_edge_table(older, expected_edges(catalog_db, head, "into", run_id=OLDER_RUN), ["up_head", "side"])
+    check_edge_table(older, expected_edges(catalog_db, head, "into", run_id=OLDER_RUN),
+                     ["upstream", "up_layer", "up_head", "side"])
+    assert query.result_run(older)["run_id"] == OLDER_RUN and not query.result_run(older)["latest_finished"]
     result = invoke("edges", "--db", catalog_db, "--into", head, "--run", OLDER_RUN, "--format", "json")
-    assert json.loads(result.stdout) == older.to_pylist()
+    assert json.loads(result.stdout) == json.loads(render(older, "json"))
+    assert f"note: run {OLDER_RUN} (sad, finished, 4 prompts" in result.stderr
 
 
 def test_head_summary_matches_python(catalog_db, con):
@@ -157,12 +164,15 @@ def test_head_summary_matches_python(catalog_db, con):
 
 def test_head_cli_table_and_json(catalog_db, con):
     head = busiest_heads(catalog_db)[0]
+    layer, h = head.split(".")
     text = invoke("head", "--db", catalog_db, head)
     assert text.exit_code == 0, text.output
     for title in ("Spectrum", "Firing token roles", "Signal size", "Most used singular vectors", "Main upstream heads"):
         assert title in text.stdout
     document = json.loads(invoke("head", "--db", catalog_db, head, "--format", "json").stdout)
-    assert document["head"] == head and document["run_id"] == LATEST_RUN
+    assert isinstance(document, dict)  # one object, not a list holding one
+    assert (document["name"], document["layer"], document["head"]) == (f"L{layer}H{h}", int(layer), int(h))
+    assert document["run_id"] == document["run"]["run_id"] == LATEST_RUN
     assert document["role_pairs"] == query.head_summary(con, head)["role_pairs"].to_pylist()
 
 
@@ -240,3 +250,42 @@ def test_docs_sql_examples_run(catalog_db, tmp_path):
         for block in blocks:
             for statement in con.extract_statements(block.replace("'/tmp/", f"'{tmp_path}/")):
                 con.execute(statement).fetchall()
+
+
+def test_empty_answers_explain_themselves(catalog_db, con):
+    """An empty edges answer says why, on stderr, and in the table's notes (issue 10, point 3)."""
+    silent = fetch_dicts(catalog_db, """
+        SELECT l.layer, h.head FROM range(3) l(layer), range(4) h(head)
+        WHERE (l.layer, h.head) NOT IN (SELECT (layer, head) FROM firings WHERE run_id = ?)
+        ORDER BY l.layer DESC, h.head""", [LATEST_RUN])
+    if silent:
+        name = f"{silent[0]['layer']}.{silent[0]['head']}"
+        table = query.edges_into(con, name)
+        assert table.num_rows == 0
+        assert query.result_notes(table) == [f"L{silent[0]['layer']}H{silent[0]['head']} never fires in run "
+                                              f"{LATEST_RUN}, so nothing feeds it"]
+    result = invoke("edges", "--db", catalog_db, "--into", "0.0")
+    assert result.exit_code == 0 and "(no rows)" in result.stdout
+    assert "note: L0H0 " in result.stderr and ("layer 0" in result.stderr or "never fires" in result.stderr)
+    head = busiest_heads(catalog_db)[0]
+    sides = {r["side"] for r in query.edges_into(con, head).to_pylist()}
+    roles_seen = {r["token_role"] for r in query.edges_from(con, head).to_pylist()}
+    # A role the run has, with a side that has no edge of that role: the note names the role.
+    for role in ("IO", "S1", "S2", "end"):
+        table = query.edges_into(con, head, side="key", role=role)
+        if not table.num_rows:
+            assert f"none whose token has role {role}" in query.result_notes(table)[0] or "key side" in \
+                query.result_notes(table)[0]
+            break
+    assert sides and roles_seen is not None
+
+
+def test_top_and_min_effect_say_what_they_left_out(catalog_db, con):
+    head = busiest_heads(catalog_db)[0]
+    full = query.edges_into(con, head)
+    top = query.edges_into(con, head, top=1)
+    assert query.result_notes(full) == []
+    if full.num_rows > 1:
+        assert query.result_notes(top) == [f"showing the first 1 of {full.num_rows} rows (top 1)"]
+        result = invoke("edges", "--db", catalog_db, "--into", head, "--top", "1", "--format", "csv")
+        assert f"note: showing the first 1 of {full.num_rows} rows" in result.stderr

@@ -117,7 +117,9 @@ def test_edges_into_and_from_equal_the_query_functions(served, reference, catalo
     head = busiest_heads(catalog_db)[0]
     got = client.get(f"/api/v1/edges_into/{head}", params={"side": "key", "top": 5}).json()
     assert_same_rows(got, rows(query.edges_into(reference, head, side="key", top=5)))
-    assert got and all(":" in sv for row in got for sv in row["top_svs"])  # directions with their shares
+    # directions with their shares, as structured data
+    assert got and all(set(sv) == {"sv", "share"} and isinstance(sv["sv"], int) for row in got for sv in row["top_svs"])
+    assert all(row["upstream"] == f"L{row['up_layer']}H{row['up_head']}" for row in got if row["up_kind"] == "head")
     feeder = fetch_dicts(catalog_db, """SELECT up_layer || '.' || up_head AS up FROM edges
         WHERE run_id = ? AND up_head IS NOT NULL GROUP BY ALL ORDER BY count(*) DESC, up LIMIT 1""", [OLDER_RUN])[0]["up"]
     got = client.get(f"/api/v1/edges_from/{feeder}", params={"run_id": OLDER_RUN}).json()
@@ -136,7 +138,9 @@ def test_head_summary_and_grid(served, reference, catalog_db):
     head = busiest_heads(catalog_db)[0]
     got = client.get(f"/api/v1/heads/{head}", params={"top": 4}).json()
     expected = query.head_summary(reference, head, top=4)
-    assert (got["head"], got["run_id"]) == (head, LATEST_RUN)
+    layer, index = (int(x) for x in head.split("."))
+    assert (got["name"], got["layer"], got["head"], got["run_id"]) == (f"L{layer}H{index}", layer, index, LATEST_RUN)
+    assert got["run"]["run_id"] == LATEST_RUN and isinstance(got["notes"], list)
     for name, table in expected.items():
         assert_same_rows(got[name], rows(table))
     grid = client.get("/api/v1/heads", params={"dest_role": "end"}).json()
@@ -165,7 +169,8 @@ def test_trace_as_json_graphml_and_dot(served, reference, catalog_db):
     g = nx.read_graphml(io.BytesIO(graphml.content))
     assert set(g.nodes) == {n["node"] for n in got["nodes"]}
     dot = client.get("/api/v1/trace", params=dict(params, format="dot")).text
-    assert dot.lstrip().startswith("digraph") and f'"{head}"' in dot
+    layer, index = head.split(".")
+    assert dot.lstrip().startswith("digraph") and f'"L{layer}H{index}"' in dot
 
 
 def test_a_firing_with_its_sparse_signal(served, catalog_db):

@@ -14,16 +14,27 @@ from _catalog_fixture import (
     busiest_heads,
     fetch_dicts,
     invoke,
-    parse_svs,
     token_roles,
 )
 
 from catalog.errors import CatalogError
+from catalog.output import render
 from catalog.query import Run
 from catalog.store import open_readonly
 from catalog.trace import resolve_roots, trace
 
 EDGE_KEY = ("prompt_id", "edge_id")
+
+
+def hn(text: str) -> str:
+    """ "2.1" -> "L2H1", the display name of a head in every result."""
+    layer, head = text.split(".")
+    return f"L{layer}H{head}"
+
+
+def parse_svs(items: list[dict]) -> list[tuple[int, float]]:
+    """[{"sv": 3, "share": 0.45}, ...] -> [(3, 0.45), ...]."""
+    return [(item["sv"], item["share"]) for item in items]
 
 
 def python_trace(db, roots, dest_role, src_role, prompt_id=None, run_id=LATEST_RUN):
@@ -73,15 +84,16 @@ def python_graph_edges(db, reached, one_prompt: bool, run_id=LATEST_RUN):
             continue
         pos = e["dest_pos"] if e["side"] == "query" else e["src_pos"]
         token = pos if one_prompt else roles[(e["prompt_id"], pos)]
-        if token is None:  # no role: cannot be matched across prompts
-            continue
-        target = f"{e['layer']}.{e['head']}@{token}"
-        w = writes[(f"{e['up_layer']}.{e['up_head']}", target, e["side"])]
+        if token is None:  # no role: matched across prompts by position, never left out
+            token = f"pos{pos}"
+        target = f"L{e['layer']}H{e['head']}@{token}"
+        w = writes[(f"L{e['up_layer']}H{e['up_head']}", target, e["side"])]
         w["prompts"].add(e["prompt_id"])
         w["weights"].append(e["weight"])
         for sv, weight in svs[tuple(e[c] for c in EDGE_KEY)].items():
             w["svs"][sv] += weight
-        r = reads[(target, f"{e['layer']}.{e['head']}")]
+        w["typed"] = ("head", e["up_layer"], e["up_head"], e["layer"], e["head"], str(token))
+        r = reads[(target, f"L{e['layer']}H{e['head']}")]
         r["prompts"].add(e["prompt_id"])
         r["firings"].add(firing)
         r["sides"].add(e["side"])
@@ -96,6 +108,8 @@ def check_graph(db, graph, reached, one_prompt):
     assert set(got_writes) == set(writes) and set(got_reads) == set(reads)
     for key, want in writes.items():
         row = got_writes[key]
+        assert tuple(row[c] for c in ("up_kind", "up_layer", "up_head", "down_layer", "down_head", "token")) == \
+            want["typed"]
         assert row["count"] == (len(want["weights"]) if one_prompt else len(want["prompts"]))
         assert row["n_edges"] == len(want["weights"])
         assert row["mean_weight"] == pytest.approx(sum(want["weights"]) / len(want["weights"]), rel=1e-5, abs=1e-6)
@@ -147,8 +161,8 @@ def test_aggregated_trace_matches_python_recursion(catalog_db, con, root, role_p
     assert set(got) == reached and reached
     check_graph(catalog_db, graph, reached, one_prompt=False)
     assert {n for n in graph.nodes.column("node").to_pylist()} == (
-        {e for r in graph.edges.to_pylist() for e in (r["source"], r["target"])} | {root, second} & {
-            f"{l}.{h}" for _, l, h, _, _ in reached})
+        {e for r in graph.edges.to_pylist() for e in (r["source"], r["target"])} | {hn(root), hn(second)} & {
+            f"L{l}H{h}" for _, l, h, _, _ in reached})
 
 
 def test_single_prompt_trace_keeps_positions(catalog_db, con, root):
@@ -164,12 +178,18 @@ def test_single_prompt_trace_keeps_positions(catalog_db, con, root):
 
 def test_cli_table_json_and_root_lists(catalog_db, con, root):
     second = busiest_heads(catalog_db, min_layer=1)[1]
-    expected = trace(con, roots=[root, second], dest_role=None, src_role=None).edges.to_pylist()
+    graph = trace(con, roots=[root, second], dest_role=None, src_role=None)
     for roots in (["--root", f"{root},{second}"], ["--root", root, "--root", second]):
         result = invoke("trace", "--db", catalog_db, *roots, "--dest-role", "any", "--src-role", "any",
                         "--format", "json")
         assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout) == expected
+        document = json.loads(result.stdout)  # one object: nodes, edges, the run and the notes
+        assert document["edges"] == json.loads(render(graph.edges, "json"))
+        assert document["nodes"] == json.loads(render(graph.nodes, "json"))
+        assert document["run_id"] == document["run"]["run_id"] == LATEST_RUN
+        assert document["roots"] == [hn(root), hn(second)] and document["notes"] == graph.notes
+        assert document["n_firings"] == graph.firings.num_rows
+        assert f"note: run {LATEST_RUN} (sad" in result.stderr and "firings reached" in result.stderr
     table = invoke("trace", "--db", catalog_db, "--root", root, "--dest-role", "any", "--src-role", "any")
     assert table.stdout.startswith("source")
 
@@ -185,7 +205,7 @@ def test_graphml_round_trips_through_networkx(catalog_db, con, root, tmp_path):
     read_back = sorted((u, v, d["kind"], d["side"], d["count"]) for u, v, d in g.edges(data=True))
     stored = sorted((r["source"], r["target"], r["kind"], r["side"], r["count"]) for r in graph.edges.to_pylist())
     assert read_back == stored
-    assert g.nodes[root]["is_root"] is True and g.nodes[root]["layer"] == int(root.split(".")[0])
+    assert g.nodes[hn(root)]["is_root"] is True and g.nodes[hn(root)]["layer"] == int(root.split(".")[0])
 
 
 def test_dot_html_and_png(catalog_db, con, root, tmp_path):
@@ -199,7 +219,8 @@ def test_dot_html_and_png(catalog_db, con, root, tmp_path):
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page
     lowered = page.lower()
     assert "http://" not in lowered and "https://" not in lowered and "<script" not in lowered
-    assert lowered.count("<line") == n_edges
+    assert lowered.count('<g class="edge"') == n_edges
+    assert "layer 2" in page and "layer 0" in page   # the layer axis, as in the PNG
 
     png = tmp_path / "circuit.png"
     result = invoke(*args, "--format", "png", "--out", png)
@@ -215,7 +236,7 @@ def test_dot_html_and_png(catalog_db, con, root, tmp_path):
 def test_default_roots_skip_heads_a_small_model_lacks():
     gpt2_like = Run(run_id=1, model_id=1, n_layers=10, n_heads=12, status="finished")
     roots, notes = resolve_roots(gpt2_like, None)
-    assert roots == [(9, 6), (9, 9)] and notes == ["default root 10.0 skipped: the model has no such head"]
+    assert roots == [(9, 6), (9, 9)] and notes == ["default root L10H0 skipped: the model has no such head"]
     with pytest.raises(CatalogError, match="no head"):
         resolve_roots(gpt2_like, ["10.0"])  # an explicit unknown head is an error
 
@@ -238,5 +259,5 @@ def test_roots_without_matching_firings_give_a_note_not_an_error(catalog_db, roo
     # A source after the destination cannot fire: the trace is empty, with a note on stderr.
     result = invoke("trace", "--db", catalog_db, "--root", root, "--dest-role", "IO", "--src-role", "end")
     assert result.exit_code == 0, result.output
-    assert f"note: root {root} has no firing from IO to end" in result.stderr
+    assert f"note: root {hn(root)} has no firing from IO to end" in result.stderr
     assert "(no rows)" in result.stdout

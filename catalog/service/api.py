@@ -132,11 +132,7 @@ def head_grid(request: Request, run_id: int | None = None, dest_role: str | None
 def head_summary(request: Request, head: str, run_id: int | None = None, top: int = Query(10, ge=1),
                  effects: EffectParams = Depends()):
     with _service(request).reader() as con:
-        run = query.resolve_run(con, run_id)
-        tables = query.head_summary(con, head, run_id=run.run_id, top=top, **effects.values)
-        layer, index = run.head(head)
-        return dict({"head": f"{layer}.{index}", "run_id": run.run_id},
-                    **{name: rows_of(table) for name, table in tables.items()})
+        return query.head_document(con, head, run_id=run_id, top=top, rows_of=rows_of, **effects.values)
 
 
 @router.get("/heads/{head}/firings", summary="Firings of one head, strongest first")
@@ -186,9 +182,7 @@ def trace(request: Request, roots: list[str] | None = Query(None), dest_role: st
         name = f"trace-run{graph.run_id}" + (f"-prompt{prompt_id}" if prompt_id is not None else "")
         return Response(render_graph(graph, format), media_type=TRACE_DOWNLOADS[format],
                         headers={"Content-Disposition": f'attachment; filename="{name}.{format}"'})
-    return {"run_id": graph.run_id, "prompt_id": graph.prompt_id, "roots": graph.roots,
-            "dest_role": graph.dest_role, "src_role": graph.src_role, "notes": graph.notes,
-            "n_firings": graph.firings.num_rows, "nodes": rows_of(graph.nodes), "edges": rows_of(graph.edges)}
+    return plain(graph.document(rows_of))
 
 
 @router.get("/firings/{prompt_id}/{head}/{dest_pos}/{src_pos}", summary="One firing with its sparse signal")

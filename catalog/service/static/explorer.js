@@ -1,9 +1,9 @@
 // The circuit explorer: plain JavaScript over the service's JSON API (/api/v1/), no libraries,
 // no network beyond this server. Views, chosen by the URL's hash:
 //   #/heads?dest_role=end        the layer x head grid, coloured by how often each head fires
-//   #/head/9.9                   one head: spectrum, roles, signal sizes, directions, neighbours
-//   #/firing/0/9.9/16/5          one firing: the prompt, its sparse signal, its edges
-//   #/circuit?roots=9.9&...      the traced circuit: layers up, token roles (or positions) across
+//   #/head/L9H9                  one head: spectrum, roles, signal sizes, directions, neighbours
+//   #/firing/0/L9H9/16/5         one firing: the prompt, its sparse signal, its edges
+//   #/circuit?roots=L9H9&...     the traced circuit: layers up, token roles (or positions) across
 "use strict";
 
 const state = { runs: [], run: null, roles: [], lastDestRole: "any" };
@@ -20,9 +20,12 @@ function esc(value) {
 function fmt(value) {
   if (value === null || value === undefined) return "";
   if (typeof value === "number" && !Number.isInteger(value)) return value.toPrecision(4);
-  if (Array.isArray(value)) return value.join(" ");
+  if (Array.isArray(value)) return value.map(v => v !== null && typeof v === "object" && "sv" in v ? svText(v) : v).join(" ");
   return String(value);
 }
+
+// A singular direction an edge writes through, {sv, share}, as "sv:share".
+const svText = s => `${s.sv}:${s.share === null ? "" : s.share.toFixed(2)}`;
 
 async function api(path, params = {}) {
   const query = new URLSearchParams();
@@ -125,7 +128,7 @@ async function showGrid(params) {
   for (let layer = grid.n_layers - 1; layer >= 0; layer--) {
     rows += `<tr><th>layer ${layer}</th>` + (byLayer[layer] || []).map(h => {
       const a = h.n_firings / max;
-      const name = `${h.layer}.${h.head}`;
+      const name = `L${h.layer}H${h.head}`;
       return `<td class="cell" data-head="${name}" data-firings="${h.n_firings}" ` +
              `style="background: rgba(31,119,180,${a.toFixed(3)}); color: ${a > 0.55 ? "#fff" : "#222"}" ` +
              `title="${name}: ${h.n_firings} firings in ${h.n_prompts} prompts">${name}<br>${h.n_firings}</td>`;
@@ -155,7 +158,7 @@ async function showHead(name) {
   const activity = head.activity[0] || {};
   const destDefault = state.roles.includes(state.lastDestRole) ? state.lastDestRole : (state.roles.includes("end") ? "end" : "any");
   view.innerHTML = `
-    <h2 id="head-title">Head ${esc(head.head)} <small>(run ${head.run_id})</small></h2>
+    <h2 id="head-title">Head ${esc(head.name)} <small>(run ${head.run_id})</small></h2>
     <p id="activity">${activity.n_firings} firings in ${activity.n_prompts} of ${activity.n_prompts_run} prompts;
        mean attention ${fmt(activity.mean_attn)}, mean score ${fmt(activity.mean_score)},
        mean signal size ${fmt(activity.mean_n_svs)} singular directions</p>
@@ -174,17 +177,18 @@ async function showHead(name) {
         {dest_role: noRole, src_role: noRole})}</div></section>
       <section><h3>Most used singular directions</h3><div id="top-svs">${
         table(head.top_svs, ["sv", "sigma", "n_firings", "share_of_firings", "mean_contribution"])}</div></section>
-      <section><h3>Upstream heads (edges into ${esc(head.head)})</h3><div id="upstream">${
-        table(head.upstream, ["up_head", "side", "n_prompts", "n_firings", "mean_weight", "top_svs"], {up_head: headLink})}</div></section>
-      <section><h3>Downstream heads (edges from ${esc(head.head)})</h3><div id="downstream">${
-        table(head.downstream, ["down_head", "side", "token_role", "n_prompts", "mean_weight", "top_svs"], {down_head: headLink})}</div></section>
+      <section><h3>Upstream heads (edges into ${esc(head.name)})</h3><div id="upstream">${
+        table(head.upstream, ["upstream", "side", "n_prompts", "n_firings", "mean_weight", "top_svs"],
+              {upstream: (u, row) => row.up_kind === "head" ? headLink(u) : esc(u)})}</div></section>
+      <section><h3>Downstream heads (edges from ${esc(head.name)})</h3><div id="downstream">${
+        table(head.downstream, ["downstream", "side", "token_role", "n_prompts", "mean_weight", "top_svs"], {downstream: headLink})}</div></section>
       <section><h3>Strongest firings (click one for its signal)</h3><div id="firings">${
         table(firings, ["prompt_id", "dest_token", "src_token", "dest_role", "src_role", "attn_weight", "n_svs"], {
-          prompt_id: (p, f) => `<a class="firing-link" href="#/firing/${p}/${esc(head.head)}/${f.dest_pos}/${f.src_pos}">prompt ${p}: ${f.dest_pos} &rarr; ${f.src_pos}</a>`,
+          prompt_id: (p, f) => `<a class="firing-link" href="#/firing/${p}/${esc(head.name)}/${f.dest_pos}/${f.src_pos}">prompt ${p}: ${f.dest_pos} &rarr; ${f.src_pos}</a>`,
           dest_role: noRole, src_role: noRole})}</div></section>
     </div>`;
   document.getElementById("trace-button").addEventListener("click", () => go("/circuit", {
-    roots: head.head, dest_role: document.getElementById("trace-dest").value,
+    roots: head.name, dest_role: document.getElementById("trace-dest").value,
     src_role: document.getElementById("trace-src").value}));
 }
 
@@ -207,8 +211,8 @@ async function showFiring(promptId, name, dest, src) {
       <section><h3>Sparse signal</h3><div id="signal">${
         table(found.signal, ["rank", "sv", "sigma", "contribution", "share", "dest_proj", "src_proj"])}</div></section>
       <section><h3>Edges into this firing</h3><div id="firing-edges">${
-        table(found.edges.map(e => ({...e, upstream: e.up_head !== null && e.up_head !== undefined ? `${e.up_layer}.${e.up_head}` : (e.up_kind || "")})),
-              ["upstream", "side", "weight"], {upstream: u => /^\d+\.\d+$/.test(u) ? headLink(u) : esc(u)})}</div></section>
+        table(found.edges.map(e => ({...e, upstream: e.up_head !== null && e.up_head !== undefined ? `L${e.up_layer}H${e.up_head}` : (e.up_kind || "")})),
+              ["upstream", "side", "weight"], {upstream: u => /^L\d+H\d+$/.test(u) ? headLink(u) : esc(u)})}</div></section>
     </div>`;
 }
 
@@ -271,7 +275,9 @@ function drawCircuit(graph, columns) {
   // Column: the token a node belongs to (a token node's role or position; for ACC++ nodes the
   // token after "@", its destination before ">"). Tokens not among the columns get one.
   const columnOf = n => {
-    const key = n.kind === "token" ? (n.pos !== null ? String(n.pos) : n.role) : String(n.pos ?? "").split(">")[0];
+    // (over all prompts, a token without a role is "posN")
+    const key = n.kind === "token" ? (graph.prompt_id !== null ? String(n.pos) : (n.role ?? `pos${n.pos}`))
+      : String(n.pos ?? "").split(">")[0];
     if (!(key in colIndex)) { colIndex[key] = columns.length; columns.push({key, label: key || "(output)"}); }
     return key;
   };
@@ -361,7 +367,7 @@ function edgeTip(e, onePrompt) {
     `${e.count} ${onePrompt ? "firings" : "prompts"}, ${e.n_edges} edges`;
   return `${e.source} writes to ${e.target} (${e.side} side)\n` +
     `count: ${e.count} ${onePrompt ? "firings" : "prompts"}, ${e.n_edges} edges\n` +
-    `mean weight: ${fmt(e.mean_weight)}\nsingular directions (sv:share): ${e.top_svs.join(" ") || "none"}`;
+    `mean weight: ${fmt(e.mean_weight)}\nsingular directions (sv:share): ${e.top_svs.map(svText).join(" ") || "none"}`;
 }
 
 function nodeTip(n, edges) {
