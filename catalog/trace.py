@@ -314,12 +314,51 @@ def trace(con, roots: list[str] | None = None, dest_role: str | None = DEFAULT_D
     root_names = [head_name(l, h) for l, h in root_heads]
     fired = set(zip(reached.column("layer").to_pylist(), reached.column("head").to_pylist()))
     roles = f"from {dest_role or 'any token'} to {src_role or 'any token'}"
-    notes += [f"root {name} has no firing {roles}" for name, lh in zip(root_names, root_heads) if lh not in fired]
+    notes += _root_notes(con, run, reached, root_heads, dest_role, src_role, prompt_id, roles)
     edges = _traced_edges(con, run, reached, prompt_id, n_svs, effect, min_effect, effect_mode)
+    if min_effect is not None:   # say how many edges the effect filter left out
+        every = _traced_edges(con, run, reached, prompt_id, n_svs, effect, None, effect_mode)
+        n_all, n_kept = (sum(1 for k in t.column("kind").to_pylist() if k == "writes") for t in (every, edges))
+        if n_kept < n_all:
+            notes.append(f"{n_all - n_kept} of {n_all} edges left out: their mean effect is below --min-effect "
+                         f"{min_effect:g} (or not measured)")
     nodes = _nodes(con, run, edges, [lh for lh in root_heads if lh in fired], prompt_id)
     graph = TraceGraph(run.run_id, prompt_id, root_names, dest_role, src_role, reached, nodes, edges, notes,
                        run_info(con, run))
     return prune(graph, min_count, min_weight, max_depth, top_k)
+
+
+def _root_notes(con, run: Run, reached: pa.Table, roots: list[tuple[int, int]], dest_role, src_role, prompt_id,
+                roles: str) -> list[str]:
+    """Per root: no firing between these roles (and how often it fires at all), or how many of its
+    firings the roles leave out."""
+    notes = []
+    started: dict[tuple[int, int], int] = {}
+    for layer, head in zip(reached.column("layer").to_pylist(), reached.column("head").to_pylist()):
+        started[(layer, head)] = started.get((layer, head), 0) + 1
+    for layer, head in roots:
+        name = head_name(layer, head)
+        total = rows(con, "SELECT count(*) FROM firings WHERE run_id = ? AND layer = ? AND head = ? "
+                          "AND (? IS NULL OR prompt_id = ?)", [run.run_id, layer, head, prompt_id, prompt_id])[0][0]
+        where = f"in run {run.run_id}" + (f", prompt {prompt_id}" if prompt_id is not None else "")
+        if (layer, head) not in started:
+            notes.append(f"root {name} has no firing {roles}" + (
+                f" (it fires {total} times {where} between other roles)" if total else f" (it never fires {where})"))
+            continue
+        if dest_role is None and src_role is None:
+            continue
+        # Reached firings of the root's head include those reached from other roots: count the roots' own.
+        own = rows(con, """
+            SELECT count(*) FROM firings f
+            JOIN tokens d ON d.run_id = f.run_id AND d.prompt_id = f.prompt_id AND d.pos = f.dest_pos
+            JOIN tokens s ON s.run_id = f.run_id AND s.prompt_id = f.prompt_id AND s.pos = f.src_pos
+            WHERE f.run_id = ? AND f.layer = ? AND f.head = ? AND (? IS NULL OR f.prompt_id = ?)
+              AND (?::VARCHAR IS NULL OR d.role = ?) AND (?::VARCHAR IS NULL OR s.role = ?)""",
+                   [run.run_id, layer, head, prompt_id, prompt_id, dest_role, dest_role, src_role, src_role])[0][0]
+        if own < total:
+            notes.append(f"root {name}: {own} of its {total} firings {where} are {roles}; the other {total - own} "
+                         "are not traced (--dest-role any --src-role any traces them all)")
+    return notes
 
 
 def prune(graph: TraceGraph, min_count: int | None = None, min_weight: float | None = None,

@@ -261,3 +261,17 @@ def test_roots_without_matching_firings_give_a_note_not_an_error(catalog_db, roo
     assert result.exit_code == 0, result.output
     assert f"note: root {hn(root)} has no firing from IO to end" in result.stderr
     assert "(no rows)" in result.stdout
+
+
+def test_roles_say_how_many_root_firings_they_leave_out(catalog_db, con, root, role_pair):
+    dest_role, src_role = role_pair
+    layer, head = (int(x) for x in root.split("."))
+    total = fetch_dicts(catalog_db, "SELECT count(*) AS n FROM firings WHERE run_id = ? AND layer = ? AND head = ?",
+                        [LATEST_RUN, layer, head])[0]["n"]
+    own = fetch_dicts(catalog_db, """SELECT count(*) AS n FROM firing_roles WHERE run_id = ? AND layer = ?
+        AND head = ? AND dest_role = ? AND src_role = ?""", [LATEST_RUN, layer, head, dest_role, src_role])[0]["n"]
+    graph = trace(con, roots=[root], dest_role=dest_role, src_role=src_role)
+    assert 0 < own < total
+    assert graph.notes[0] == (f"root {hn(root)}: {own} of its {total} firings in run {LATEST_RUN} are from "
+                              f"{dest_role} to {src_role}; the other {total - own} are not traced "
+                              "(--dest-role any --src-role any traces them all)")
