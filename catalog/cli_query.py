@@ -144,7 +144,7 @@ def head(db_path, head_name, run_id, top, effect, min_effect, effect_mode, fmt):
     name = query.head_name(layer, head_index)
     notes = []
     if not tables["activity"].column("n_firings")[0].as_py():
-        notes.append(f"{name} never fires in run {run.run_id}")
+        notes.append(query.never_fires(run, name))
     for key in ("upstream", "downstream"):
         notes += [f"{key}: {note}" for note in query.result_notes(tables[key])]
     _notes(query.result_run(tables["upstream"]), notes)

@@ -321,13 +321,17 @@ def _why_empty(con, run: Run, direction: str, layer_head: tuple[int, int], side,
     if direction == "upstream":
         n_firings = rows(con, "SELECT count(*) FROM firings WHERE run_id = ? AND layer = ? AND head = ?",
                          [run.run_id, layer, head])[0][0]
+        if not n_firings and run.method == "accpp":
+            return (f"no firing of {name} is decomposed {where} (ACC++ decomposes only the firings its circuits "
+                    "reach), so nothing feeds it")
         if not n_firings:
             return f"{name} never fires {where}, so nothing feeds it"
         if layer == 0 and run.method != "accpp":
             return f"{name} is in layer 0: no head is upstream of it"
         fixed, params = "e.layer = ? AND e.head = ?", [layer, head]
-        what = f"{name} fires {n_firings} times {where} but"
-        none = "has no edges stored (no upstream component carries enough of a side's weight to pass the edge threshold)"
+        what = f"{name}"
+        none = (f"fires {n_firings} times {where} but has no edges stored (no upstream component carries enough "
+                "of a side's weight to pass the edge threshold)")
     else:
         if layer == run.n_layers - 1:
             return f"{name} is in the last layer: no head is downstream of it"
@@ -487,6 +491,13 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
     return tables
 
 
+def never_fires(run: Run, name: str) -> str:
+    if run.method == "accpp":
+        return (f"no firing of {name} is decomposed in run {run.run_id} (ACC++ decomposes only the firings its "
+                "circuits reach)")
+    return f"{name} never fires in run {run.run_id}"
+
+
 def head_document(con, head: str, run_id: int | None = None, top: int = 10, rows_of=None, **effects) -> dict:
     """Everything about one head as one JSON-ready object (`head --format json`, the service's
     /heads/{head}): name ("L9H9"), layer, head (integers), run_id, run (run_info), notes (why a
@@ -498,7 +509,7 @@ def head_document(con, head: str, run_id: int | None = None, top: int = 10, rows
     layer, index = run.head(head)
     tables = head_summary(con, head, run_id=run.run_id, top=top, **effects)
     name = head_name(layer, index)
-    notes = [] if tables["activity"].column("n_firings")[0].as_py() else [f"{name} never fires in run {run.run_id}"]
+    notes = [] if tables["activity"].column("n_firings")[0].as_py() else [never_fires(run, name)]
     for key in ("upstream", "downstream"):
         notes += [f"{key}: {note}" for note in result_notes(tables[key])]
     document = {"name": name, "layer": layer, "head": index, "run_id": run.run_id,

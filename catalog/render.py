@@ -44,7 +44,7 @@ TOKEN_DROP = 56.0      # a token node sits this far below its head
 FONT_PX = 11.0         # label size
 CHAR_PX = 6.8          # approximate width of one character at FONT_PX (DejaVu Sans, as matplotlib draws)
 MARGIN_LEFT, MARGIN = 90.0, 30.0
-GAP = 28.0             # between two nodes of a row
+GAP = 32.0             # between two nodes of a row
 
 
 @dataclass
@@ -238,7 +238,7 @@ def _place(nodes: list[dict], edges: list[dict]) -> tuple[dict[str, Shape], list
     return shapes, axis, width, height
 
 
-PASS_PAD = 5.0   # clearance an edge keeps from a node it passes
+PASS_PAD = 9.0   # clearance an edge keeps from a node it passes
 
 
 def _levels(shapes: list[Shape]) -> dict[float, list[tuple[float, float, float]]]:

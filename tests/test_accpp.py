@@ -244,6 +244,14 @@ def test_cli_accpp_queries(accpp_db, tmp_path):
     assert bad.exit_code == 1 and "unknown component kind" in bad.output
     root = runner.invoke(main, ["trace", "--db", str(db), "--root", "2.0"])
     assert root.exit_code == 1 and "ACC++ run" in root.output
+    # An empty answer says why, in ACC++'s terms: a head whose firings were never decomposed.
+    silent = open_readonly(db).execute("""
+        SELECT l.layer, h.head FROM range(3) l(layer), range(4) h(head)
+        WHERE (l.layer, h.head) NOT IN (SELECT (layer, head) FROM firings) ORDER BY 1 DESC, 2 LIMIT 1""").fetchall()
+    if silent:
+        empty = runner.invoke(main, ["edges", "--db", str(db), "--into", f"{silent[0][0]}.{silent[0][1]}"])
+        assert empty.exit_code == 0 and "(no rows)" in empty.stdout
+        assert f"note: no firing of L{silent[0][0]}H{silent[0][1]} is decomposed in run" in empty.stderr
 
 
 @pytest.mark.parametrize("args, message", [
