@@ -127,7 +127,7 @@ def head(db_path, head_name, run_id, top, effect, min_effect, effect_mode, fmt):
 
     With --format json, one object: name ("L9H9"), layer, head, run_id, run, notes, and one list
     of rows per table (spectrum, activity, role_pairs, signal_size, top_svs, upstream,
-    downstream). The upstream/downstream rows are those of `edges` (top_svs: {sv, share}).
+    downstream). The upstream/downstream rows are those of `edges`. {svs}
     """
     with _catalog(db_path) as con:
         run = query.resolve_run(con, run_id)
@@ -247,4 +247,5 @@ def export(db_path, fmt, force, out_dir):
 
 edges.help = edges.help.replace("{svs}", SVS_HELP)
 trace.help = trace.help.replace("{svs}", SVS_HELP)
+head.help = head.help.replace("{svs}", SVS_HELP)
 COMMANDS = [edges, head, trace, export]
