@@ -186,7 +186,7 @@ def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, effect,
     """Trace the circuit behind root heads, recursively over the stored firings and edges.
 
     On an ACC++ run (ingest --method accpp) it draws the stored circuit instead, rooted at the
-    model's output: seeds -> root, firings L.H@dest>src, and MLP / b_O / embed / offset leaves;
+    model's output: seeds -> root, firings L9H9@dest>src, and MLP / b_O / embed / offset leaves;
     --root and the roles do not apply, and without --prompt the prompts' circuits are combined.
 
     Nodes are heads L9H9 and token nodes L9H9@role (L9H9@pos with --prompt; over all prompts a
