@@ -137,11 +137,25 @@ def accpp_trace(con, run: Run, prompt_id: int | None = None, n_svs: int = 3, kin
         edges = fetch(con, sql, {"run": run.run_id, "n_svs": int(n_svs), "n_graphs": n_graphs,
                                  "one_prompt": prompt_id is not None, "min_effect": min_effect,
                                  "effect_mode": effect_mode})
+        # What the drawing leaves out of the drawn firings' stored edges, said rather than hidden.
+        later, other_kind = rows(con, """
+            SELECT count(*) FILTER (WHERE e.up_kind = 'head' AND e.side = 'key' AND e.up_src_pos > e.src_pos),
+                   count(*) FILTER (WHERE NOT (e.up_kind = 'head' AND e.side = 'key' AND e.up_src_pos > e.src_pos)
+                                    AND ?::VARCHAR[] IS NOT NULL AND NOT list_contains(?::VARCHAR[], e.up_kind))
+            FROM (SELECT DISTINCT prompt_id, layer, head, dest_pos, src_pos FROM _accpp_graph WHERE side <> 'seed') f
+            JOIN edges e ON e.run_id = ? AND e.prompt_id = f.prompt_id AND e.layer = f.layer AND e.head = f.head
+                        AND e.dest_pos = f.dest_pos AND e.src_pos = f.src_pos""", [kinds, kinds, run.run_id])[0]
     finally:
         con.unregister("_accpp_graph")
     root = rows(con, "SELECT any_value(objective), count(*) FILTER (WHERE n_seeds = 0) FROM roots "
                      "WHERE run_id = ? AND (? IS NULL OR prompt_id = ?)", [run.run_id, prompt_id, prompt_id])[0]
     notes = []
+    if later:
+        notes.append(f"{later} stored key-side edges from a head reading a token after the firing's source are "
+                     "part of their firings' decompositions (edges table) but not drawn, as in the reference library")
+    if other_kind:
+        notes.append(f"{other_kind} edges of the drawn firings from components of other kinds left out (--kind "
+                     f"{','.join(kinds)})")
     if root[1]:
         notes.append(f"{root[1]} prompt(s) have no seeds (their objective has no positive explanation), so no graph")
     nodes = _nodes(graph, root[0])

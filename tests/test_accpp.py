@@ -237,6 +237,15 @@ def test_cli_accpp_queries(accpp_db, tmp_path):
             assert {"run_id", "run", "notes", "nodes", "edges"} <= set(document)
             assert all(e["up_kind"] is not None for e in document["edges"])
             assert all(isinstance(s["sv"], int) for e in document["edges"] for s in e["top_svs"])
+            # Stored edges the drawing leaves out (a head slice reading a token after the firing's
+            # source, as the reference does) are counted in a note, not dropped silently.
+            drawn = {(f["layer"], f["head"], *map(int, f["node"].split("@")[1].split(">")))
+                     for f in document["nodes"] if f["kind"] == "firing"}
+            later = sum(1 for layer, head, dest, src, up_src in open_readonly(db).execute(
+                """SELECT layer, head, dest_pos, src_pos, up_src_pos FROM edges WHERE prompt_id = 0
+                   AND up_kind = 'head' AND side = 'key' AND up_src_pos > src_pos""").fetchall()
+                if (layer, head, dest, src) in drawn)
+            assert later == 0 or f"{later} stored key-side edges" in " ".join(document["notes"])
     png = tmp_path / "c.png"
     assert runner.invoke(main, ["trace", "--db", str(db), "--format", "png", "--out", str(png)]).exit_code == 0
     assert png.stat().st_size > 1000
