@@ -436,7 +436,8 @@ def to_networkx(graph):
             "dest_role": graph.dest_role, "src_role": graph.src_role, "top_svs_format": TOP_SVS_FORMAT,
             "notes": "\n".join(graph.notes)}
     g.graph.update({k: v for k, v in meta.items() if v is not None and v != ""})
-    placed = {s.name: s for s in scene(graph).nodes}
+    nodes, edges = graph.nodes.to_pylist(), graph.edges.to_pylist()
+    placed = _place(nodes, edges)[0] if nodes else {}   # the drawings' places, without routing the edges
     for node in graph.nodes.to_pylist():
         attrs = {k: v for k, v in node.items() if k != "node" and v is not None}
         attrs["label"] = " ".join(line for line in _node_lines(node) if line)

@@ -147,8 +147,12 @@ def accpp_trace(con, run: Run, prompt_id: int | None = None, n_svs: int = 3, kin
                         AND e.dest_pos = f.dest_pos AND e.src_pos = f.src_pos""", [kinds, kinds, run.run_id])[0]
     finally:
         con.unregister("_accpp_graph")
-    root = rows(con, "SELECT any_value(objective), count(*) FILTER (WHERE n_seeds = 0) FROM roots "
+    root = rows(con, "SELECT any_value(objective), count(*) FILTER (WHERE n_seeds = 0), count(DISTINCT objective), "
+                     "string_agg(DISTINCT seeding, '/'), count(*) FILTER (WHERE n_seeds > 0) FROM roots "
                      "WHERE run_id = ? AND (? IS NULL OR prompt_id = ?)", [run.run_id, prompt_id, prompt_id])[0]
+    if root[2] and root[2] > 1:   # combined: each prompt explains its own tokens, so name the objective's form
+        form = {"linear": "logit(answer) - logit(wrong)"}.get(root[3], f"{root[3]} objective")
+        root = (f"{form} of {root[4]} prompts",) + tuple(root[1:])
     notes = []
     if later:
         notes.append(f"{later} stored key-side edges from a head reading a token after the firing's source are "
