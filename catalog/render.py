@@ -342,6 +342,19 @@ def _route(src: Shape, dst: Shape, levels, bounds: tuple[float, float], offset: 
     return best
 
 
+PARALLEL_PX = 9.0   # between two edges drawn along the same route
+
+
+def _parallel(pts: list[tuple[float, float]], shift: float) -> list[tuple[float, float]]:
+    """The polyline moved `shift` pixels sideways (to its left for shift > 0), point by point."""
+    out = []
+    for i, (x, y) in enumerate(pts):
+        (ax, ay), (bx, by) = pts[max(i - 1, 0)], pts[min(i + 1, len(pts) - 1)]
+        length = math.hypot(bx - ax, by - ay) or 1.0
+        out.append((x - shift * (by - ay) / length, y + shift * (bx - ax) / length))
+    return out
+
+
 def _length(pts) -> float:
     return sum(math.hypot(bx - ax, by - ay) for (ax, ay), (bx, by) in zip(pts, pts[1:]))
 
@@ -390,13 +403,25 @@ def scene(graph) -> Scene:
         pairs.setdefault(frozenset((e["source"], e["target"])), []).append(e)
     for group in pairs.values():
         group.sort(key=lambda e: (e["side"] or "", e["kind"]))
-        for i, e in enumerate(group):
-            offset = (i - (len(group) - 1) / 2) * 16.0 if len(group) > 1 else 0.0
-            if e["source"] not in shapes or e["target"] not in shapes:
-                continue
+        e = group[0]
+        if e["source"] not in shapes or e["target"] not in shapes:
+            continue
+        # One route for the two nodes; edges that share it (a query and a key edge) are drawn as
+        # parallel copies on either side of it, so they can never overlap or cross.
+        base = _route(shapes[e["source"]], shapes[e["target"]], levels, bounds, 0.0, all_shapes,
+                      direct=e["kind"] == "reads")
+        src, dst = shapes[e["source"]], shapes[e["target"]]
+        copies = [base]
+        if len(group) > 1:   # closer together where the route passes near a node, if it must
+            for spacing in (PARALLEL_PX, PARALLEL_PX * 0.6, PARALLEL_PX * 0.4):
+                copies = [_parallel(base, (i - (len(group) - 1) / 2) * spacing) for i in range(len(group))]
+                if not any(_hits(c, all_shapes, src, dst) for c in copies):
+                    break
+            else:   # no room beside this route: each edge its own route, bent to its own side
+                copies = [_route(src, dst, levels, bounds, (i - (len(group) - 1) / 2) * 24.0, all_shapes)
+                          for i in range(len(group))]
+        for e, points in zip(group, copies):
             side = _edge_side(e)
-            points = _route(shapes[e["source"]], shapes[e["target"]], levels, bounds, offset, all_shapes,
-                            direct=e["kind"] == "reads")
             width_px = 1.2 if e["kind"] == "reads" else 0.9 + 4.5 * _strength(e) / max_strength
             result.edges.append(EdgePath(e, points, _edge_colour(e), width_px, SIDE_DASHES.get(side), side))
     result.nodes = [shapes[n["node"]] for n in nodes]
