@@ -9,10 +9,11 @@ shows, the other shows.
   trace puts each head's token nodes just below it, labelled with their head and their role
   (or position and token for one prompt). An ACC++ circuit puts MLP and b_O leaves of layer L
   between layers L and L+1, the embedding and offsets at the bottom, the output on top.
-- An edge is drawn straight when the straight line passes no other node; otherwise it is bent
-  (a quadratic curve) just enough to go around them, so a long edge never reads as a chain
-  through unrelated nodes. Edges between the same two nodes (a query and a key edge) are bent
-  to opposite sides and never overlap.
+- An edge passes every row it crosses through a gap between that row's nodes (a smooth curve
+  through those gaps, or straight segments where the curve would touch a node), so a long edge
+  never reads as a chain
+  through unrelated nodes. Edges between the same two nodes (a query and a key edge) are drawn
+  side by side along one route and never overlap.
 - Colour and dash say the side (query: blue, solid; key: red, dashed; a token node to its head:
   grey, dotted; ACC++ seeds: green); width grows with |mean weight| x edges.
 
