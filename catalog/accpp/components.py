@@ -60,13 +60,11 @@ class Residual:
             return self.n_layers + layer
         return 2 * self.n_layers  # embedding
 
-    def dense_upto(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dense components upstream of `layer`: outputs [prompt, pos, 2*layer + 1, d_model] and
-        their (reference) ids as (upstream layer, component id offset from H) pairs [2*layer + 1, 2]."""
+    def dense_upto(self, layer: int) -> torch.Tensor:
+        """The dense components upstream of `layer`, [prompt, pos, 2*layer + 1, d_model]: the MLPs
+        0..layer-1, the b_O of layers 0..layer-1, the embedding."""
         L = self.n_layers
-        index = list(range(layer)) + list(range(L, L + layer)) + [2 * L]
-        ids = [(l, 0) for l in range(layer)] + [(l, 1) for l in range(layer)] + [(0, 2)]
-        return self.dense[:, :, index], torch.tensor(ids)
+        return self.dense[:, :, list(range(layer)) + list(range(L, L + layer)) + [2 * L]]
 
 
 def residual_components(cache, W_O: torch.Tensor, b_O: torch.Tensor) -> Residual:

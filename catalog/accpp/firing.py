@@ -124,7 +124,7 @@ class LayerDecomposer:
         self.Pu_heads = torch.einsum("qpne,qnek->qnkp", v, WU[pair_head]).contiguous()
         self.Pv_heads = torch.einsum("qpne,qnek->qnkp", v, WV[pair_head]).contiguous()
         self.U, self.V = U, V
-        dense, _ = residual.dense_upto(layer)
+        dense = residual.dense_upto(layer)
         self.dense = dense / self.scale[:, :, None, None]  # LN scale of this layer at the component's token
         self.A = residual.pattern[:, :layer].flatten(1, 2)  # [prompt, layer*head, dest, src]
 
