@@ -326,8 +326,9 @@ _READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}
 
 
 def read_only_statements(con: duckdb.DuckDBPyConnection, sql: str) -> list:
-    """The parsed statements of `sql`; CatalogError, before anything runs, unless every one is a
-    SELECT, EXPLAIN or PRAGMA (the rule of the `sql` command and of the service's SQL endpoint)."""
+    """The parsed statement of `sql`; CatalogError, before anything runs, unless it is one SELECT,
+    EXPLAIN or PRAGMA (the rule of the `sql` command and of the service's SQL endpoint: one
+    statement per call, since one result is returned; a trailing `;` is fine)."""
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as err:
@@ -338,6 +339,9 @@ def read_only_statements(con: duckdb.DuckDBPyConnection, sql: str) -> list:
         kind = statement.type.name
         if kind not in _READ_ONLY_STATEMENTS:
             raise CatalogError(f"refused: `sql` is read-only and this is a {kind} statement")
+    if len(statements) > 1:
+        raise CatalogError(f"`sql` runs one statement per call and this text has {len(statements)}; "
+                           "run them one at a time")
     return statements
 
 
@@ -352,9 +356,6 @@ def read_only_query(path: str | Path, sql: str):
     con = open_readonly(path)
     try:
         statements = read_only_statements(con, sql)
-        if len(statements) > 1:
-            raise CatalogError(f"`sql` runs one statement per call and this text has {len(statements)}; "
-                               "run them one at a time")
         try:
             return con.sql(statements[0].query).to_arrow_table()
         except duckdb.Error as err:

@@ -265,6 +265,13 @@ def test_sql_row_limit_and_time_limit(served):
     assert sql(client, "SELECT 1 AS one").json()["rows"] == [{"one": 1}]  # the service is still fine
 
 
+def test_sql_runs_one_statement_per_call_as_the_sql_command(served):
+    _, client, _ = served
+    message = assert_one_line_error(sql(client, "SELECT 1; SELECT 2"), 400)
+    assert "one statement per call" in message
+    assert sql(client, "SELECT 2 AS two;").json()["rows"] == [{"two": 2}]  # a trailing ; is fine
+
+
 @pytest.mark.parametrize("text", [
     "SELECT * FROM read_text('/etc/passwd')",
     "SELECT * FROM read_csv('/etc/passwd')",

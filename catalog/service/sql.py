@@ -28,16 +28,14 @@ class SqlTimeout(CatalogError):
 
 
 def run_read_only(cursor, sql: str, max_rows: int, timeout_s: float) -> tuple[pa.Table, bool]:
-    """The last statement's first max_rows rows, and whether more were left out."""
-    statements = read_only_statements(cursor, sql)
+    """The statement's first max_rows rows, and whether more were left out (one statement per call)."""
+    (statement,) = read_only_statements(cursor, sql)
     timer = threading.Timer(timeout_s, cursor.interrupt)
     timer.start()
     try:
         cursor.execute("BEGIN TRANSACTION READ ONLY")
-        for statement in statements[:-1]:
-            cursor.execute(statement)
         # Streamed batch by batch, so a huge result stops at the row limit instead of being built.
-        reader = cursor.sql(statements[-1].query).to_arrow_reader(min(max_rows + 1, 10_000))
+        reader = cursor.sql(statement.query).to_arrow_reader(min(max_rows + 1, 10_000))
         batches, n = [], 0
         for batch in reader:
             batches.append(batch)
