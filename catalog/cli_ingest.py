@@ -94,6 +94,7 @@ def ingest(db_path, model, model_path, dataset, n_prompts, seed, prompts_file, a
 
     if (db_path is None) == (server is None):
         raise CatalogError("give --db FILE, or --server URL to submit to a running `circuit-catalog serve`")
+    _check_method_options(method)
     settings = dict(model=model, model_path=model_path, dataset=dataset, n_prompts=n_prompts, seed=seed,
                     prompts_file=prompts_file, attn_threshold=attn_threshold, sv_threshold=sv_threshold,
                     edge_threshold=edge_threshold, append_constant=append_constant, batch_size=batch_size,
@@ -135,6 +136,23 @@ def summary_line(summary: dict, detail: str) -> str:
         return (f"run {run} (resumed; counts are the whole run's): {prompts} prompts, {detail}; this session "
                 f"{summary.get('prompts_this_session', 0)} prompts in {seconds:.1f} s -> {summary['db']}")
     return f"run {run}: {prompts} prompts, {detail}, {seconds:.1f} s -> {summary['db']}"
+
+
+# Options that belong to one method only: given for the other, they would be ignored silently.
+METHOD_OPTIONS = {
+    "sad": ("attn_threshold", "sv_threshold", "edge_threshold", "append_constant"),
+    "accpp": ("threshold", "ig_steps", "seeding", "prob_target", "tau", "heads", "dest_roles"),
+}
+
+
+def _check_method_options(method: str) -> None:
+    """One error line for an option of the other method given on the command line."""
+    ctx = click.get_current_context()
+    for owner, names in METHOD_OPTIONS.items():
+        for name in names:
+            if owner != method and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+                flag = "--" + name.replace("_", "-")
+                raise CatalogError(f"{flag} applies to --method {owner}, not to --method {method}")
 
 
 @click.command()

@@ -279,6 +279,18 @@ def test_cli_accpp_bad_settings(tiny_checkpoint, tmp_path, args, message):
     assert not db.exists()  # nothing is stored before the settings are known to be good
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--method", "accpp", "--sv-threshold", "0.9"], "--sv-threshold applies to --method sad"),
+    (["--tau", "0.5"], "--tau applies to --method accpp"),
+    (["--heads", "2.0"], "--heads applies to --method accpp"),
+])
+def test_options_of_the_other_method_are_refused(tiny_checkpoint, tmp_path, args, message):
+    db = tmp_path / "c.duckdb"
+    result = CliRunner().invoke(main, ["ingest", "--db", str(db), "--model-path", str(tiny_checkpoint), *args])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert not db.exists()
+
+
 def test_linear_seeding_needs_answer_and_wrong(tiny_checkpoint, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"text": "When Mary and John went to the store, John gave a drink to"}\n')
