@@ -49,17 +49,8 @@ def store_plain_form(cat: Catalog, model_id: int, weights) -> None:
     """ACC++'s singular vectors (form 'plain') beside the 2024 method's, once per model."""
     from catalog.decompose import Decomposition, to_arrow
 
-    if cat.con.execute("SELECT count(*) FROM singular_vectors WHERE model_id = ? AND form = 'plain'",
-                       [model_id]).fetchall()[0][0]:
-        return
-    plain = Decomposition(sigma=weights.S, U=weights.U, V=weights.V)
-    cat.con.execute("BEGIN TRANSACTION")
-    try:
-        cat._append("singular_vectors", to_arrow(plain, form="plain"), model_id=model_id)
-        cat.con.execute("COMMIT")
-    except BaseException:
-        cat.con.execute("ROLLBACK")
-        raise
+    if not cat.has_singular_vectors(model_id, "plain"):
+        cat.add_singular_vectors(model_id, to_arrow(Decomposition(sigma=weights.S, U=weights.U, V=weights.V), form="plain"))
 
 
 def load_prompts(dataset: str, n_prompts: int, seed: int, items, tokenizer, max_tokens: int):

@@ -219,6 +219,20 @@ class Catalog:
             self._append("singular_vectors", singular_vectors, model_id=model_id)
         return model_id
 
+    def has_singular_vectors(self, model_id: int, form: str) -> bool:
+        return bool(self.con.execute("SELECT count(*) FROM singular_vectors WHERE model_id = ? AND form = ?",
+                                     [model_id, form]).fetchall()[0][0])
+
+    def add_singular_vectors(self, model_id: int, singular_vectors) -> None:
+        """Another form's singular vectors of a stored model (an Arrow table without model_id), in one transaction."""
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            self._append("singular_vectors", singular_vectors, model_id=model_id)
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+
     def find_run(self, model_id: int, prompts_digest: str, settings: dict, method_settings: dict | None = None
                  ) -> dict | None:
         """The newest run of this model on these prompts with these result-changing settings
