@@ -122,7 +122,10 @@ def test_reads_during_a_job_see_whole_batches_and_jobs_queue(service, tiny_check
     # Answers are kept while nothing writes, and recomputed after a job.
     grid = client.get("/api/v1/heads")
     assert grid.headers["x-cache"] == "miss" and grid.json()["run_id"] == queued["run_id"]
-    assert client.get("/api/v1/heads").headers["x-cache"] == "hit"
+    # Kept from then on (within a few requests: the answer computed first may race the worker's
+    # last bookkeeping; a second computation is allowed, a stale answer is not).
+    again = [client.get("/api/v1/heads") for _ in range(3)]
+    assert again[-1].headers["x-cache"] == "hit" and all(r.json() == grid.json() for r in again)
     # The same settings again: nothing repeated.
     again = wait_for(client, submit(client, **settings)["job_id"], finished)
     assert again["run_id"] == done["run_id"] and "already finished" in again["message"]

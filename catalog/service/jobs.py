@@ -180,24 +180,29 @@ class JobQueue:
             if self._stop.is_set():
                 raise KeyboardInterrupt  # ingest turns this into Interrupted, naming what is saved
 
+        status, message = "failed", None
         try:
             summary = ingest(self.catalog.path, **job.settings.model_dump(), on_batch=on_batch)
             job.summary = {k: v for k, v in summary.items() if k != "db"}
             job.run_id = summary["run_id"]
-            job.status = "finished"
+            status = "finished"
             if summary.get("already_finished"):
-                job.message = f"run {summary['run_id']} with these prompts and settings is already finished"
+                message = f"run {summary['run_id']} with these prompts and settings is already finished"
         except Interrupted as err:
-            job.status, job.message = "interrupted", str(err)
+            status, message = "interrupted", str(err)
         except CatalogError as err:
-            job.status, job.message = "failed", str(err)
+            message = str(err)
         except Exception as err:  # a bug, not the user's input: keep the service up, log the traceback
             log.exception("ingest job %s failed", job.job_id)
-            job.status, job.message = "failed", f"internal error: {type(err).__name__}: {err}"
+            message = f"internal error: {type(err).__name__}: {err}"
         finally:
             job.finished_at = time.time()
             self.busy, self.writes = False, self.writes + 1
             cursor.close()
+            # Last: a client that sees the job ended must also find the service no longer writing
+            # (its next read may be kept by the response cache).
+            job.message = message if message is not None else job.message
+            job.status = status
 
 
 def settings_from_params(params) -> IngestSettings:
