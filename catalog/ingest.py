@@ -307,11 +307,10 @@ def _finished_run(db_path, files_digest, model, model_path, dataset, n_prompts, 
 
 def _analysis(cat, lm, model_id, settings, items, token_lists, answers, wrongs):
     """The method's batch function: prompt ids -> the batch's tables."""
-    from catalog.batch import Settings, analyse_batch, pad_tokens
+    from catalog.batch import Settings, analyse_batch
     from catalog.prompts import end_position
 
     end_pos = [end_position(p, len(t)) for p, t in zip(items, token_lists)]
-    pad_id = lm.tokenizer.eos_token_id or 0
     if isinstance(settings, Settings):
         from catalog.decompose import from_arrow
 
@@ -334,7 +333,7 @@ def _analysis(cat, lm, model_id, settings, items, token_lists, answers, wrongs):
         prompts = circuit.BatchPrompts([token_lists[i] for i in ids], [end_pos[i] for i in ids], list(ids),
                                        [answers[i] for i in ids], [wrongs[i] for i in ids],
                                        [items[i].roles for i in ids])
-        return circuit.analyse_batch(lm, weights, prompts, settings, pad_tokens(prompts.token_lists, pad_id))
+        return circuit.analyse_batch(lm, weights, prompts, settings)
 
     return analyse
 

@@ -10,6 +10,7 @@ transaction.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -274,38 +275,37 @@ class Catalog:
 
     # -- bulk rows (Arrow, one transaction per batch) ---------------------------------------------
 
-    def _append(self, table: str, data, **constants: Any) -> None:
-        """INSERT ... SELECT from an Arrow table, matching columns by name; constants fill key columns."""
+    @contextmanager
+    def _registered(self, table: str, data):
+        """The Arrow table `data` as a view named after `table`, for one statement."""
         name = f"_bulk_{table}"
         self.con.register(name, data)
         try:
-            columns = list(constants) + list(data.column_names)
-            select = [f"${i + 1}" for i in range(len(constants))] + [f'"{c}"' for c in data.column_names]
-            self.con.execute(
-                f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(select)} FROM {name}",
-                list(constants.values()),
-            )
+            yield name
         finally:
             try:
                 self.con.unregister(name)
             except duckdb.Error:  # the transaction was aborted (interrupted): the rollback cleans up
                 pass
 
+    def _append(self, table: str, data, **constants: Any) -> None:
+        """INSERT ... SELECT from an Arrow table, matching columns by name; constants fill key columns."""
+        with self._registered(table, data) as name:
+            columns = list(constants) + list(data.column_names)
+            select = [f"${i + 1}" for i in range(len(constants))] + [f'"{c}"' for c in data.column_names]
+            self.con.execute(
+                f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(select)} FROM {name}",
+                list(constants.values()),
+            )
+
     def _update(self, table: str, data, keys: list[str], **constants: Any) -> None:
         """UPDATE rows of `table` from an Arrow table, matched on `keys` and the constants."""
-        name = f"_bulk_{table}"
-        self.con.register(name, data)
-        try:
+        with self._registered(table, data) as name:
             assignments = [f'"{c}" = {name}."{c}"' for c in data.column_names if c not in keys]
             match = [f"{table}.{c} = ${i + 1}" for i, c in enumerate(constants)]
             match += [f'{table}."{c}" = {name}."{c}"' for c in keys]
             self.con.execute(f"UPDATE {table} SET {', '.join(assignments)} FROM {name} WHERE {' AND '.join(match)}",
                              list(constants.values()))
-        finally:
-            try:
-                self.con.unregister(name)
-            except duckdb.Error:
-                pass
 
     # Batch tables that update rows written with the run instead of adding rows: name -> (table, keys).
     UPDATES = {"prompt_outputs": ("prompts", ["prompt_id"])}

@@ -19,6 +19,7 @@ from catalog.accpp.components import HOOKS, component_kind, residual_components
 from catalog.accpp.firing import SIDES, Firings, LayerDecomposer, dynamic_threshold
 from catalog.accpp.seeds import linear_seeds, prob_seeds
 from catalog.accpp.weights import AccppWeights
+from catalog.batch import pad_tokens
 from catalog.outputs import prompt_outputs
 from catalog.rows import concat, number_edges, table
 
@@ -62,9 +63,9 @@ class BatchPrompts:
     role_positions: list[dict[str, int]] = field(default_factory=list)
 
 
-def analyse_batch(model, weights: AccppWeights, prompts: BatchPrompts, settings: AccppSettings,
-                  tokens: torch.Tensor) -> dict:
+def analyse_batch(model, weights: AccppWeights, prompts: BatchPrompts, settings: AccppSettings) -> dict:
     """Rows of firings, firing_sides, edges, edge_svs, roots, seeds and prompt_outputs (no run_id)."""
+    tokens = pad_tokens(prompts.token_lists, model.tokenizer.eos_token_id or 0)
     logits, cache = model.run(tokens, HOOKS, with_logits=True)
     W_O = model.attention_weights()[4]
     b_O, W_U, b_U = model.output_weights()

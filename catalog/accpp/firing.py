@@ -99,7 +99,7 @@ class LayerDecomposer:
     """
 
     def __init__(self, layer: int, firings: "Firings", residual: Residual, weights: AccppWeights):
-        self.layer, self.residual = layer, residual
+        self.layer = layer
         self.n_heads = weights.U.shape[1]
         self.rank = weights.U.shape[-1]
         self.heads = torch.unique(firings.head)
