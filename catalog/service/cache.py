@@ -59,14 +59,20 @@ class ResponseCache:
                 message = dict(message, headers=list(message.get("headers", [])) + [(b"x-cache", b"miss")])
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    # Kept before the last byte goes out: a client that asks again as soon as it
+                    # has this answer must find it (the app may still run after sending).
+                    self._keep(key, writes, start, b"".join(chunks))
             await send(message)
 
         await self.app(scope, receive, capture)
-        body = b"".join(chunks)
-        if start.get("status") == 200 and len(body) <= MAX_BODY_BYTES and writes == self.jobs.writes \
-                and not self.jobs.busy:
-            with self.lock:
-                self.entries[key] = (writes, 200, list(start.get("headers", [])), body)
-                self.entries.move_to_end(key)
-                while len(self.entries) > MAX_ENTRIES:
-                    self.entries.popitem(last=False)
+
+    def _keep(self, key: tuple, writes: int, start: dict, body: bytes) -> None:
+        if start.get("status") != 200 or len(body) > MAX_BODY_BYTES or writes != self.jobs.writes \
+                or self.jobs.busy:
+            return
+        with self.lock:
+            self.entries[key] = (writes, 200, list(start.get("headers", [])), body)
+            self.entries.move_to_end(key)
+            while len(self.entries) > MAX_ENTRIES:
+                self.entries.popitem(last=False)
