@@ -4,7 +4,9 @@
 (`checkpoint_digest`), so that the same command run again on a finished run can say so at once,
 without the 10-25 s of loading GPT-2: the run's identity is the checkpoint's files, the prompts
 and the settings. For the built-in IOI prompts the prompts come from the tokenizer, which is read
-here from the checkpoint's tokenizer.json (tokenizers only, not transformers or torch).
+here from the checkpoint's tokenizer.json (tokenizers only, not transformers or torch). Should it
+encode differently than the tokenizer transformers loads, the prompts' digest differs and the
+shortcut merely misses: the model is loaded and the run found (or made) as usual.
 
 Never imports torch or transformers.
 """
@@ -60,15 +62,22 @@ def checkpoint_digest(model: str = "gpt2", model_path=None) -> str | None:
 
 class FileTokenizer:
     """The checkpoint's tokenizer.json through the tokenizers package, called like a Hugging Face
-    tokenizer (`tokenizer(text)["input_ids"]`, no special tokens), for the IOI prompt generator."""
+    tokenizer for the IOI prompt generator: `tokenizer(text)["input_ids"]` with the special tokens
+    the file's post-processor adds (a BOS for Llama's, none for GPT-2's), as transformers adds
+    them, or without (`add_special_tokens=False`); `decode(ids)`; `name_or_path`."""
 
     def __init__(self, path: Path):
         from tokenizers import Tokenizer
 
         self._tokenizer = Tokenizer.from_file(str(path))
+        self.name_or_path = str(path.parent)
 
-    def __call__(self, text: str) -> dict:
-        return {"input_ids": self._tokenizer.encode(text, add_special_tokens=False).ids}
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
+
+    def decode(self, ids) -> str:
+        # transformers keeps special tokens in decode by default; the tokenizers package drops them.
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
 def file_tokenizer(model: str = "gpt2", model_path=None) -> FileTokenizer | None:

@@ -8,6 +8,7 @@ import pytest
 from catalog import prompts as prompts_module
 from catalog.errors import CatalogError
 from catalog.prompts import (
+    EXTRA_NAMES,
     NAMES,
     OBJECTS,
     PLACES,
@@ -15,6 +16,7 @@ from catalog.prompts import (
     Prompt,
     end_position,
     ioi_prompts,
+    ioi_words,
     prompts_digest,
     read_jsonl,
     tokenize_prompts,
@@ -116,10 +118,24 @@ def test_word_lists_are_single_tokens(tok):
     assert len(set(NAMES)) == len(NAMES)
 
 
-def test_a_multi_token_word_is_named(tok, monkeypatch):
-    monkeypatch.setattr(prompts_module, "NAMES", NAMES + (" Xyzzyplughia",))
-    with pytest.raises(CatalogError, match="Xyzzyplughia"):
+def test_a_multi_token_word_is_left_out_and_the_list_topped_up(tok, monkeypatch):
+    assert len(tok(" Xyzzyplughia")["input_ids"]) > 1
+    monkeypatch.setattr(prompts_module, "NAMES", (" Xyzzyplughia",) + NAMES)
+    # The word drops out; the list keeps its length with the extension pool's first name.
+    assert ioi_words(tok).names == NAMES + (EXTRA_NAMES[0],)
+    texts = " ".join(p.text for p in ioi_prompts(200, seed=0, tokenizer=tok))
+    assert "Xyzzyplughia" not in texts and EXTRA_NAMES[0] + " " in texts
+
+
+def test_too_few_single_token_words_is_one_error_naming_the_list(tok, monkeypatch):
+    monkeypatch.setattr(prompts_module, "NAMES", (" Mary", " Xyzzyplughia", " John"))
+    monkeypatch.setattr(prompts_module, "EXTRA_NAMES", (" Sam", " Qwxzzyton"))
+    with pytest.raises(CatalogError) as info:
         ioi_prompts(2, seed=0, tokenizer=tok)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "names" in message and "3 of 5" in message and "at least 4" in message
+    assert type(tok).__name__ in message and "Xyzzyplughia" in message
 
 
 # --- reading prompts -------------------------------------------------------------------------
