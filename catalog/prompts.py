@@ -1,8 +1,8 @@
 """IOI prompts: a built-in generator, a JSONL reader, and tokenization with role checks.
 
 A prompt is a text plus roles: role name -> 0-based token position in the model's tokenization
-of the text, exactly the ids its tokenizer returns for the text (SPEC.md, "IOI prompts"). The
-catalog feeds the model those ids, so where a tokenizer puts a BOS token in front of every text
+of the text, exactly the ids its tokenizer returns for the text (SPEC.md, "IOI prompts", where
+GPT-2's tokenizer adds no BOS). The catalog feeds the model those ids, so where a tokenizer puts a BOS token in front of every text
 (Llama's does; GPT-2's does not, see `adds_bos`) position 0 is the BOS and every role counts it:
 in a JSONL file, roles are positions in that tokenization and a "tokens" list starts with the
 BOS string (e.g. "<s>").
@@ -198,13 +198,20 @@ def ioi_words(tokenizer) -> IoiWords:
                 words.append(word)
                 token_of[word] = token
         if len(words) < minimum:
-            examples = ", ".join(repr(word) for word in dropped[:3])
             raise CatalogError(
-                f"too few IOI {kind} are single tokens for the {_describe(tokenizer)}: {len(words)} of "
-                f"{len(candidates)}, at least {minimum} needed (not single tokens: {examples}, ...)"
+                f"too few IOI {kind} are single tokens in context for the {_describe(tokenizer)}: "
+                f"{len(words)} of {len(candidates)}, at least {minimum} needed{_examples(dropped)}"
             )
         chosen[kind] = tuple(words)
     return IoiWords(**chosen, token_of=token_of)
+
+
+def _examples(dropped: list[str]) -> str:
+    """The first few words left out, for an error message."""
+    if not dropped:
+        return ""
+    more = ", ..." if len(dropped) > 3 else ""
+    return f" (not single tokens: {', '.join(repr(word) for word in dropped[:3])}{more})"
 
 
 def _fill(template_id: str, slots: dict[str, str], roles_of: dict[str, str], tokenizer, words: IoiWords,
@@ -269,7 +276,11 @@ def ioi_prompts(n: int, seed: int, tokenizer, order: str = "mixed") -> list[Prom
 
 
 def read_jsonl(path) -> list[Prompt]:
-    """Prompts from a JSONL file: {"text": ..., "roles": {...}, "tokens": [...]} per line, roles/tokens optional."""
+    """Prompts from a JSONL file: {"text": ..., "roles": {...}, "tokens": [...]} per line, roles/tokens optional.
+
+    Roles are positions in the ids the model's tokenizer returns for the text, and tokens those
+    ids decoded one by one: both count the BOS where the tokenizer adds one (`tokenize_prompts`
+    checks them)."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
