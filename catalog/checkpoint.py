@@ -39,9 +39,10 @@ def checkpoint_dir(model: str = "gpt2", model_path=None) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
-def checkpoint_digest(model: str = "gpt2", model_path=None) -> str | None:
+def checkpoint_digest(model: str = "gpt2", model_path=None, dtype: str = "float32") -> str | None:
     """sha256 over the names and contents of the checkpoint's files (config, weights, tokenizer),
-    or None when the files cannot be found."""
+    or None when the files cannot be found. A model loaded in another dtype than float32 has
+    other weights: its digest also covers the dtype's name."""
     directory = checkpoint_dir(model, model_path)
     if directory is None:
         return None
@@ -57,6 +58,8 @@ def checkpoint_digest(model: str = "gpt2", model_path=None) -> str | None:
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
+    if dtype != "float32":
+        digest.update(b"dtype\0" + dtype.encode())
     return digest.hexdigest() if found else None
 
 

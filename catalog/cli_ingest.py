@@ -19,18 +19,26 @@ _db = click.option("--db", "db_path", required=True, type=click.Path(dir_okay=Fa
 
 
 def _model_options(command):
+    command = click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+                           show_default=True,
+                           help="The model's weights and activations (bfloat16: see the README's numbers).")(command)
+    command = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
+                           show_default=True, help="Where the model runs (auto: cuda when a GPU is usable).")(command)
     command = click.option("--model-path", type=click.Path(path_type=Path), default=None,
-                           help="A local Hugging Face GPT-2 checkpoint directory (no network access).")(command)
+                           help="A local Hugging Face checkpoint directory (GPT-2, GPT-NeoX/Pythia, Llama, "
+                                "Qwen2; no network access).")(command)
     return click.option("--model", default="gpt2", show_default=True,
-                        help="Model name on the Hugging Face hub (or in its local cache).")(command)
+                        help="Model name on the Hugging Face hub (or in its local cache), e.g. gpt2-medium, "
+                             "EleutherAI/pythia-160m, Qwen/Qwen2.5-0.5B.")(command)
 
 
 @click.command()
 @_db
 @_model_options
 @click.option("--add-model", is_flag=True, help="Allow a second model in a catalog that already holds one.")
-def decompose(db_path, model, model_path, add_model):
-    """Store all singular triplets of every head's bias-augmented Omega~."""
+def decompose(db_path, model, model_path, device, dtype, add_model):
+    """Store all singular triplets of every head's bias-augmented Omega~ (rotary models: their
+    family only; their per-offset forms are stored by ingest as firings need them)."""
     from catalog.ingest import decompose_model
     from catalog.model import load_model
     from catalog.store import Catalog, check_catalog_file
@@ -39,10 +47,12 @@ def decompose(db_path, model, model_path, add_model):
     check_catalog_file(db_path)
     say = lambda text: click.echo(text, err=True)  # status lines for the slow steps
     say(f"loading model {model_path or model} ...")
-    lm = load_model(model, model_path)
+    lm = load_model(model, model_path, device=device, dtype=dtype)
     with Catalog(db_path) as cat:
         model_id, stored = decompose_model(cat, lm, add_model=add_model, say=say)
     what = "decomposed and stored" if stored else "already in the catalog (same weights), reused"
+    if stored and lm.adapter.rotary is not None:
+        what = f"stored ({lm.family}, rotary: per-offset forms are stored as ingest's firings need them)"
     click.echo(f"model {model_id} ({lm.name}, {lm.n_layers}x{lm.n_heads} heads, d_model {lm.d_model}): "
                f"{what}; {time.perf_counter() - started:.1f} s")
 
@@ -85,7 +95,7 @@ def decompose(db_path, model, model_path, add_model):
 @click.option("--new-run", is_flag=True, help="Ingest again even if the same run has already finished.")
 @click.option("--server", metavar="URL", default=None,
               help="Submit to the `circuit-catalog serve` at URL and follow its progress (token: $CIRCUIT_CATALOG_TOKEN).")
-def ingest(db_path, model, model_path, dataset, n_prompts, seed, prompts_file, attn_threshold, sv_threshold,
+def ingest(db_path, model, model_path, device, dtype, dataset, n_prompts, seed, prompts_file, attn_threshold, sv_threshold,
            edge_threshold, append_constant, method, threshold, ig_steps, seeding, prob_target, tau, heads,
            dest_roles, batch_size, add_model, new_run, server):
     """Run prompts through the model; store firings, sparse signals and traced edges (resumable)."""
@@ -99,6 +109,8 @@ def ingest(db_path, model, model_path, dataset, n_prompts, seed, prompts_file, a
                     prompts_file=prompts_file, attn_threshold=attn_threshold, sv_threshold=sv_threshold,
                     edge_threshold=edge_threshold, append_constant=append_constant, batch_size=batch_size,
                     add_model=add_model, new_run=new_run)
+    if (device, dtype) != ("cpu", "float32"):
+        settings.update(device=device, dtype=dtype)
     if method != "sad":  # the 2024 method's calls stay as they were (the service's job settings too)
         settings.update(method=method, threshold=threshold, ig_steps=ig_steps, seeding=seeding,
                         prob_target=prob_target, tau=tau, heads=heads, dest_roles=dest_roles)

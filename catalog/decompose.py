@@ -79,7 +79,7 @@ def to_arrow(decomposition: Decomposition, form: str = "augmented"):
     layer, head, sv = np.meshgrid(np.arange(n_layers), np.arange(n_heads), np.arange(rank), indexing="ij")
 
     def vectors(M: torch.Tensor):
-        flat = M.transpose(-1, -2).contiguous().numpy().reshape(-1)  # [layer, head, sv, d_aug]
+        flat = M.transpose(-1, -2).contiguous().cpu().numpy().reshape(-1)  # [layer, head, sv, d_aug]
         return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), d_aug).cast(pa.list_(pa.float32()))
 
     return pa.table({
@@ -87,7 +87,7 @@ def to_arrow(decomposition: Decomposition, form: str = "augmented"):
         "layer": pa.array(layer.ravel(), pa.int16()),
         "head": pa.array(head.ravel(), pa.int16()),
         "sv": pa.array(sv.ravel(), pa.int16()),
-        "sigma": pa.array(decomposition.sigma.double().numpy().ravel(), pa.float64()),
+        "sigma": pa.array(decomposition.sigma.double().cpu().numpy().ravel(), pa.float64()),
         "u": vectors(decomposition.U),
         "v": vectors(decomposition.V),
     })

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from catalog.forms import LayerForms
 from catalog.signals import Firings, SparseSignals
 
 SIDES = ("query", "key")
@@ -61,9 +62,7 @@ def trace_side(
     side: str,
     firings: Firings,
     signals: SparseSignals,
-    U: torch.Tensor,
-    V: torch.Tensor,
-    sigma: torch.Tensor,
+    forms: LayerForms,
     outputs: torch.Tensor,
     scale: torch.Tensor,
     append_constant: bool,
@@ -71,15 +70,14 @@ def trace_side(
 ) -> SideEdges:
     """Edges of one side for the firings of one layer.
 
-    U, V: [head, d_model+1, sv] and sigma [head, sv] of this layer; outputs: upstream_outputs
+    forms: this layer's QK forms (firings.form indexes them); outputs: upstream_outputs
     restricted to the layers above this one [prompt, pos, n_up, d_model]; scale: this layer's
     ln1.hook_scale [prompt, pos].
     """
     n_firings, n_up, d_model = len(firings), outputs.shape[2], outputs.shape[3]
     max_svs = int(signals.n_svs.max()) if n_firings else 0
-    terms = torch.zeros(n_firings, n_up, max_svs)
+    terms = torch.zeros(n_firings, n_up, max_svs, device=outputs.device)
     token = firings.dest if side == "query" else firings.src
-    basis = (U if side == "query" else V).transpose(1, 2)  # [head, sv, d_model+1]
     for low, high in zip(_BUCKET_EDGES, _BUCKET_EDGES[1:] + (None,)):
         in_bucket = (signals.n_svs >= low) & ((signals.n_svs < high) if high else True)
         index = in_bucket.nonzero(as_tuple=True)[0]
@@ -88,20 +86,20 @@ def trace_side(
         width = int(signals.n_svs[index].max())
         chunk = max(1, _CHUNK_ELEMENTS // (n_up * d_model))
         for part in index.split(chunk):
-            terms[part, :, :width] = _terms(part, width, side, firings, signals, basis, sigma, outputs,
-                                            scale, token, append_constant)
+            terms[part, :, :width] = _terms(part, width, side, firings, signals, forms, outputs, scale, token,
+                                            append_constant)
     weight = terms.sum(dim=2)
     return SideEdges(terms=terms, weight=weight, is_edge=select_edges(weight, edge_threshold))
 
 
-def _terms(part, width, side, firings, signals, basis, sigma, outputs, scale, token, append_constant):
+def _terms(part, width, side, firings, signals, forms, outputs, scale, token, append_constant):
     """Per-direction terms [firing, upstream head, rank] for some firings, padded to `width` ranks."""
-    head = firings.head[part]
+    form = firings.form[part]
     sv = signals.order[part, :width]  # [f, rank]
-    in_signal = torch.arange(width).unsqueeze(0) < signals.n_svs[part].unsqueeze(1)
+    in_signal = torch.arange(width, device=sv.device).unsqueeze(0) < signals.n_svs[part].unsqueeze(1)
     sign = torch.sign(torch.gather(signals.dest_proj[part], 1, sv))
-    magnitude = torch.sqrt(sigma[head.unsqueeze(1), sv])
-    directions = basis[head.unsqueeze(1), sv]  # [f, rank, d_model+1]
+    magnitude = torch.sqrt(forms.sigma[form.unsqueeze(1), sv])
+    directions = forms.directions(side, form, sv)  # [f, rank, d_model+1]
     directions = directions * (sign * magnitude * in_signal).unsqueeze(-1)
     upstream = outputs[firings.prompt[part], token[part]]  # [f, n_up, d_model]
     terms = torch.bmm(upstream, directions[..., :-1].transpose(1, 2))  # [f, n_up, rank]

@@ -37,12 +37,16 @@ def decompose_model(cat: Catalog, model, add_model: bool = False, say=None) -> t
             f"{cat.path} was built from model '{others[0][0]}', not from {model.name} (other weights); "
             "use another --db file, or --add-model to keep several models in one catalog"
         )
+    row = {"name": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads, "d_model": model.d_model,
+           "d_head": model.d_head, "weights_digest": digest, "processing": model.processing}
+    if model.adapter.rotary is not None:
+        # A rotary model's forms depend on the offset i - j: they are computed and stored as the
+        # firings of a run need them (catalog.rotary), not here.
+        return cat.add_model(row, None, model.adapter.record()), True
     if say is not None:
         say(f"decomposing the {model.n_layers * model.n_heads} heads of {model.name} ...")
     W_Q, b_Q, W_K, b_K, _ = model.attention_weights()
-    row = {"name": model.name, "n_layers": model.n_layers, "n_heads": model.n_heads, "d_model": model.d_model,
-           "d_head": model.d_head, "weights_digest": digest, "processing": model.processing}
-    return cat.add_model(row, to_arrow(decompose(W_Q, b_Q, W_K, b_K))), True
+    return cat.add_model(row, to_arrow(decompose(W_Q, b_Q, W_K, b_K)), model.adapter.record()), True
 
 
 def store_plain_form(cat: Catalog, model_id: int, weights) -> None:
@@ -171,8 +175,8 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
            sv_threshold: float = 1.0, edge_threshold: float = 0.7, append_constant: bool = True,
            threshold="dynamic", ig_steps: int = 64, seeding: str = "linear", prob_target: str = "answer",
            tau: float = 0.8, heads=None, dest_roles=None, batch_size: int = 16,
-           add_model: bool = False, new_run: bool = False, show_progress: bool = False, on_batch=None,
-           loaded_model=None) -> dict:
+           add_model: bool = False, new_run: bool = False, device: str = "cpu", dtype: str = "float32",
+           show_progress: bool = False, on_batch=None, loaded_model=None) -> dict:
     """Run (or resume) an ingest into the catalog at db_path; return a summary dict.
 
     method 'sad' (the 2024 method, SPEC.md) uses attn/sv/edge_threshold and append_constant;
@@ -180,10 +184,12 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
     and dest_roles. A finished run with the same model, prompts and settings is not repeated (its
     summary is returned, with "already_finished") unless new_run is given.
 
+    device ('cpu', 'cuda', 'auto') and dtype ('float32', 'bfloat16') are where and in what the model
+    runs; a bfloat16 model has other weights (its digest differs), so its runs are another model's.
     on_batch(batch_index) is called after each committed batch (tests use it to interrupt).
     loaded_model lets a caller reuse a model it has already loaded.
     """
-    from catalog.prompts import answer_tokens, prompts_digest, read_jsonl
+    from catalog.prompts import adds_bos, answer_tokens, prompts_digest, read_jsonl
 
     say = _status if show_progress else (lambda text: None)
     accpp = accpp_settings(threshold, ig_steps, seeding, prob_target, tau, heads, dest_roles) if method == "accpp" else None
@@ -209,7 +215,7 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
     from catalog.checkpoint import checkpoint_digest
 
     # The digest of the files the model is loaded from (a caller's loaded model has no known files).
-    files_digest = checkpoint_digest(model, model_path) if loaded_model is None else None
+    files_digest = checkpoint_digest(model, model_path, dtype) if loaded_model is None else None
     if not new_run and files_digest is not None:
         # A finished run is recognised from the checkpoint's files, the prompts and the settings,
         # without loading the model (catalogs written before checkpoint digests were recorded
@@ -223,11 +229,14 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
         from catalog.model import load_model
 
         say(f"loading model {model_path or model} ...")
-        lm = load_model(model, model_path)
+        lm = load_model(model, model_path, device=device, dtype=dtype)
     # Prompts are tokenized and checked before the catalog is touched: bad prompts store nothing.
     items, token_lists = load_prompts(dataset, n_prompts, seed, items, lm.tokenizer, lm.n_ctx)
     answers, wrongs = answer_tokens(items, token_lists, lm.tokenizer)
     if accpp is not None:
+        if lm.adapter.family != "gpt2":
+            raise CatalogError(f"--method accpp reads GPT-2 models only so far; {lm.name} is a "
+                               f"{lm.adapter.family} model: use --method sad (the default)")
         _check_accpp_prompts(accpp, items, answers, wrongs, lm)
     digest = prompts_digest(items)
     with Catalog(db_path) as cat:
@@ -247,10 +256,10 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
                           model_path=str(model_path) if model_path else None,
                           seed=seed if prompts_file is None else None,
                           prompts_file=str(prompts_file) if prompts_file else None, settings=recorded,
-                          checkpoint_digest=files_digest)
+                          checkpoint_digest=files_digest, device=device, dtype=dtype)
             row = dict(identity, model_id=model_id, seed=params["seed"], prompts_digest=digest,
                        params=params, package_version=catalog.__version__, settings=recorded,
-                       weight_unit="score" if accpp is None else "attn_prob")
+                       weight_unit="score" if accpp is None else "attn_prob", has_bos=adds_bos(lm.tokenizer))
             run_id, resumed = cat.create_run(row, prompts, tokens), False
         else:
             run_id, resumed = run["run_id"], True
@@ -312,15 +321,9 @@ def _analysis(cat, lm, model_id, settings, items, token_lists, answers, wrongs):
 
     end_pos = [end_position(p, len(t)) for p, t in zip(items, token_lists)]
     if isinstance(settings, Settings):
-        from catalog.decompose import from_arrow
-
-        table = cat.con.sql(
-            "SELECT layer, head, sv, sigma, u, v FROM singular_vectors WHERE model_id = ? AND form = 'augmented'",
-            params=[model_id],
-        ).to_arrow_table()
-        decomposition = from_arrow(table, lm.n_layers, lm.n_heads)
+        qk = qk_forms(cat, lm, model_id)
         W_O = lm.attention_weights()[4]
-        return lambda ids: analyse_batch(lm, decomposition, W_O, [token_lists[i] for i in ids],
+        return lambda ids: analyse_batch(lm, qk, W_O, [token_lists[i] for i in ids],
                                          [end_pos[i] for i in ids], list(ids), settings,
                                          [answers[i] for i in ids], [wrongs[i] for i in ids])
     from catalog.accpp import circuit
@@ -336,6 +339,23 @@ def _analysis(cat, lm, model_id, settings, items, token_lists, answers, wrongs):
         return circuit.analyse_batch(lm, weights, prompts, settings)
 
     return analyse
+
+
+def qk_forms(cat, lm, model_id: int):
+    """The QK forms the 2024 method reads: per head from the stored decomposition (learned
+    positions), or per (head, offset) computed from the factors as firings need them (rotary)."""
+    if lm.adapter.rotary is not None:
+        from catalog.rotary import RotaryForms
+
+        return RotaryForms(*lm.adapter.qk_factors(), lm.adapter.rotary, device=lm.device)
+    from catalog.decompose import from_arrow
+    from catalog.forms import HeadForms
+
+    table = cat.con.sql(
+        "SELECT layer, head, sv, sigma, u, v FROM singular_vectors WHERE model_id = ? AND form = 'augmented' "
+        "AND pos_offset IS NULL", params=[model_id],
+    ).to_arrow_table()
+    return HeadForms(from_arrow(table, lm.n_layers, lm.n_heads), device=lm.device)
 
 
 def progress_postfix(firings: int, edges: int) -> str:

@@ -1,8 +1,10 @@
-"""Loading GPT-2 through TransformerLens, with HookedTransformer-equivalent processing.
+"""Loading a model through TransformerLens, with HookedTransformer-equivalent processing.
 
-The one place that knows how a model is found: `--model gpt2` (the Hugging Face hub or its
-local cache) or `--model-path DIR` (a checkpoint directory as `save_pretrained` writes it,
-loaded with no network access). Weight processing happens once, here, and is recorded.
+The one place that knows how a model is found: `--model NAME` (the Hugging Face hub or its
+local cache, e.g. gpt2, EleutherAI/pythia-160m) or `--model-path DIR` (a checkpoint directory
+as `save_pretrained` writes it, loaded with no network access). Weight processing happens once,
+here, and is recorded; the model's family (catalog.families) is found from its config, before
+the weights are read.
 """
 
 from __future__ import annotations
@@ -13,20 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from catalog.errors import CatalogError
+from catalog.families import HOOK_SUFFIXES, FamilyAdapter
 
 PROCESSING = (
     "TransformerBridge.enable_compatibility_mode(): fold_ln, center_writing_weights, "
     "center_unembed, fold_value_biases"
 )
 
-# Activations the method reads (SPEC.md, "Model and activations"), cached per forward pass.
-HOOK_SUFFIXES = (
-    "ln1.hook_normalized",
-    "ln1.hook_scale",
-    "attn.hook_attn_scores",
-    "attn.hook_pattern",
-    "attn.hook_z",
-)
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -39,12 +36,20 @@ class LoadedModel:
     d_model: int
     d_head: int
     n_ctx: int
+    adapter: FamilyAdapter
+    device: str = "cpu"
+    dtype: str = "float32"
     processing: str = PROCESSING
 
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
     def attention_weights(self):
-        """W_Q, b_Q, W_K, b_K, W_O as processed: [layer, head, d_model, d_head], [layer, head, d_head], ..."""
-        b = self.bridge
-        return b.W_Q.detach(), b.b_Q.detach(), b.W_K.detach(), b.b_K.detach(), b.W_O.detach()
+        """W_Q, b_Q, W_K, b_K, W_O as processed, per query head: [layer, head, d_model, d_head],
+        [layer, head, d_head], ..., W_O [layer, head, d_head, d_model] (zero biases where the model has
+        none, key heads repeated over their query group)."""
+        return (*self.adapter.qk_factors(), self.adapter.W_O())
 
     def weights_digest(self) -> str:
         """sha256 over every processed parameter, by name: the identity of a model in the catalog."""
@@ -64,17 +69,31 @@ class LoadedModel:
         import torch
 
         with torch.no_grad():
-            logits, cache = self.bridge.run_with_cache(tokens, names_filter=lambda n: n.endswith(hooks))
+            logits, cache = self.bridge.run_with_cache(tokens.to(self.device), names_filter=lambda n: n.endswith(hooks))
         return (logits, cache) if with_logits else cache
 
     def output_weights(self):
         """b_O [layer, d_model] (value biases folded in), W_U [d_model, vocab] (centred), b_U [vocab]."""
+        import torch
+
+        from catalog.families.base import parameter_or_none
+
         b = self.bridge
-        return b.b_O.detach(), b.W_U.detach(), b.b_U.detach()
+        W_U = b.W_U.detach()
+        b_O = parameter_or_none(b, "b_O")
+        b_U = parameter_or_none(b, "b_U")
+        zeros = lambda *shape: torch.zeros(shape, dtype=W_U.dtype, device=W_U.device)  # bias-free models
+        return (b_O if b_O is not None else zeros(self.n_layers, self.d_model),
+                W_U, b_U if b_U is not None else zeros(W_U.shape[1]))
 
 
-def load_model(name: str = "gpt2", path: str | Path | None = None, device: str = "cpu") -> LoadedModel:
-    """Load GPT-2 (hub name or local checkpoint directory) as a processed TransformerBridge."""
+def load_model(name: str = "gpt2", path: str | Path | None = None, device: str = "cpu",
+               dtype: str = "float32") -> LoadedModel:
+    """Load a model of a family the catalog reads (hub name or local checkpoint directory) as a
+    processed TransformerBridge on `device` ('cpu', 'cuda' or 'auto') in `dtype`."""
+    device = resolve_device(device)
+    if dtype not in DTYPES:
+        raise CatalogError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
     if path is not None:
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -83,6 +102,7 @@ def load_model(name: str = "gpt2", path: str | Path | None = None, device: str =
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
         source, display = str(path), str(path)
+        _family_of_config(path / "config.json", display)  # another family fails before the weights load
     else:
         source, display = name, name
         if _in_hub_cache(name):
@@ -90,7 +110,7 @@ def load_model(name: str = "gpt2", path: str | Path | None = None, device: str =
         elif not _hub_reachable():
             raise CatalogError(
                 f"model '{name}' is not in the local Hugging Face cache and the hub cannot be reached; "
-                "offline, pass --model-path DIR with a local GPT-2 checkpoint"
+                "offline, pass --model-path DIR with a local checkpoint"
             )
     import logging
     import warnings
@@ -107,28 +127,58 @@ def load_model(name: str = "gpt2", path: str | Path | None = None, device: str =
     hf_logging.disable_progress_bar()  # our own progress bar is the one that counts
 
     try:
-        bridge = TransformerBridge.boot_transformers(source, device=device)
+        bridge = TransformerBridge.boot_transformers(source, device=device, dtype=getattr(torch, dtype))
     except Exception as err:  # hub, cache and file errors come in many types
         if path is not None:
             raise CatalogError(f"could not load the checkpoint in {path}: {_first_line(err)}") from None
         raise CatalogError(
             f"could not load model '{name}' from the Hugging Face hub or its local cache "
-            f"({_first_line(err)}); offline, pass --model-path DIR with a local GPT-2 checkpoint"
+            f"({_first_line(err)}); offline, pass --model-path DIR with a local checkpoint"
         ) from None
+    from catalog.families import family_for
+
     model_type = getattr(getattr(bridge.original_model, "config", None), "model_type", "gpt2")
-    if model_type != "gpt2":
-        raise CatalogError(f"{display} is a '{model_type}' model; the catalog reads GPT-2 models")
+    family = family_for(model_type, display)
     bridge.enable_compatibility_mode(disable_warnings=True)
     cfg = bridge.cfg
-    # The bridge's own tokenizer prepends BOS (<|endoftext|>) to every text; SPEC.md positions
-    # count from the first word, so prompts are tokenized by the checkpoint's plain tokenizer.
+    # The bridge's own tokenizer would prepend a BOS to every text whatever the model; prompts are
+    # tokenized by the checkpoint's own tokenizer, exactly as it encodes them (GPT-2's adds no
+    # BOS, so SPEC.md positions count from the first word; Llama's adds one at position 0).
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     return LoadedModel(
         bridge=bridge, tokenizer=tokenizer, name=display, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-        d_model=cfg.d_model, d_head=cfg.d_head, n_ctx=cfg.n_ctx,
+        d_model=cfg.d_model, d_head=cfg.d_head, n_ctx=cfg.n_ctx, adapter=family.adapter(bridge),
+        device=device, dtype=dtype,
     )
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' where a GPU is usable, else 'cpu'; 'cuda' without one is an error."""
+    if device not in DEVICES:
+        raise CatalogError(f"--device must be one of {', '.join(DEVICES)}, not '{device}'")
+    if device == "cpu":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise CatalogError("--device cuda: no CUDA GPU is usable here (torch sees none); use --device cpu or auto")
+    return "cpu"
+
+
+def _family_of_config(config_path: Path, display: str):
+    import json
+
+    from catalog.families import family_for
+
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type", "")
+    except (OSError, ValueError) as err:
+        raise CatalogError(f"could not read {config_path}: {_first_line(err)}") from None
+    return family_for(str(model_type), display)
 
 
 def _in_hub_cache(name: str) -> bool:

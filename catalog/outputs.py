@@ -14,7 +14,8 @@ import torch
 def prompt_outputs(logits: torch.Tensor, end_pos, answer_ids, wrong_ids, prompt_ids, tokenizer) -> pa.Table:
     """Rows (prompt_id, logit_diff, answer_prob, top_token_id, top_token) for a batch."""
     batch = torch.arange(len(end_pos))
-    final = logits[batch, torch.as_tensor(end_pos)].double()  # [prompt, vocab]
+    # Only the end positions' logits leave the device (the catalog's rows are built on the CPU).
+    final = logits[batch.to(logits.device), torch.as_tensor(end_pos, device=logits.device)].double().cpu()
     top = final.argmax(dim=-1)
     known = [a is not None and w is not None for a, w in zip(answer_ids, wrong_ids)]
     answer = torch.tensor([a if a is not None else 0 for a in answer_ids])

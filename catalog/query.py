@@ -428,7 +428,8 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
                  min_effect: float | None = None, effect_mode: str = "local") -> dict[str, pa.Table]:
     """Everything about one head, as named tables (in display order).
 
-    spectrum     its top singular values (sv, sigma) in the run's model
+    spectrum     its top singular values (sv, sigma, pos_offset) in the run's model (rotary models:
+                 the spectrum at the offset the head fires at most)
     activity     n_firings, n_prompts (of n_prompts_run), mean attention, score and signal size
     role_pairs   dest_role -> src_role of its firings, with counts
     signal_size  histogram of n_svs (the sparse signal's size); ACC++: of atoms zeroed per side
@@ -445,9 +446,12 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
          "form": run.sv_form}
     this_head = "run_id = $run AND layer = $layer AND head = $head"
     tables = {
-        "spectrum": fetch(con, """
-            SELECT sv, sigma FROM singular_vectors
-            WHERE model_id = $model AND form = $form AND layer = $layer AND head = $head ORDER BY sv LIMIT $top""", p),
+        # A rotary model has one spectrum per offset: the one of the offset this head fires at most.
+        "spectrum": fetch(con, f"""
+            SELECT sv, sigma, pos_offset FROM singular_vectors
+            WHERE model_id = $model AND form = $form AND layer = $layer AND head = $head
+              AND pos_offset IS NOT DISTINCT FROM (SELECT mode(pos_offset) FROM firings WHERE {this_head})
+            ORDER BY sv LIMIT $top""", p),
         "activity": fetch(con, f"""
             SELECT count(*) AS n_firings, count(DISTINCT prompt_id) AS n_prompts,
                    (SELECT count(*) FROM prompts WHERE run_id = $run) AS n_prompts_run,
@@ -461,12 +465,12 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
             SELECT n_svs, count(*) AS n_firings, count(*) / sum(count(*)) OVER () AS share
             FROM firings WHERE {this_head} GROUP BY n_svs ORDER BY n_svs""", p),
         "top_svs": fetch(con, f"""
-            SELECT f.sv, any_value(s.sigma) AS sigma, count(*) AS n_firings,
+            SELECT f.sv, {SIGMA_OVER_FORMS} AS sigma, count(*) AS n_firings,
                    count(*) / (SELECT count(*) FROM firings WHERE {this_head}) AS share_of_firings,
                    avg(f.contribution) AS mean_contribution
             FROM firing_svs f
             LEFT JOIN singular_vectors s ON s.model_id = $model AND s.form = $form AND s.layer = f.layer
-                 AND s.head = f.head AND s.sv = f.sv
+                 AND s.head = f.head AND s.sv = f.sv AND {same_form("s", "f")}
             WHERE f.run_id = $run AND f.layer = $layer AND f.head = $head
             GROUP BY f.sv ORDER BY n_firings DESC, f.sv LIMIT $top""", p),
     }
@@ -475,13 +479,13 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
             SELECT side, n_atoms, count(*) AS n_firings, count(*) / sum(count(*)) OVER (PARTITION BY side) AS share
             FROM firing_sides WHERE {this_head} GROUP BY side, n_atoms ORDER BY side, n_atoms""", p)
         tables["top_svs"] = fetch(con, f"""
-            SELECT s.sv, any_value(v.sigma) AS sigma, count(DISTINCT (e.prompt_id, e.dest_pos, e.src_pos)) AS n_firings,
+            SELECT s.sv, {SIGMA_OVER_FORMS.replace("s.", "v.")} AS sigma, count(DISTINCT (e.prompt_id, e.dest_pos, e.src_pos)) AS n_firings,
                    count(DISTINCT (e.prompt_id, e.dest_pos, e.src_pos)) / (SELECT count(*) FROM firings WHERE {this_head})
                        AS share_of_firings,
                    sum(s.weight) AS total_drop
             FROM edges e JOIN edge_svs s USING (run_id, prompt_id, edge_id)
             LEFT JOIN singular_vectors v ON v.model_id = $model AND v.form = $form AND v.layer = e.layer
-                 AND v.head = e.head AND v.sv = s.sv
+                 AND v.head = e.head AND v.sv = s.sv AND {same_form("v", "e")}
             WHERE e.run_id = $run AND e.layer = $layer AND e.head = $head
             GROUP BY s.sv ORDER BY n_firings DESC, s.sv LIMIT $top""", p)
     tables["upstream"] = edges_into(con, head, run_id=run.run_id, top=5, effect=effect, min_effect=min_effect,
@@ -489,6 +493,18 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
     tables["downstream"] = edges_from(con, head, run_id=run.run_id, top=5, effect=effect, min_effect=min_effect,
                                       effect_mode=effect_mode)
     return tables
+
+
+def same_form(vectors: str, firing: str) -> str:
+    """The join condition of singular_vectors rows to the form of a firing (or of an edge's firing)
+    that has dest_pos and src_pos: position-free forms (pos_offset NULL) serve every firing;
+    a rotary model's serve the firings at their offset."""
+    return (f"({vectors}.pos_offset IS NULL OR {vectors}.pos_offset = {firing}.dest_pos - {firing}.src_pos)")
+
+
+# A sv's sigma over the forms of a head's firings: the head's one value (learned positions), or
+# the mean over the firings' offsets (rotary: each offset has its own spectrum).
+SIGMA_OVER_FORMS = "CASE WHEN count(s.pos_offset) = 0 THEN any_value(s.sigma) ELSE avg(s.sigma) END"
 
 
 def never_fires(run: Run, name: str) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from catalog.errors import CatalogError
-from catalog.query import HEAD_TABLES, RUN_TABLES, check_role, fetch, require_tables, resolve_run, rows
+from catalog.query import HEAD_TABLES, RUN_TABLES, check_role, fetch, require_tables, resolve_run, rows, same_form
 
 
 class NotFound(CatalogError):
@@ -133,7 +133,7 @@ def firing(con, prompt_id: int, head: str, dest_pos: int, src_pos: int, run_id: 
                f.dest_proj, f.src_proj
         FROM firing_svs f
         LEFT JOIN singular_vectors s ON s.model_id = $model AND s.form = $form AND s.layer = f.layer
-             AND s.head = f.head AND s.sv = f.sv
+             AND s.head = f.head AND s.sv = f.sv AND {same_form("s", "f")}
         WHERE {_firing_key("f.")}
         ORDER BY f.rank""", p)
     edges = fetch(con, f"SELECT * FROM edges WHERE {key} ORDER BY side, weight DESC", p)

@@ -20,7 +20,7 @@ TYPES = {
     "capped": pa.bool_(), "root_id": pa.int16(), "seeding": pa.string(), "objective": pa.string(),
     "pos": pa.int16(), "total": pa.float64(), "n_seeds": pa.int32(), "seed_rank": pa.int16(),
     "seed_weight": pa.float64(), "logit_diff": pa.float32(), "answer_prob": pa.float32(),
-    "top_token_id": pa.int32(), "top_token": pa.string(),
+    "top_token_id": pa.int32(), "top_token": pa.string(), "pos_offset": pa.int16(),
 }
 
 # The order edges are numbered in within a prompt (the order migration 004 gave older catalogs).

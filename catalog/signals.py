@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from catalog.forms import LayerForms
+
 
 @dataclass
 class Firings:
@@ -21,6 +23,7 @@ class Firings:
     src: torch.Tensor  # [firing] source (key) position j, 1 <= j <= i
     attn_weight: torch.Tensor  # [firing] hook_pattern(i, j)
     score: torch.Tensor  # [firing] raw score s(i, j) = q_i . k_j
+    form: torch.Tensor | None = None  # [firing] index into the layer's LayerForms (set by the caller)
 
     def __len__(self) -> int:
         return len(self.prompt)
@@ -42,26 +45,27 @@ class SparseSignals:
 
     def selected(self) -> torch.Tensor:
         """[firing, rank] mask: True where order[f, rank] belongs to the signal."""
-        ranks = torch.arange(self.order.shape[1])
+        ranks = torch.arange(self.order.shape[1], device=self.order.device)
         return ranks.unsqueeze(0) < self.n_svs.unsqueeze(1)
 
 
-def find_firings(pattern, attn_scores, end_pos, attn_threshold: float, d_head: int) -> Firings:
+def find_firings(pattern, attn_scores, end_pos, attn_threshold: float, score_scale: float) -> Firings:
     """Firings of one layer from its hook_pattern / hook_attn_scores [prompt, head, dest, src].
 
     end_pos [prompt] is the last destination analysed (the prompt's `end` token), which also keeps
-    the padding of shorter prompts out. Source 0 (the attention sink) never fires.
+    the padding of shorter prompts out. Source 0 (the attention sink, or the BOS) never fires.
+    score_scale: hook_attn_scores = s / score_scale (sqrt(d_head) in every family read).
     """
     n_pos = pattern.shape[-1]
-    dest = torch.arange(n_pos).view(1, 1, n_pos, 1)
-    src = torch.arange(n_pos).view(1, 1, 1, n_pos)
-    score = attn_scores * d_head**0.5  # hook_attn_scores is s / sqrt(d_head)
+    dest = torch.arange(n_pos, device=pattern.device).view(1, 1, n_pos, 1)
+    src = torch.arange(n_pos, device=pattern.device).view(1, 1, 1, n_pos)
+    score = attn_scores * score_scale
     mask = (
         (pattern >= attn_threshold)
         & (score > 0)
         & (src >= 1)
         & (src <= dest)
-        & (dest <= end_pos.view(-1, 1, 1, 1))
+        & (dest <= end_pos.to(pattern.device).view(-1, 1, 1, 1))
     )
     prompt, head, i, j = mask.nonzero(as_tuple=True)
     return Firings(prompt, head, i, j, pattern[prompt, head, i, j], score[prompt, head, i, j])
@@ -72,19 +76,15 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
 
 
-def sparse_signals(firings: Firings, normalized, U, V, sigma, sv_threshold: float) -> SparseSignals:
+def sparse_signals(firings: Firings, normalized, forms: LayerForms, sv_threshold: float) -> SparseSignals:
     """Contributions c_k and the sparse signal of every firing of one layer.
 
-    normalized: ln1.hook_normalized [prompt, pos, d_model]; U, V: [head, d_model+1, sv]; sigma [head, sv].
+    normalized: ln1.hook_normalized [prompt, pos, d_model]; forms: the layer's QK forms, firings.form
+    each firing's (catalog.forms).
     """
-    x_tilde = augment(normalized)
-    # Project every token on every head's directions (cheap: [prompt, pos, head, sv]), then pick
-    # the firings' rows; gathering a [d_model+1, sv] matrix per firing would cost far more memory.
-    dest_all = torch.einsum("bpd,hdk->bphk", x_tilde, U)
-    src_all = torch.einsum("bpd,hdk->bphk", x_tilde, V)
-    dest_proj = dest_all[firings.prompt, firings.dest, firings.head]  # [firing, sv]
-    src_proj = src_all[firings.prompt, firings.src, firings.head]
-    contribution = sigma[firings.head] * dest_proj * src_proj
+    x_tilde = augment(normalized.float())
+    dest_proj, src_proj = forms.projections(x_tilde, firings.prompt, firings.dest, firings.src, firings.form)
+    contribution = forms.sigma[firings.form] * dest_proj * src_proj
     sorted_c, order = torch.sort(contribution, dim=1, descending=True, stable=True)
     # The shortest prefix whose running sum, over the whole score, exceeds sv_threshold. The
     # score is the sum of the contributions, as in the reference implementation (it equals

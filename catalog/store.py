@@ -212,12 +212,17 @@ class Catalog:
             row = conn.execute(sa.select(self.models).where(self.models.c.model_id == model_id)).mappings().first()
         return dict(row) if row else None
 
-    def add_model(self, row: dict, singular_vectors) -> int:
-        """Insert a model and its singular vectors (an Arrow table without model_id) in one transaction."""
+    def add_model(self, row: dict, singular_vectors, family: dict) -> int:
+        """Insert a model, its model_families row and its singular vectors (an Arrow table without
+        model_id; None for a rotary model, whose forms come with its runs) in one transaction."""
         model_id = self._next_id(self.models, "model_id")
         with self.engine.begin() as conn:  # one transaction on the shared connection
             conn.execute(self.models.insert().values(model_id=model_id, **row))
-            self._append("singular_vectors", singular_vectors, model_id=model_id)
+            names = list(family)
+            self.con.execute(f"INSERT INTO model_families (model_id, {', '.join(names)}) VALUES "
+                             f"(?, {', '.join('?' for _ in names)})", [model_id, *family.values()])
+            if singular_vectors is not None:
+                self._append("singular_vectors", singular_vectors, model_id=model_id)
         return model_id
 
     def has_singular_vectors(self, model_id: int, form: str) -> bool:
@@ -298,6 +303,17 @@ class Catalog:
                 list(constants.values()),
             )
 
+    def _append_missing(self, table: str, data, keys: list[str], run_id: int) -> None:
+        """Append the rows of the run's model whose `keys` are not stored for that model yet."""
+        with self._registered(table, data) as name:
+            columns = ", ".join(f'"{c}"' for c in data.column_names)
+            match = " AND ".join(f'stored."{c}" IS NOT DISTINCT FROM {name}."{c}"' for c in keys)
+            self.con.execute(
+                f"INSERT INTO {table} (model_id, {columns}) "
+                f"SELECT (SELECT model_id FROM runs WHERE run_id = $1), {columns} FROM {name} "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {table} stored WHERE stored.model_id = "
+                f"(SELECT model_id FROM runs WHERE run_id = $1) AND {match})", [run_id])
+
     def _update(self, table: str, data, keys: list[str], **constants: Any) -> None:
         """UPDATE rows of `table` from an Arrow table, matched on `keys` and the constants."""
         with self._registered(table, data) as name:
@@ -309,6 +325,10 @@ class Catalog:
 
     # Batch tables that update rows written with the run instead of adding rows: name -> (table, keys).
     UPDATES = {"prompt_outputs": ("prompts", ["prompt_id"])}
+    # Batch tables of the run's model rather than of the run (rotary models' per-offset forms, first
+    # needed by this batch): name -> the columns that identify one stored item; items already
+    # stored (by an earlier run, or a batch of this run that committed before an interruption) are skipped.
+    MODEL_ROWS = {"singular_vectors": ["form", "layer", "head", "pos_offset"]}
 
     def write_batch(self, run_id: int, batch: int, first_prompt: int, last_prompt: int, tables: dict) -> None:
         """Write one batch's rows and its run_batches record atomically: all of it or none of it."""
@@ -318,6 +338,9 @@ class Catalog:
                 if table in self.UPDATES and data.num_rows:
                     target, keys = self.UPDATES[table]
                     self._update(target, data, keys, run_id=run_id)
+                elif table in self.MODEL_ROWS:
+                    if data is not None and data.num_rows:
+                        self._append_missing(table, data, self.MODEL_ROWS[table], run_id)
                 elif data.num_rows:
                     self._append(table, data, run_id=run_id)
             self.con.execute(

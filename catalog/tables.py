@@ -45,4 +45,5 @@ runs = sa.Table(
     sa.Column("method", sa.String, server_default="sad"),        # 'sad' | 'accpp'
     sa.Column("weight_unit", sa.String, server_default="score"),  # 'score' | 'attn_prob'
     sa.Column("settings", sa.JSON),
+    sa.Column("has_bos", sa.Boolean, server_default=sa.false()),  # token 0 of every prompt is BOS
 )

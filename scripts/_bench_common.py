@@ -53,17 +53,23 @@ def warn_if_busy(seconds: float = 1.0) -> None:
               "timings will be slower than on an idle machine")
 
 
-def load_bench_model(workdir: Path):
+def load_bench_model(workdir: Path, device: str = "cpu", dtype: str = "float32", model_path=None, model=None):
     """Build (once) and load the benchmark model, saying which model and machine; returns
-    (model, load seconds)."""
+    (model, load seconds). model_path or model (a hub name) replaces the default checkpoint."""
     import torch
 
     from catalog.model import load_model
 
-    path, what = checkpoint(workdir)
+    if model_path is not None or model is not None:
+        path, what = model_path, f"{model_path or model} (given)"
+    else:
+        path, what = checkpoint(workdir)
     print(f"model: {what}")
-    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
+          + (f"; GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "; no GPU"))
     warn_if_busy()
     started = time.perf_counter()
-    lm = load_model(path=path)
+    lm = load_model(model or "gpt2", path, device=device, dtype=dtype)
+    if lm.device == "cuda":
+        torch.cuda.synchronize()
     return lm, time.perf_counter() - started

@@ -42,13 +42,14 @@ def test_migration_4_keeps_every_number(v3_catalog):
                             JOIN firing_svs f USING (run_id, prompt_id, layer, head, dest_pos, src_pos, sv)
                             GROUP BY ALL ORDER BY ALL""").fetchall()
     firings = con.execute("SELECT * FROM firings ORDER BY ALL").fetchall()
+    columns = ", ".join(r[0] for r in con.execute("DESCRIBE firings").fetchall())
     assert apply_migrations(con)[0] == 4 and schema_version(con) >= 4
     after = con.execute("""SELECT e.layer, e.head, e.dest_pos, e.src_pos, e.side, e.up_layer, e.up_head, e.weight,
                                   list(s.sv ORDER BY s.rank), list(s.weight ORDER BY s.rank)
                            FROM edges e JOIN edge_svs s USING (run_id, prompt_id, edge_id)
                            GROUP BY ALL ORDER BY ALL""").fetchall()
     assert after == before and len(after) == 3
-    assert con.execute("SELECT * FROM firings ORDER BY ALL").fetchall() == firings
+    assert con.execute(f"SELECT {columns} FROM firings ORDER BY ALL").fetchall() == firings
     assert con.execute("SELECT DISTINCT up_kind, up_src_pos FROM edges").fetchall() == [("head", None)]
     # Edge ids are 0.. within the prompt, in (layer, head, dest, src, side, up_layer, up_head) order.
     assert con.execute("SELECT edge_id, head, side FROM edges ORDER BY edge_id").fetchall() == [

@@ -133,7 +133,7 @@ def test_head_summary_matches_python(catalog_db, con):
     layer, h = (int(x) for x in head.split("."))
     tables = query.head_summary(con, head, top=100)
     model_id = fetch_dicts(catalog_db, "SELECT model_id FROM runs WHERE run_id = ?", [LATEST_RUN])[0]["model_id"]
-    sigmas = fetch_dicts(catalog_db, "SELECT sv, sigma FROM singular_vectors WHERE model_id = ? AND layer = ? "
+    sigmas = fetch_dicts(catalog_db, "SELECT sv, sigma, pos_offset FROM singular_vectors WHERE model_id = ? AND layer = ? "
                          "AND head = ? ORDER BY sv", [model_id, layer, h])
     assert tables["spectrum"].to_pylist() == sigmas[:100]
     assert tables["spectrum"].column("sigma").to_pylist() == sorted(tables["spectrum"].column("sigma").to_pylist(), reverse=True)

@@ -52,6 +52,8 @@ class IngestSettings(BaseModel):
     batch_size: int = Field(16, ge=1)
     add_model: bool = False
     new_run: bool = False
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 JobStatus = Literal["queued", "running", "finished", "failed", "interrupted"]

@@ -1,0 +1,137 @@
+"""What a model family tells the method: the adapter interface and the parts families share.
+
+The method modules (decompose, rotary, signals, edges, batch) read a model only through a
+FamilyAdapter: each head's query and key factors with their biases (key heads expanded to the
+query heads that share them), how positions enter the QK form (learned: not at all; rotary: a
+rotation between the factors), the scale between the score and `hook_attn_scores`, the hooks
+the method caches, and the upstream components (every head of an earlier layer, as z W_O).
+A family module states only what differs; the weights themselves come from TransformerLens's
+bridge in compatibility mode, which has already folded the normalisation into W_Q and W_K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Activations the 2024 method reads (SPEC.md, "Model and activations"), for every family: the
+# normalised residual each head reads, its scale, the scores and pattern, and every head's z.
+HOOK_SUFFIXES = (
+    "ln1.hook_normalized",
+    "ln1.hook_scale",
+    "attn.hook_attn_scores",
+    "attn.hook_pattern",
+    "attn.hook_z",
+)
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """Rotary position embedding as the model applies it (the rotate-half convention of GPT-NeoX,
+    Llama and Qwen2): dims p and p + rotary_dim/2 of a head turn together by angle pos * inv_freq[p];
+    dims from rotary_dim on are left alone; `magnitude` multiplies every rotated q.k term (the
+    square of the embedding's attention scaling, 1 for the default rotation)."""
+
+    inv_freq: tuple[float, ...]   # [rotary_dim / 2], as the model computes them (float32)
+    base: float | None = None     # the config's theta (inv_freq[p] = base ** (-2p / rotary_dim) by default)
+    magnitude: float = 1.0
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * len(self.inv_freq)
+
+
+@dataclass
+class FamilyAdapter:
+    """One model family's answers to the method's questions, for one loaded model."""
+
+    family: str                 # 'gpt2' | 'gpt_neox' | 'llama' | 'qwen2'
+    bridge: object              # the TransformerBridge, in compatibility mode
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int             # < n_heads: grouped-query attention
+    d_model: int
+    d_head: int
+    norm: str                   # 'LayerNorm' | 'RMSNorm'
+    parallel_attn_mlp: bool     # attention and MLP read the same residual stream
+    score_scale: float          # hook_attn_scores = score / score_scale
+    rotary: Rotary | None       # None: learned positions, one position-free QK form per head
+    hooks: tuple[str, ...] = HOOK_SUFFIXES
+
+    @property
+    def pos_encoding(self) -> str:
+        return "rotary" if self.rotary is not None else "learned"
+
+    def qk_factors(self):
+        """W_Q, b_Q, W_K, b_K per query head: [layer, head, d_model, d_head] and [layer, head, d_head].
+
+        A model without QK biases gets zeros; the key factors of grouped-query attention are
+        repeated for every query head of their group (head h reads key head h // (n_heads / n_kv_heads))."""
+        import torch
+
+        b = self.bridge
+        W_Q, W_K = b.W_Q.detach(), b.W_K.detach()
+        b_Q, b_K = _bias(b, "b_Q", W_Q), _bias(b, "b_K", W_K)
+        if self.n_kv_heads != self.n_heads:
+            group = torch.arange(self.n_heads) // (self.n_heads // self.n_kv_heads)
+            W_K, b_K = W_K[:, group], b_K[:, group]
+        return W_Q, b_Q, W_K, b_K
+
+    def W_O(self):
+        """[layer, head, d_head, d_model]: head (l', h') writes z W_O into the residual stream."""
+        return self.bridge.W_O.detach()
+
+    def upstream_heads(self, layer: int) -> int:
+        """How many heads are upstream of `layer` (layer-major): every head of an earlier layer.
+        With parallel attention and MLP (GPT-NeoX) the attention of a layer reads the residual
+        before that layer's own MLP, so the upstream heads are still exactly those of earlier layers."""
+        return layer * self.n_heads
+
+    def record(self) -> dict:
+        """The model_families row (without model_id)."""
+        return {"family": self.family, "pos_encoding": self.pos_encoding,
+                "rotary_dim": self.rotary.rotary_dim if self.rotary else None,
+                "rotary_base": self.rotary.base if self.rotary else None, "n_kv_heads": self.n_kv_heads,
+                "norm": self.norm, "parallel_attn_mlp": self.parallel_attn_mlp, "score_scale": self.score_scale}
+
+
+def parameter_or_none(bridge, name: str):
+    """A stacked parameter of the bridge (b_Q, b_O, ...), or None where the model has none."""
+    try:
+        value = getattr(bridge, name)
+    except Exception:  # the bridge raises for bias-free projections rather than returning None
+        return None
+    return None if value is None else value.detach()
+
+
+def _bias(bridge, name: str, weight):
+    """The stacked QK bias [layer, head, d_head], zeros where the projection has none."""
+    import torch
+
+    bias = parameter_or_none(bridge, name)
+    if bias is None:
+        return torch.zeros(weight.shape[:2] + weight.shape[3:], dtype=weight.dtype, device=weight.device)
+    return bias
+
+
+def rotary_of(hf_model) -> Rotary:
+    """The rotation of a Hugging Face model, from its rotary embedding module's own frequencies
+    (so every rope variant that only changes inv_freq, e.g. Llama 3's, is read right)."""
+    for _, module in hf_model.named_modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if inv_freq is not None:
+            scaling = float(getattr(module, "attention_scaling", 1.0) or 1.0)
+            config = hf_model.config
+            theta = ((getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+                     or getattr(config, "rope_theta", None) or getattr(config, "rotary_emb_base", None))
+            return Rotary(inv_freq=tuple(float(f) for f in inv_freq.double().cpu()),
+                          base=float(theta) if theta else None, magnitude=scaling**2)
+    raise ValueError("no rotary embedding module (with inv_freq) in this model")
+
+
+def score_scale_of(hf_model, d_head: int) -> float:
+    """1 / the attention modules' `scaling` (softmax(q.k * scaling)), else sqrt(d_head)."""
+    for _, module in hf_model.named_modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, float) and scaling > 0:
+            return 1.0 / scaling
+    return float(d_head) ** 0.5

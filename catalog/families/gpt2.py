@@ -1,0 +1,18 @@
+"""GPT-2, every size (small, medium, large, xl): learned absolute positions added to the residual
+stream, LayerNorm, QK biases, one key head per query head. The QK form of a head does not
+depend on positions: one bias-augmented SVD per head (SPEC.md)."""
+
+from catalog.families.base import FamilyAdapter, score_scale_of
+
+NAME = "gpt2"
+MODEL_TYPES = ("gpt2",)
+DESCRIPTION = "GPT-2 (every size)"
+
+
+def adapter(bridge) -> FamilyAdapter:
+    cfg = bridge.cfg
+    return FamilyAdapter(
+        family=NAME, bridge=bridge, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
+        d_model=cfg.d_model, d_head=cfg.d_head, norm="LayerNorm", parallel_attn_mlp=False,
+        score_scale=score_scale_of(bridge.original_model, cfg.d_head), rotary=None,
+    )

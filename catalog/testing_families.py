@@ -1,0 +1,72 @@
+"""Tiny random checkpoints of every model family the catalog reads, built offline.
+
+Each is a Hugging Face config with random weights saved by `save_pretrained`, loaded back
+through the same `--model-path` path users take. Their query and key weights get a realistic
+scale (as catalog.testing does for GPT-2), so that heads fire. GPT-2 and GPT-NeoX carry GPT-2's
+tokenizer (no BOS); Llama and Qwen2 carry the given tokenizer (by default GPT-2's too).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FAMILY_NAMES = ("gpt2", "gpt_neox", "llama", "qwen2")
+
+
+def save_random_family(family: str, out_dir: str | Path, tokenizer=None, n_layers: int = 3, n_heads: int = 4,
+                       n_kv_heads: int = 2, d_model: int = 64, n_positions: int = 128, seed: int = 0) -> Path:
+    """Write a random checkpoint of `family` (one of FAMILY_NAMES) with its tokenizer; return out_dir.
+
+    Llama and Qwen2 use grouped-query attention (n_kv_heads key heads); GPT-NeoX rotates a
+    quarter of each head's dims and runs attention and MLP in parallel, as Pythia does."""
+    import torch
+
+    from catalog.testing import gpt2_tokenizer, save_random_gpt2
+
+    out_dir = Path(out_dir)
+    if family == "gpt2":
+        return save_random_gpt2(out_dir, n_layer=n_layers, n_head=n_heads, n_embd=d_model,
+                                n_positions=n_positions, seed=seed)
+    tokenizer = tokenizer if tokenizer is not None else gpt2_tokenizer()
+    torch.manual_seed(seed)
+    model = _build(family, len(tokenizer), n_layers, n_heads, n_kv_heads, d_model, n_positions, tokenizer)
+    _spread_attention(model, family, d_model, seed)
+    model.eval().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _build(family, vocab, n_layers, n_heads, n_kv_heads, d_model, n_positions, tokenizer):
+    import transformers as tf
+
+    special = {"bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+               "eos_token_id": tokenizer.eos_token_id}
+    common = dict(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                  intermediate_size=2 * d_model, max_position_embeddings=n_positions, **special)
+    if family == "gpt_neox":
+        config = tf.GPTNeoXConfig(**common, rotary_pct=0.25, use_parallel_residual=True)
+        return tf.GPTNeoXForCausalLM(config)
+    if family == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**common, num_key_value_heads=n_kv_heads))
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_key_value_heads=n_kv_heads))
+    raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILY_NAMES)}")
+
+
+def _spread_attention(model, family: str, d_model: int, seed: int) -> None:
+    """Query/key weights of std 1.5/sqrt(d_model) (and biases of std 0.3 where the family has
+    them): with the default init every pattern is nearly uniform and nothing fires."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    scale = 1.5 / d_model**0.5
+
+    def redraw(tensor, std):
+        with torch.no_grad():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+
+    for name, parameter in sorted(model.named_parameters()):
+        if family == "gpt_neox" and "attention.query_key_value" in name:
+            redraw(parameter, scale if name.endswith("weight") else 0.3)  # q, k and v: v's scale is harmless
+        elif family in ("llama", "qwen2") and (".q_proj." in name or ".k_proj." in name):
+            redraw(parameter, scale if name.endswith("weight") else 0.3)

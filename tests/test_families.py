@@ -1,0 +1,255 @@
+"""Every model family against a plain computation written independently, on tiny random checkpoints.
+
+For GPT-2, GPT-NeoX (rotary on a quarter of each head, parallel attention and MLP), Llama
+(rotary, grouped-query attention, RMSNorm) and Qwen2 (the same plus QK biases), built offline
+and loaded through `--model-path`:
+
+- the contributions identity: for every stored firing, the stored singular vectors of its form
+  (joined in SQL on pos_offset) give contributions that sum to the score the model's own hook reports;
+- the decomposition: each stored form equals a dense numpy SVD of Omega~(i - j), built here from
+  the bridge's raw weights and the rotation written out from the Hugging Face config;
+- firings, signals and edges of each prompt equal a per-firing recomputation in numpy.
+"""
+
+import json
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+
+from catalog.ingest import ingest
+from catalog.testing_families import FAMILY_NAMES, save_random_family
+from catalog.testing_tokenizers import llama_style_tokenizer
+
+ATTN, SV, EDGE = 0.5, 1.0, 0.7
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def family_run(request, tmp_path_factory):
+    from catalog.model import load_model
+
+    family = request.param
+    # Llama gets a SentencePiece-style tokenizer that prepends a BOS, as Llama's does; the others
+    # GPT-2's byte-level BPE, which adds none (as Pythia's and Qwen2's own tokenizers).
+    tokenizer = llama_style_tokenizer() if family == "llama" else None
+    checkpoint = save_random_family(family, tmp_path_factory.mktemp(f"tiny-{family}"), tokenizer=tokenizer)
+    lm = load_model(path=checkpoint)
+    db = tmp_path_factory.mktemp(f"catalog-{family}") / "catalog.duckdb"
+    summary = ingest(db, model_path=checkpoint, n_prompts=4, seed=2, batch_size=3, loaded_model=lm)
+    con = duckdb.connect(str(db), read_only=True)
+    yield family, checkpoint, lm, con, summary["run_id"]
+    con.close()
+
+
+# -- the model, written out independently ---------------------------------------------------------
+
+def _raw_factors(lm):
+    """Augmented A, B [layer, head, d+1, d_head] in float64 from the bridge's own stacked weights,
+    key heads repeated over their query group here (not through the catalog's adapter)."""
+    b = lm.bridge
+    W_Q, W_K = b.W_Q.detach().double().numpy(), b.W_K.detach().double().numpy()
+    n_layers, n_heads, _, d_head = W_Q.shape
+
+    def bias(name, n):
+        try:
+            value = getattr(b, name)
+        except Exception:
+            value = None
+        return np.zeros((n_layers, n, d_head)) if value is None else value.detach().double().numpy()
+
+    b_Q, b_K = bias("b_Q", n_heads), bias("b_K", W_K.shape[1])
+    group = n_heads // W_K.shape[1]
+    W_K, b_K = np.repeat(W_K, group, axis=1), np.repeat(b_K, group, axis=1)
+    A = np.concatenate([W_Q, b_Q[:, :, None, :]], axis=2)
+    B = np.concatenate([W_K, b_K[:, :, None, :]], axis=2)
+    return A, B
+
+
+def _rotation(checkpoint, d_head):
+    """offset -> M(offset) from config.json: q_i . k_j after rotating both = q^T M(i - j) k, or None."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    if config["model_type"] == "gpt2":
+        return None
+    rope = config.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", config.get("rope_theta", config.get("rotary_emb_base", 10000.0)))
+    fraction = rope.get("partial_rotary_factor", config.get("rotary_pct", 1.0))
+    rotary_dim = int(d_head * fraction)
+    half = rotary_dim // 2
+    frequency = (1.0 / theta ** (np.arange(0, rotary_dim, 2) / rotary_dim)).astype(np.float32).astype(np.float64)
+
+    def matrix(offset):
+        M = np.eye(d_head)
+        for p in range(half):
+            # q rotated by i*f and k by j*f: the pair (p, p + half) sees cos((i-j) f) and sin((i-j) f)
+            c, s = np.cos(offset * frequency[p]), np.sin(offset * frequency[p])
+            M[p, p] = M[p + half, p + half] = c
+            M[p, p + half], M[p + half, p] = s, -s
+        return M
+
+    return matrix
+
+
+def _omega(A, B, rotation, layer, head, offset):
+    middle = np.eye(A.shape[-1]) if rotation is None else rotation(offset)
+    return A[layer, head] @ middle @ B[layer, head].T
+
+
+def _svd(omega, r):
+    U, S, Vt = np.linalg.svd(omega)
+    return U[:, :r], S[:r], Vt[:r].T
+
+
+def _select(weights):
+    order = sorted(weights, key=lambda k: -weights[k])
+    total, running = sum(weights.values()), 0.0
+    for key in order:
+        running += weights[key]
+        if running > EDGE * total:
+            return {k for k, w in weights.items() if w >= weights[key]}
+    return set()
+
+
+def _independent(lm, checkpoint, token_ids, end_pos):
+    """Firings, signals and edges of one prompt, one firing at a time."""
+    A, B = _raw_factors(lm)
+    rotation = _rotation(checkpoint, lm.d_head)
+    W_O = lm.bridge.W_O.detach().double().numpy()
+    _, cache = lm.bridge.run_with_cache(torch.tensor([token_ids]))
+    get = lambda name: cache[name][0].double().numpy()  # noqa: E731
+    result = {}
+    for layer in range(lm.n_layers):
+        pattern, scores = get(f"blocks.{layer}.attn.hook_pattern"), get(f"blocks.{layer}.attn.hook_attn_scores")
+        x = get(f"blocks.{layer}.ln1.hook_normalized")
+        scale = get(f"blocks.{layer}.ln1.hook_scale")[:, 0]
+        for head in range(lm.n_heads):
+            for i in range(end_pos + 1):
+                for j in range(1, i + 1):
+                    if pattern[head, i, j] < ATTN or scores[head, i, j] <= 0:
+                        continue
+                    U, S, V = _svd(_omega(A, B, rotation, layer, head, i - j), lm.d_head)
+                    xi, xj = np.append(x[i], 1.0), np.append(x[j], 1.0)
+                    c = [S[k] * (xi @ U[:, k]) * (V[:, k] @ xj) for k in range(len(S))]
+                    ranked = sorted(range(len(c)), key=lambda k: -c[k])
+                    running, svs = 0.0, None
+                    for n, k in enumerate(ranked):
+                        running += c[k]
+                        if running / sum(c) > SV:
+                            svs = ranked[: n + 1]
+                            break
+                    svs = svs if svs is not None else [k for k in ranked if c[k] > 0]
+                    edges = {}
+                    for side, t in (("query", i), ("key", j)):
+                        weights = {}
+                        for up_layer in range(layer):
+                            z = get(f"blocks.{up_layer}.attn.hook_z")
+                            for up_head in range(lm.n_heads):
+                                o = np.append(z[t, up_head] @ W_O[up_layer, up_head], 1.0)
+                                weights[up_layer, up_head] = sum(
+                                    o @ (np.sign(xi @ U[:, k]) * np.sqrt(S[k]) * (U[:, k] if side == "query" else V[:, k]))
+                                    / scale[t] for k in svs)
+                        edges[side] = {u: weights[u] for u in _select(weights)} if layer else {}
+                    result[layer, head, i, j] = {"score": scores[head, i, j] * np.sqrt(lm.d_head), "c": c,
+                                                 "svs": svs, "edges": edges}
+    return result
+
+
+# -- the checks -----------------------------------------------------------------------------------
+
+def test_the_family_is_recorded_and_read(family_run):
+    family, checkpoint, lm, con, run_id = family_run
+    row = con.execute("SELECT family, pos_encoding, n_kv_heads, rotary_dim FROM model_families").fetchall()
+    config = json.loads((checkpoint / "config.json").read_text())
+    kv = config.get("num_key_value_heads", lm.n_heads)
+    rotary = {"gpt2": None, "gpt_neox": lm.d_head // 4, "llama": lm.d_head, "qwen2": lm.d_head}[family]
+    assert row == [(family, "learned" if family == "gpt2" else "rotary", kv, rotary)]
+    assert lm.adapter.family == family
+    n_firings = con.execute("SELECT count(*) FROM firings WHERE run_id = ?", [run_id]).fetchall()[0][0]
+    n_edges = con.execute("SELECT count(*) FROM edges WHERE run_id = ?", [run_id]).fetchall()[0][0]
+    assert n_firings > 20 and n_edges > 20  # the random weights really make heads fire
+    # A BOS-adding tokenizer: recorded, position 0 of every prompt is the BOS, roles count it.
+    has_bos = family == "llama"
+    assert con.execute("SELECT has_bos FROM runs WHERE run_id = ?", [run_id]).fetchall() == [(has_bos,)]
+    first = {t for (t,) in con.execute("SELECT DISTINCT token_id FROM tokens WHERE run_id = ? AND pos = 0",
+                                       [run_id]).fetchall()}
+    assert (first == {lm.tokenizer.bos_token_id}) == has_bos
+    roles = con.execute("SELECT t.token FROM tokens t WHERE run_id = ? AND role = 'IO'", [run_id]).fetchall()
+    assert roles and all(token.strip(" ▁") for (token,) in roles)  # a name, not the BOS or a space
+
+
+def test_contributions_of_every_firing_sum_to_the_hook_score(family_run):
+    """Through SQL: each firing's form joined on pos_offset, its x~ from a fresh forward pass."""
+    family, _, lm, con, run_id = family_run
+    rows = con.execute("""
+        SELECT f.prompt_id, f.layer, f.head, f.dest_pos, f.src_pos, f.pos_offset, f.score,
+               list(s.sigma ORDER BY s.sv), list(s.u ORDER BY s.sv), list(s.v ORDER BY s.sv)
+        FROM firings f JOIN singular_vectors s ON s.form = 'augmented' AND s.layer = f.layer
+             AND s.head = f.head AND s.pos_offset IS NOT DISTINCT FROM f.pos_offset
+        WHERE f.run_id = ? GROUP BY ALL""", [run_id]).fetchall()
+    n_firings = con.execute("SELECT count(*) FROM firings WHERE run_id = ?", [run_id]).fetchall()[0][0]
+    assert len(rows) == n_firings  # every firing finds its form, exactly one
+    assert all((r[5] is None) == (family == "gpt2") for r in rows)
+    assert all(r[5] == r[3] - r[4] for r in rows if r[5] is not None)
+    caches = {}
+    for prompt_id, layer, head, i, j, _, score, sigma, u, v in rows:
+        if prompt_id not in caches:
+            ids = [t for (t,) in con.execute("SELECT token_id FROM tokens WHERE run_id = ? AND prompt_id = ? "
+                                             "ORDER BY pos", [run_id, prompt_id]).fetchall()]
+            caches[prompt_id] = lm.bridge.run_with_cache(torch.tensor([ids]))[1]
+        cache = caches[prompt_id]
+        x = cache[f"blocks.{layer}.ln1.hook_normalized"][0].double().numpy()
+        hook = cache[f"blocks.{layer}.attn.hook_attn_scores"][0, head, i, j].item() * np.sqrt(lm.d_head)
+        xi, xj = np.append(x[i], 1.0), np.append(x[j], 1.0)
+        total = sum(s * (xi @ np.array(a)) * (np.array(b) @ xj) for s, a, b in zip(sigma, u, v))
+        assert total == pytest.approx(hook, rel=1e-4, abs=1e-4)
+        assert score == pytest.approx(hook, rel=1e-4, abs=1e-4)
+
+
+def test_stored_forms_equal_a_dense_numpy_svd(family_run):
+    _, checkpoint, lm, con, _ = family_run
+    A, B = _raw_factors(lm)
+    rotation = _rotation(checkpoint, lm.d_head)
+    forms = con.execute("""SELECT layer, head, pos_offset, list(sigma ORDER BY sv), list(u ORDER BY sv),
+                                  list(v ORDER BY sv) FROM singular_vectors WHERE form = 'augmented'
+                           GROUP BY ALL ORDER BY ALL""").fetchall()
+    assert forms
+    for layer, head, offset, sigma, u, v in forms:
+        dense = _omega(A, B, rotation, layer, head, offset or 0)
+        U, S, V = np.array(u).T, np.array(sigma), np.array(v).T
+        np.testing.assert_allclose(S, np.linalg.svd(dense, compute_uv=False)[: len(S)], rtol=1e-4, atol=1e-6 * S[0])
+        np.testing.assert_allclose(U @ np.diag(S) @ V.T, dense, atol=1e-4 * np.abs(dense).max())
+        largest = U[np.abs(U).argmax(axis=0), np.arange(U.shape[1])]
+        assert (largest > 0).all()  # the sign convention of decompose.py
+
+
+def test_firings_signals_and_edges_equal_a_per_firing_recomputation(family_run):
+    _, checkpoint, lm, con, run_id = family_run
+    checked_edges = 0
+    for prompt_id, end_pos in con.execute("SELECT prompt_id, end_pos FROM prompts WHERE run_id = ? ORDER BY prompt_id",
+                                          [run_id]).fetchall()[:2]:
+        ids = [t for (t,) in con.execute("SELECT token_id FROM tokens WHERE run_id = ? AND prompt_id = ? ORDER BY pos",
+                                         [run_id, prompt_id]).fetchall()]
+        expected = _independent(lm, checkpoint, ids, end_pos)
+        stored = {tuple(r[:4]): r[4] for r in con.execute(
+            "SELECT layer, head, dest_pos, src_pos, score FROM firings WHERE run_id = ? AND prompt_id = ?",
+            [run_id, prompt_id]).fetchall()}
+        assert set(stored) == set(expected)
+        svs = {tuple(r[:4]): (r[4], r[5]) for r in con.execute(
+            "SELECT layer, head, dest_pos, src_pos, list(sv ORDER BY rank), list(contribution ORDER BY rank) "
+            "FROM firing_svs WHERE run_id = ? AND prompt_id = ? GROUP BY ALL", [run_id, prompt_id]).fetchall()}
+        edges = {}
+        for row in con.execute("SELECT layer, head, dest_pos, src_pos, side, up_layer, up_head, weight FROM edges "
+                               "WHERE run_id = ? AND prompt_id = ?", [run_id, prompt_id]).fetchall():
+            edges.setdefault(tuple(row[:5]), {})[row[5], row[6]] = row[7]
+        for key, want in expected.items():
+            assert stored[key] == pytest.approx(want["score"], rel=1e-4, abs=1e-5)
+            assert svs[key][0] == want["svs"], f"firing {key}: signal differs"
+            np.testing.assert_allclose(svs[key][1], [want["c"][k] for k in want["svs"]], rtol=1e-4, atol=1e-5)
+            for side, want_edges in want["edges"].items():
+                got = edges.get(key + (side,), {})
+                assert set(got) == set(want_edges), f"firing {key} {side}: edge sets differ"
+                scale = max((abs(w) for w in want_edges.values()), default=1.0)
+                for up, weight in want_edges.items():
+                    assert got[up] == pytest.approx(weight, rel=1e-4, abs=1e-5 * scale)
+                    checked_edges += 1
+    assert checked_edges > 10
