@@ -40,11 +40,13 @@ def decompose(db_path, model, model_path, device, dtype, add_model):
     """Store all singular triplets of every head's bias-augmented Omega~ (rotary models: their
     family only; their per-offset forms are stored by ingest as firings need them)."""
     from catalog.ingest import decompose_model
-    from catalog.model import load_model
+    from catalog.model import check_family, load_model, resolve_device
     from catalog.store import Catalog, check_catalog_file
 
     started = time.perf_counter()
     check_catalog_file(db_path)
+    resolve_device(device)  # a missing GPU, or a family not read, is said before the slow load
+    check_family(model, model_path)
     say = lambda text: click.echo(text, err=True)  # status lines for the slow steps
     say(f"loading model {model_path or model} ...")
     lm = load_model(model, model_path, device=device, dtype=dtype)

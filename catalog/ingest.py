@@ -202,6 +202,12 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
         raise CatalogError(f"unknown dataset '{dataset}': use --dataset ioi or --prompts FILE.jsonl")
     started = time.perf_counter()
     check_catalog_file(db_path)  # so does a file that is not a DuckDB database
+    from catalog.model import DTYPES, check_family, resolve_device
+
+    resolve_device(device)  # so do a missing GPU and a model of a family the catalog does not read
+    check_family(model, model_path)
+    if dtype not in DTYPES:
+        raise CatalogError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
     # What identifies a run besides the model and the prompts: runs' columns and ACC++'s settings.
     identity = {"dataset": dataset, "n_prompts": len(items) if items is not None else n_prompts,
                 "batch_size": batch_size, "method": method}

@@ -169,6 +169,13 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def check_family(model: str = "gpt2", path=None) -> None:
+    """For a local checkpoint, CatalogError at once (before any slow load) unless its config names a
+    family the catalog reads; hub models are checked when they load."""
+    if path is not None and (Path(path) / "config.json").is_file():
+        _family_of_config(Path(path) / "config.json", str(path))
+
+
 def _family_of_config(config_path: Path, display: str):
     import json
 

@@ -253,3 +253,93 @@ def test_firings_signals_and_edges_equal_a_per_firing_recomputation(family_run):
                     assert got[up] == pytest.approx(weight, rel=1e-4, abs=1e-5 * scale)
                     checked_edges += 1
     assert checked_edges > 10
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+def _one_error_line(result, *words):
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_another_family_gets_one_line_naming_the_families_read(tmp_path):
+    from click.testing import CliRunner
+
+    from catalog.cli import main
+
+    checkpoint = tmp_path / "opt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "opt"}))
+    result = CliRunner().invoke(main, ["ingest", "--db", str(tmp_path / "c.duckdb"), "--model-path", str(checkpoint)])
+    _one_error_line(result, "'opt'", "GPT-2", "GPT-NeoX / Pythia", "Llama", "Qwen2")
+    assert not (tmp_path / "c.duckdb").exists()  # nothing written
+
+
+def test_device_options(tmp_path, family_run):
+    from click.testing import CliRunner
+
+    from catalog.cli import main
+    from catalog.model import resolve_device
+
+    if torch.cuda.is_available():
+        assert resolve_device("auto") == "cuda"
+    else:
+        assert resolve_device("auto") == "cpu"
+        result = CliRunner().invoke(main, ["decompose", "--db", str(tmp_path / "c.duckdb"),
+                                           "--model-path", str(family_run[1]), "--device", "cuda"])
+        _one_error_line(result, "--device cuda", "no CUDA GPU")
+    result = CliRunner().invoke(main, ["ingest", "--db", str(tmp_path / "c.duckdb"), "--device", "tpu"])
+    _one_error_line(result, "--device")
+
+
+def test_the_cli_catalogs_each_family_and_a_second_run_reuses_stored_forms(family_run, tmp_path):
+    """`ingest --model-path` as users run it; a second run on other prompts stores only new forms."""
+    from click.testing import CliRunner
+
+    from catalog.cli import main
+
+    family, checkpoint, _, _, _ = family_run
+    db = tmp_path / "cli.duckdb"
+    for seed in (0, 1):
+        result = CliRunner().invoke(main, ["ingest", "--db", str(db), "--model-path", str(checkpoint),
+                                           "--n-prompts", "3", "--seed", str(seed), "--batch-size", "2",
+                                           "--device", "auto"])
+        assert result.exit_code == 0, result.output
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        # each form once, however many runs and batches needed it
+        assert con.execute("""SELECT count(*) FROM (SELECT layer, head, pos_offset, sv, count(*) AS n
+                              FROM singular_vectors GROUP BY ALL) WHERE n > 1""").fetchall() == [(0,)]
+        used = con.execute("SELECT count(DISTINCT (layer, head, pos_offset)) FROM firings").fetchall()[0][0]
+        stored = con.execute("SELECT count(DISTINCT (layer, head, pos_offset)) FROM singular_vectors").fetchall()[0][0]
+        if family == "gpt2":
+            assert stored == 3 * 4  # every head, position-free
+        else:
+            assert stored == used  # exactly the offsets the firings use
+        params = json.loads(con.execute("SELECT params FROM runs WHERE run_id = 1").fetchall()[0][0])
+        assert params["device"] == "auto" and params["dtype"] == "float32"
+    finally:
+        con.close()
+
+
+def test_query_layer_joins_each_firing_to_its_own_form(family_run):
+    """head and firing answers on every family: one sigma per direction of a firing's signal
+    (a rotary model's other offsets must not multiply the rows)."""
+    from catalog import query, query_extra
+
+    _, _, _, con, run_id = family_run
+    prompt_id, layer, head, dest, src, n_svs, offset = con.execute(
+        "SELECT prompt_id, layer, head, dest_pos, src_pos, n_svs, pos_offset FROM firings WHERE run_id = ? "
+        "AND layer > 0 ORDER BY n_svs DESC, prompt_id, layer, head, dest_pos, src_pos LIMIT 1", [run_id]).fetchall()[0]
+    answer = query_extra.firing(con, prompt_id, f"{layer}.{head}", dest, src, run_id=run_id)
+    signal = answer["signal"].to_pylist()
+    assert [s["rank"] for s in signal] == list(range(n_svs))
+    sigma = dict(con.execute("SELECT sv, sigma FROM singular_vectors WHERE layer = ? AND head = ? "
+                             "AND pos_offset IS NOT DISTINCT FROM ?", [layer, head, offset]).fetchall())
+    assert all(s["sigma"] == pytest.approx(sigma[s["sv"]]) for s in signal)
+    summary = query.head_summary(con, f"{layer}.{head}", run_id=run_id, top=100)
+    assert len(summary["spectrum"]) == len(sigma) or offset is not None
+    assert summary["top_svs"].num_rows == len(set(summary["top_svs"].column("sv").to_pylist()))

@@ -25,4 +25,4 @@ def family_for(model_type: str, display: str):
     for family in FAMILIES:
         if model_type in family.MODEL_TYPES:
             return family
-    raise CatalogError(f"{display} is a '{model_type}' model; the catalog reads {families_read()} models")
+    raise CatalogError(f"{display} is a model of type '{model_type}'; the catalog reads {families_read()} models")

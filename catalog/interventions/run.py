@@ -143,7 +143,11 @@ def _load_run_model(run: dict, model: str | None, model_path):
         if model_path and not (Path(model_path) / "config.json").is_file():
             raise CatalogError(f"run {run['run_id']} was ingested from --model-path {model_path}, which is not "
                                "there any more: pass --model-path DIR with the same checkpoint")
-    return load_model(model or "gpt2", model_path)
+    lm = load_model(model or "gpt2", model_path)
+    if lm.adapter.family != "gpt2":  # interventions replay GPT-2's own forward pass (forward.py)
+        raise CatalogError(f"interventions run on GPT-2 models only so far; run {run['run_id']} is of a "
+                           f"{lm.adapter.family} model")
+    return lm
 
 
 def _check_weights(con, run: dict, lm) -> None:
