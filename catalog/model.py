@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from catalog.errors import CatalogError
-from catalog.families import HOOK_SUFFIXES, FamilyAdapter
+from catalog.families import FamilyAdapter
 
 PROCESSING = (
     "TransformerBridge.enable_compatibility_mode(): fold_ln, center_writing_weights, "
@@ -63,11 +63,13 @@ class LoadedModel:
             digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
         return digest.hexdigest()
 
-    def run(self, tokens, hooks: tuple[str, ...] = HOOK_SUFFIXES, with_logits: bool = False):
+    def run(self, tokens, hooks: tuple[str, ...] | None = None, with_logits: bool = False):
         """Forward pass on a [batch, pos] token tensor; returns the activation cache of the hooks
-        whose names end with one of `hooks` (and the logits first, with_logits=True)."""
+        whose names end with one of `hooks` (default: those the family's adapter names for the
+        2024 method), and the logits first with with_logits=True."""
         import torch
 
+        hooks = hooks if hooks is not None else self.adapter.hooks
         with torch.no_grad():
             logits, cache = self.bridge.run_with_cache(tokens.to(self.device), names_filter=lambda n: n.endswith(hooks))
         return (logits, cache) if with_logits else cache
