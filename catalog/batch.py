@@ -38,7 +38,7 @@ def pad_tokens(token_lists: list[list[int]], pad_id: int) -> torch.Tensor:
 def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Settings, answer_ids=None,
                   wrong_ids=None) -> dict:
     """Rows of firings, firing_svs, edges, edge_svs and prompt_outputs for a batch of tokenized prompts,
-    and the singular_vectors of QK forms first needed by this batch (rotary models; else None).
+    and the singular_vectors its signals use that were not stored yet (rotary models; else None).
 
     qk: the model's QK forms (catalog.forms.HeadForms, or catalog.rotary.RotaryForms for rotary
     models), which give each layer's forms for its firings. Every tensor stays on the model's
@@ -97,7 +97,7 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Se
         edges, edge_svs = number_edges(concat(rows["edges"]), concat(rows["edge_svs"]))
         rows["edges"], rows["edge_svs"] = [edges], [edge_svs]
     tables = {name: table(COLUMNS[name], parts) for name, parts in rows.items()}
-    return dict(tables, prompt_outputs=outputs_table, singular_vectors=qk.take_new())
+    return dict(tables, prompt_outputs=outputs_table, singular_vectors=qk.take_new(tables["firing_svs"]))
 
 
 def rows_of(values: torch.Tensor) -> np.ndarray:

@@ -69,5 +69,5 @@ class HeadForms:
     def layer_forms(self, layer: int, head: torch.Tensor, pos_offset: torch.Tensor) -> tuple[LayerForms, torch.Tensor]:
         return position_free(self.U[layer], self.V[layer], self.sigma[layer]), head
 
-    def take_new(self):
-        return None
+    def take_new(self, firing_svs):
+        return None  # every direction was stored with the model

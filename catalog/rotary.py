@@ -8,8 +8,9 @@ with A = [W_Q; b_Q^T], B = [W_K; b_K^T] (the biases are added before the rotatio
 with the rest) and R(t) the rotation of position t. So each offset d = i - j has its own form
 Omega~(d) = A M(d) B^T. Its SVD comes from the thin QRs A = Qa Ra, B = Qb Rb, taken once per head:
 Ra M(d) Rb^T = Uc diag(sigma) Vc^T (d_head x d_head), U = Qa Uc, V = Qb Vc. Forms are computed
-only for the (head, offset) pairs that occur in firings, cached for the whole run, and the ones
-first needed by a batch are returned with it to be stored (singular_vectors.pos_offset).
+only for the (head, offset) pairs that occur in firings and cached for the whole run; the
+directions a batch's sparse signals use are returned with it to be stored
+(singular_vectors.pos_offset).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class RotaryForms:
         self.basis_q, self.basis_k = self.Qa.float().to(device), self.Qb.float().to(device)
         # (layer, head, offset) -> (sigma [r], core_q [r, r], core_k [r, r]) float32
         self.cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.new: list[tuple[int, int, int]] = []  # computed since the last take_new()
+        self.returned: set[tuple[int, int, int, int]] = set()  # (layer, head, offset, sv) given to the writer
 
     def layer_forms(self, layer: int, head: torch.Tensor, pos_offset: torch.Tensor) -> tuple[LayerForms, torch.Tensor]:
         """The forms of firings (head, pos_offset) of `layer`, and each firing's form index."""
@@ -90,34 +91,52 @@ class RotaryForms:
         _, core_u, core_v = sign_fixed(U, core_u, core_v)
         for index, (h, d) in enumerate(pairs):
             self.cache[(layer, h, d)] = (sigma[index].float(), core_u[index].float(), core_v[index].float())
-            self.new.append((layer, h, d))
 
-    def take_new(self):
-        """Rows (form 'augmented', layer, head, pos_offset, sv, sigma, u, v) of the forms computed
-        since the last call, for singular_vectors; the writer skips any already stored."""
+    def take_new(self, firing_svs):
+        """Rows (form 'augmented', layer, head, pos_offset, sv, sigma, u, v) of singular_vectors for
+        the directions the batch's sparse signals use (`firing_svs`, the batch's table) that this run
+        has not returned yet; the writer also skips those stored by earlier runs.
+
+        Only the directions some stored signal uses are kept: a rotary model has a form per head
+        and offset, and keeping all d_head directions of each would cost gigabytes on larger
+        models (a Llama-1B form is 1 MB) for vectors no firing refers to."""
+        import numpy as np
         import pyarrow as pa
 
-        new, self.new = self.new, []
-        r = self.d_head
+        if firing_svs is None or firing_svs.num_rows == 0:
+            return None
+        columns = {c: firing_svs.column(c).to_numpy() for c in ("layer", "head", "dest_pos", "src_pos", "sv")}
+        keys = np.unique(np.stack([columns["layer"], columns["head"], columns["dest_pos"] - columns["src_pos"],
+                                   columns["sv"]], axis=1).astype(np.int64), axis=0)
+        new = [tuple(int(v) for v in key) for key in keys if tuple(int(v) for v in key) not in self.returned]
         if not new:
             return None
-        layer = torch.tensor([key[0] for key in new])
-        head = torch.tensor([key[1] for key in new])
-        sigma = torch.stack([self.cache[key][0] for key in new])  # [form, r]
-        U = self.Qa[layer, head] @ torch.stack([self.cache[key][1] for key in new]).double()  # [form, d+1, r]
-        V = self.Qb[layer, head] @ torch.stack([self.cache[key][2] for key in new]).double()
-        d_aug = U.shape[1]
+        self.returned.update(new)
+        layer, head, offset, sv = (torch.tensor([key[i] for key in new]) for i in range(4))
+        forms = [self.cache[(key[0], key[1], key[2])] for key in new]
+        sigma = torch.stack([form[0][key[3]] for form, key in zip(forms, new)])
+        core_u = torch.stack([form[1][:, key[3]] for form, key in zip(forms, new)]).double()  # [n, r]
+        core_v = torch.stack([form[2][:, key[3]] for form, key in zip(forms, new)]).double()
+        U, V = self._vectors(layer, head, core_u, core_v)
 
         def vectors(M):
-            flat = M.transpose(1, 2).float().contiguous().numpy().reshape(-1)  # [form, sv, d+1]
-            return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), d_aug).cast(pa.list_(pa.float32()))
+            flat = M.float().contiguous().numpy().reshape(-1)
+            return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), M.shape[1]).cast(pa.list_(pa.float32()))
 
-        repeat = lambda values: pa.array([v for v in values for _ in range(r)], pa.int16())
         return pa.table({
-            "form": pa.array(["augmented"] * (len(new) * r), pa.string()),
-            "layer": repeat([k[0] for k in new]), "head": repeat([k[1] for k in new]),
-            "pos_offset": repeat([k[2] for k in new]),
-            "sv": pa.array([s for _ in new for s in range(r)], pa.int16()),
-            "sigma": pa.array(sigma.double().numpy().reshape(-1), pa.float64()),
-            "u": vectors(U), "v": vectors(V),
+            "form": pa.array(["augmented"] * len(new), pa.string()),
+            "layer": pa.array(layer.numpy(), pa.int16()), "head": pa.array(head.numpy(), pa.int16()),
+            "pos_offset": pa.array(offset.numpy(), pa.int16()), "sv": pa.array(sv.numpy(), pa.int16()),
+            "sigma": pa.array(sigma.double().numpy(), pa.float64()), "u": vectors(U), "v": vectors(V),
         })
+
+    def _vectors(self, layer, head, core_u, core_v):
+        """u = Qa core_u and v = Qb core_v [n, d+1] for n directions, one product per head (gathering
+        a (d+1) x r factor per direction would move gigabytes)."""
+        U = torch.empty(len(layer), self.Qa.shape[2], dtype=torch.float64)
+        V = torch.empty_like(U)
+        for l, h in torch.unique(torch.stack([layer, head], dim=1), dim=0).tolist():
+            rows = ((layer == l) & (head == h)).nonzero(as_tuple=True)[0]
+            U[rows] = core_u[rows] @ self.Qa[l, h].T
+            V[rows] = core_v[rows] @ self.Qb[l, h].T
+        return U, V

@@ -325,10 +325,10 @@ class Catalog:
 
     # Batch tables that update rows written with the run instead of adding rows: name -> (table, keys).
     UPDATES = {"prompt_outputs": ("prompts", ["prompt_id"])}
-    # Batch tables of the run's model rather than of the run (rotary models' per-offset forms, first
-    # needed by this batch): name -> the columns that identify one stored item; items already
+    # Batch tables of the run's model rather than of the run (rotary models' per-offset directions
+    # first used by this batch): name -> the columns that identify one stored item; items already
     # stored (by an earlier run, or a batch of this run that committed before an interruption) are skipped.
-    MODEL_ROWS = {"singular_vectors": ["form", "layer", "head", "pos_offset"]}
+    MODEL_ROWS = {"singular_vectors": ["form", "layer", "head", "pos_offset", "sv"]}
 
     def write_batch(self, run_id: int, batch: int, first_prompt: int, last_prompt: int, tables: dict) -> None:
         """Write one batch's rows and its run_batches record atomically: all of it or none of it."""

@@ -178,48 +178,88 @@ def test_the_family_is_recorded_and_read(family_run):
 
 
 def test_contributions_of_every_firing_sum_to_the_hook_score(family_run):
-    """Through SQL: each firing's form joined on pos_offset, its x~ from a fresh forward pass."""
+    """All d_head contributions of every stored firing, from the catalog's own forms (per head, or
+    per head and offset), sum to the score the model's hook reports."""
+    from catalog.forms import HeadForms
+    from catalog.ingest import qk_forms
+    from catalog.signals import augment
+
+    family, _, lm, con, run_id = family_run
+    if lm.adapter.rotary is None:
+        from catalog.decompose import from_arrow
+
+        table = con.sql("SELECT layer, head, sv, sigma, u, v FROM singular_vectors WHERE form = 'augmented'"
+                        ).to_arrow_table()
+        qk = HeadForms(from_arrow(table, lm.n_layers, lm.n_heads))
+    else:
+        qk = qk_forms(None, lm, None)  # rotary: built from the factors, needs no catalog
+    checked = 0
+    for (prompt_id,) in con.execute("SELECT prompt_id FROM prompts WHERE run_id = ?", [run_id]).fetchall():
+        ids = [t for (t,) in con.execute("SELECT token_id FROM tokens WHERE run_id = ? AND prompt_id = ? ORDER BY pos",
+                                         [run_id, prompt_id]).fetchall()]
+        cache = lm.bridge.run_with_cache(torch.tensor([ids]))[1]
+        for layer in range(lm.n_layers):
+            rows = con.execute("SELECT head, dest_pos, src_pos FROM firings WHERE run_id = ? AND prompt_id = ? "
+                               "AND layer = ?", [run_id, prompt_id, layer]).fetchall()
+            if not rows:
+                continue
+            head, dest, src = (torch.tensor(column) for column in zip(*rows))
+            forms, form = qk.layer_forms(layer, head, dest - src)
+            x = augment(cache[f"blocks.{layer}.ln1.hook_normalized"].float())
+            zeros = torch.zeros_like(head)
+            dest_proj, src_proj = forms.projections(x, zeros, dest, src, form)
+            total = (forms.sigma[form] * dest_proj * src_proj).sum(dim=1).double()
+            hook = cache[f"blocks.{layer}.attn.hook_attn_scores"][0, head, dest, src].double() * np.sqrt(lm.d_head)
+            np.testing.assert_allclose(total.numpy(), hook.numpy(), rtol=1e-4, atol=1e-4)
+            checked += len(rows)
+    assert checked == con.execute("SELECT count(*) FROM firings WHERE run_id = ?", [run_id]).fetchall()[0][0]
+
+
+def test_every_signal_direction_joins_its_stored_form_in_sql(family_run):
+    """firing_svs -> firings -> singular_vectors on pos_offset: exactly one row per direction, whose
+    sigma, u and v give back the stored contribution from a fresh forward pass."""
     family, _, lm, con, run_id = family_run
     rows = con.execute("""
-        SELECT f.prompt_id, f.layer, f.head, f.dest_pos, f.src_pos, f.pos_offset, f.score,
-               list(s.sigma ORDER BY s.sv), list(s.u ORDER BY s.sv), list(s.v ORDER BY s.sv)
-        FROM firings f JOIN singular_vectors s ON s.form = 'augmented' AND s.layer = f.layer
-             AND s.head = f.head AND s.pos_offset IS NOT DISTINCT FROM f.pos_offset
+        SELECT f.prompt_id, f.layer, f.head, f.dest_pos, f.src_pos, f.pos_offset, fs.contribution,
+               list(s.sigma), list(s.u), list(s.v)
+        FROM firing_svs fs JOIN firings f USING (run_id, prompt_id, layer, head, dest_pos, src_pos)
+        JOIN singular_vectors s ON s.form = 'augmented' AND s.layer = f.layer AND s.head = f.head
+             AND s.sv = fs.sv AND s.pos_offset IS NOT DISTINCT FROM f.pos_offset
         WHERE f.run_id = ? GROUP BY ALL""", [run_id]).fetchall()
-    n_firings = con.execute("SELECT count(*) FROM firings WHERE run_id = ?", [run_id]).fetchall()[0][0]
-    assert len(rows) == n_firings  # every firing finds its form, exactly one
-    assert all((r[5] is None) == (family == "gpt2") for r in rows)
-    assert all(r[5] == r[3] - r[4] for r in rows if r[5] is not None)
+    assert len(rows) == con.execute("SELECT count(*) FROM firing_svs WHERE run_id = ?", [run_id]).fetchall()[0][0]
+    assert all(len(r[7]) == 1 for r in rows)  # one stored direction each
+    assert all((r[5] is None) == (family == "gpt2") and (r[5] is None or r[5] == r[3] - r[4]) for r in rows)
     caches = {}
-    for prompt_id, layer, head, i, j, _, score, sigma, u, v in rows:
+    for prompt_id, layer, head, i, j, _, contribution, (sigma,), (u,), (v,) in rows:
         if prompt_id not in caches:
             ids = [t for (t,) in con.execute("SELECT token_id FROM tokens WHERE run_id = ? AND prompt_id = ? "
                                              "ORDER BY pos", [run_id, prompt_id]).fetchall()]
             caches[prompt_id] = lm.bridge.run_with_cache(torch.tensor([ids]))[1]
-        cache = caches[prompt_id]
-        x = cache[f"blocks.{layer}.ln1.hook_normalized"][0].double().numpy()
-        hook = cache[f"blocks.{layer}.attn.hook_attn_scores"][0, head, i, j].item() * np.sqrt(lm.d_head)
+        x = caches[prompt_id][f"blocks.{layer}.ln1.hook_normalized"][0].double().numpy()
         xi, xj = np.append(x[i], 1.0), np.append(x[j], 1.0)
-        total = sum(s * (xi @ np.array(a)) * (np.array(b) @ xj) for s, a, b in zip(sigma, u, v))
-        assert total == pytest.approx(hook, rel=1e-4, abs=1e-4)
-        assert score == pytest.approx(hook, rel=1e-4, abs=1e-4)
+        assert sigma * (xi @ np.array(u)) * (np.array(v) @ xj) == pytest.approx(contribution, rel=1e-3, abs=1e-4)
 
 
 def test_stored_forms_equal_a_dense_numpy_svd(family_run):
-    _, checkpoint, lm, con, _ = family_run
+    family, checkpoint, lm, con, _ = family_run
     A, B = _raw_factors(lm)
     rotation = _rotation(checkpoint, lm.d_head)
-    forms = con.execute("""SELECT layer, head, pos_offset, list(sigma ORDER BY sv), list(u ORDER BY sv),
-                                  list(v ORDER BY sv) FROM singular_vectors WHERE form = 'augmented'
-                           GROUP BY ALL ORDER BY ALL""").fetchall()
-    assert forms
-    for layer, head, offset, sigma, u, v in forms:
+    rows = con.execute("""SELECT layer, head, pos_offset, list(sv ORDER BY sv), list(sigma ORDER BY sv),
+                                 list(u ORDER BY sv), list(v ORDER BY sv) FROM singular_vectors
+                          WHERE form = 'augmented' GROUP BY ALL ORDER BY ALL""").fetchall()
+    assert rows
+    for layer, head, offset, svs, sigma, u, v in rows:
         dense = _omega(A, B, rotation, layer, head, offset or 0)
+        U_all, S_all, Vt_all = np.linalg.svd(dense)
         U, S, V = np.array(u).T, np.array(sigma), np.array(v).T
-        np.testing.assert_allclose(S, np.linalg.svd(dense, compute_uv=False)[: len(S)], rtol=1e-4, atol=1e-6 * S[0])
-        np.testing.assert_allclose(U @ np.diag(S) @ V.T, dense, atol=1e-4 * np.abs(dense).max())
+        np.testing.assert_allclose(S, S_all[svs], rtol=1e-4, atol=1e-6 * S_all[0])
+        for n, k in enumerate(svs):  # each stored triplet is the dense one (u_k v_k^T fixes the sign pair)
+            np.testing.assert_allclose(np.outer(U[:, n], V[:, n]), np.outer(U_all[:, k], Vt_all[k]), atol=1e-3)
         largest = U[np.abs(U).argmax(axis=0), np.arange(U.shape[1])]
         assert (largest > 0).all()  # the sign convention of decompose.py
+        if family == "gpt2":  # learned positions: every direction of every head is stored
+            assert svs == list(range(lm.d_head))
+            np.testing.assert_allclose(U @ np.diag(S) @ V.T, dense, atol=1e-4 * np.abs(dense).max())
 
 
 def test_firings_signals_and_edges_equal_a_per_firing_recomputation(family_run):
@@ -317,8 +357,11 @@ def test_the_cli_catalogs_each_family_and_a_second_run_reuses_stored_forms(famil
         stored = con.execute("SELECT count(DISTINCT (layer, head, pos_offset)) FROM singular_vectors").fetchall()[0][0]
         if family == "gpt2":
             assert stored == 3 * 4  # every head, position-free
-        else:
-            assert stored == used  # exactly the offsets the firings use
+        else:  # exactly the directions the stored signals use, at their offsets
+            assert stored == used
+            signal = con.execute("""SELECT DISTINCT layer, head, dest_pos - src_pos, sv FROM firing_svs
+                                    ORDER BY ALL""").fetchall()
+            assert con.execute("SELECT layer, head, pos_offset, sv FROM singular_vectors ORDER BY ALL").fetchall() == signal
         params = json.loads(con.execute("SELECT params FROM runs WHERE run_id = 1").fetchall()[0][0])
         assert params["device"] == "auto" and params["dtype"] == "float32"
     finally:
