@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from _bench_common import DEFAULT_WORKDIR, load_bench_model  # noqa: E402 (sibling module)
+from _bench_common import DEFAULT_WORKDIR, load_bench_model
 
 FIRING = "prompt_id, layer, head, dest_pos, src_pos"
 EDGE = FIRING + ", side, up_layer, up_head"
@@ -54,7 +54,7 @@ def compare(f32: Path, bf16: Path) -> None:
     con = duckdb.connect()
     con.execute(f"ATTACH '{f32}' AS a (READ_ONLY)")
     con.execute(f"ATTACH '{bf16}' AS b (READ_ONLY)")
-    one = lambda sql: con.execute(sql).fetchall()[0]  # noqa: E731
+    one = lambda sql: con.execute(sql).fetchall()[0]
     for table, key in (("firings", FIRING), ("edges", EDGE)):
         n_a, n_b, common = one(f"""SELECT (SELECT count(*) FROM a.{table}), (SELECT count(*) FROM b.{table}),
                                    (SELECT count(*) FROM (SELECT {key} FROM a.{table} INTERSECT SELECT {key} FROM b.{table}))""")

@@ -17,12 +17,15 @@ import duckdb
 import numpy as np
 import pytest
 import torch
+from test_ingest import (
+    _select_edges as _select,  # the same edge rule, written out once for the tests
+)
 
 from catalog.ingest import ingest
 from catalog.testing_families import FAMILY_NAMES, save_random_family
 from catalog.testing_tokenizers import llama_style_tokenizer
 
-ATTN, SV, EDGE = 0.5, 1.0, 0.7
+ATTN, SV = 0.5, 1.0  # the edge threshold (0.7) is test_ingest's
 
 
 @pytest.fixture(scope="module", params=FAMILY_NAMES)
@@ -100,23 +103,13 @@ def _svd(omega, r):
     return U[:, :r], S[:r], Vt[:r].T
 
 
-def _select(weights):
-    order = sorted(weights, key=lambda k: -weights[k])
-    total, running = sum(weights.values()), 0.0
-    for key in order:
-        running += weights[key]
-        if running > EDGE * total:
-            return {k for k, w in weights.items() if w >= weights[key]}
-    return set()
-
-
 def _independent(lm, checkpoint, token_ids, end_pos):
     """Firings, signals and edges of one prompt, one firing at a time."""
     A, B = _raw_factors(lm)
     rotation = _rotation(checkpoint, lm.d_head)
     W_O = lm.bridge.W_O.detach().double().numpy()
     _, cache = lm.bridge.run_with_cache(torch.tensor([token_ids]))
-    get = lambda name: cache[name][0].double().numpy()  # noqa: E731
+    get = lambda name: cache[name][0].double().numpy()
     result = {}
     for layer in range(lm.n_layers):
         pattern, scores = get(f"blocks.{layer}.attn.hook_pattern"), get(f"blocks.{layer}.attn.hook_attn_scores")

@@ -11,7 +11,7 @@ from catalog.families.base import HOOK_SUFFIXES, FamilyAdapter, Rotary
 
 FAMILIES = (gpt2, gpt_neox, llama, qwen2)
 
-__all__ = ["FAMILIES", "HOOK_SUFFIXES", "FamilyAdapter", "Rotary", "family_for", "families_read"]
+__all__ = ["FAMILIES", "HOOK_SUFFIXES", "FamilyAdapter", "Rotary", "families_read", "family_for"]
 
 
 def families_read() -> str:

@@ -94,6 +94,17 @@ class FamilyAdapter:
                 "norm": self.norm, "parallel_attn_mlp": self.parallel_attn_mlp, "score_scale": self.score_scale}
 
 
+def from_bridge(family: str, bridge, norm: str, parallel_attn_mlp: bool, rotary: Rotary | None) -> FamilyAdapter:
+    """The adapter of a loaded bridge: sizes from its config, the score scale from its attention modules."""
+    cfg = bridge.cfg
+    return FamilyAdapter(
+        family=family, bridge=bridge, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+        n_kv_heads=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads, d_model=cfg.d_model,
+        d_head=cfg.d_head, norm=norm, parallel_attn_mlp=parallel_attn_mlp,
+        score_scale=score_scale_of(bridge.original_model, cfg.d_head), rotary=rotary,
+    )
+
+
 def parameter_or_none(bridge, name: str):
     """A stacked parameter of the bridge (b_Q, b_O, ...), or None where the model has none."""
     try:

@@ -3,7 +3,7 @@ stream, LayerNorm, QK biases, one key head per query head. The QK form of a head
 depend on positions: one bias-augmented SVD per head (SPEC.md)."""
 
 from catalog.errors import CatalogError
-from catalog.families.base import FamilyAdapter, score_scale_of
+from catalog.families.base import FamilyAdapter, from_bridge
 
 NAME = "gpt2"
 MODEL_TYPES = ("gpt2",)
@@ -11,13 +11,9 @@ DESCRIPTION = "GPT-2 (every size)"
 
 
 def adapter(bridge) -> FamilyAdapter:
-    cfg, config = bridge.cfg, bridge.original_model.config
+    config = bridge.original_model.config
     if getattr(config, "scale_attn_by_inverse_layer_idx", False) or not getattr(config, "scale_attn_weights", True):
         # Every catalog score is hook_attn_scores times one scale per model.
         raise CatalogError("this GPT-2 variant scales attention scores per layer (or not at all); "
                            "the catalog reads GPT-2 models whose scores are divided by sqrt(d_head)")
-    return FamilyAdapter(
-        family=NAME, bridge=bridge, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
-        d_model=cfg.d_model, d_head=cfg.d_head, norm="LayerNorm", parallel_attn_mlp=False,
-        score_scale=score_scale_of(bridge.original_model, cfg.d_head), rotary=None,
-    )
+    return from_bridge(NAME, bridge, norm="LayerNorm", parallel_attn_mlp=False, rotary=None)
