@@ -180,7 +180,8 @@ ANY_ROLE = "any"
               help="Prune: each node written to (a token node; ACC++: a firing or the output) keeps its K "
                    "strongest upstream edges (most prompts, then largest |mean weight|).")
 @format_option(FORMATS + ("graphml", "dot", "html", "png"))
-@click.option("--out", type=click.Path(dir_okay=False), help="Output file (required for png; default stdout).")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Output file (required for png; default stdout). Without --format, its extension picks the format.")
 def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, effect, min_effect, effect_mode,
           min_count, min_weight, max_depth, top_k, fmt, out):
     """Trace the circuit behind root heads, recursively over the stored firings and edges.
@@ -204,6 +205,7 @@ def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, effect,
     Example: circuit-catalog trace --db ioi.duckdb --root 9.9 --top-k 3 --format png --out c.png
     """
     root_list = [part.strip() for text in roots for part in text.split(",") if part.strip()] or None
+    fmt = _format_from_out(fmt, out, FORMATS + ("graphml", "dot", "html", "png"))
     if fmt == "png" and out is None:
         raise CatalogError("--format png needs --out FILE.png")
     with _catalog(db_path) as con:
@@ -231,6 +233,17 @@ def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, effect,
     if text is not None:
         _emit(text, out)
     click.echo((f"wrote {out}: " if out is not None else "note: ") + graph.summary(), err=True)
+
+
+def _format_from_out(fmt: str, out: str | None, formats: tuple[str, ...]) -> str:
+    """Without --format, a file name's extension (c.png, c.html, c.graphml, ...) picks the format,
+    so that `--out c.png` never writes a text table into a file named .png."""
+    source = click.get_current_context().get_parameter_source("fmt")
+    suffix = Path(out).suffix.lower().lstrip(".") if out else ""
+    if source == click.core.ParameterSource.DEFAULT and suffix in formats and suffix != fmt:
+        click.echo(f"note: --format {suffix}, from the extension of --out {out}", err=True)
+        return suffix
+    return fmt
 
 
 @click.command()

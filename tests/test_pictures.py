@@ -186,3 +186,16 @@ def test_pruning_options(catalog_db):
                     "--top-k", "2", "--format", "csv")
     assert result.exit_code == 0 and "pruned: kept" in result.stderr and "--top-k 2" in result.stderr
     assert invoke("trace", "--db", catalog_db, "--root", root, "--top-k", "0").exit_code == 1
+
+
+def test_the_out_file_extension_picks_the_format_unless_format_is_given(catalog_db, tmp_path):
+    root = busiest_heads(catalog_db, 1)[0]
+    args = ("trace", "--db", catalog_db, "--root", root, "--dest-role", "any", "--src-role", "any")
+    png, html, txt = tmp_path / "c.png", tmp_path / "c.HTML", tmp_path / "c.txt"
+    result = invoke(*args, "--out", png)
+    assert result.exit_code == 0 and "--format png, from the extension" in result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert invoke(*args, "--out", html).exit_code == 0 and "<html" in html.read_text().lower()
+    assert invoke(*args, "--out", txt).exit_code == 0 and txt.read_text().startswith("source")  # the table
+    assert invoke(*args, "--format", "csv", "--out", png).exit_code == 0  # an explicit format wins
+    assert png.read_text().startswith("source,")
