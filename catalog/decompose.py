@@ -60,13 +60,25 @@ def decompose(W_Q, b_Q, W_K, b_K) -> Decomposition:
     Qa, Ra = thin_qr(A)  # [.., d+1, r], [.., r, r]
     Qb, Rb = thin_qr(B)
     core_U, sigma, core_Vh = torch.linalg.svd(Ra @ Rb.transpose(-1, -2))
-    U = Qa @ core_U
-    V = Qb @ core_Vh.transpose(-1, -2)
-    # Fix the sign: the largest-magnitude entry of each u_k positive (flip v_k with it).
+    U, V = sign_fixed(Qa @ core_U, Qb @ core_Vh.transpose(-1, -2))
+    return Decomposition(sigma=sigma.float(), U=U.float(), V=V.float())
+
+
+def sign_fixed(U: torch.Tensor, *others: torch.Tensor):
+    """The sign convention: flip each column k of U, and of every matrix in `others` with it, so
+    that the largest-magnitude entry of each u_k is positive ([..., d, r] matrices)."""
     pivot = U.abs().argmax(dim=-2, keepdim=True)
     sign = torch.sign(torch.gather(U, -2, pivot))
     sign[sign == 0] = 1.0
-    return Decomposition(sigma=sigma.float(), U=(U * sign).float(), V=(V * sign).float())
+    return (U * sign, *(M * sign for M in others))
+
+
+def float_lists(rows: torch.Tensor):
+    """A [n, d] tensor as an Arrow list<float32> column of n vectors (singular_vectors.u / v)."""
+    import pyarrow as pa
+
+    flat = rows.float().contiguous().cpu().numpy().reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), rows.shape[-1]).cast(pa.list_(pa.float32()))
 
 
 def to_arrow(decomposition: Decomposition, form: str = "augmented"):
@@ -78,10 +90,7 @@ def to_arrow(decomposition: Decomposition, form: str = "augmented"):
     n_layers, n_heads, d_aug, rank = decomposition.shape
     layer, head, sv = np.meshgrid(np.arange(n_layers), np.arange(n_heads), np.arange(rank), indexing="ij")
 
-    def vectors(M: torch.Tensor):
-        flat = M.transpose(-1, -2).contiguous().cpu().numpy().reshape(-1)  # [layer, head, sv, d_aug]
-        return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), d_aug).cast(pa.list_(pa.float32()))
-
+    vectors = lambda M: float_lists(M.transpose(-1, -2).reshape(-1, d_aug))  # rows in [layer, head, sv] order
     return pa.table({
         "form": pa.array([form] * layer.size, pa.string()),
         "layer": pa.array(layer.ravel(), pa.int16()),

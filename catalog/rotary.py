@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from catalog.decompose import augmented_factors, thin_qr
+from catalog.decompose import augmented_factors, float_lists, sign_fixed, thin_qr
 from catalog.families.base import Rotary
 from catalog.forms import LayerForms
 
@@ -35,14 +35,6 @@ def rotation(rotary: Rotary, offsets: torch.Tensor, d_head: int) -> torch.Tensor
     M[:, p, p + half], M[:, p + half, p] = sin, -sin
     M[:, : 2 * half, : 2 * half] *= rotary.magnitude
     return M
-
-
-def sign_fixed(U: torch.Tensor, *others: torch.Tensor):
-    """Flip (u_k, v_k) so that the largest-magnitude entry of each u_k is positive (as decompose.py)."""
-    pivot = U.abs().argmax(dim=-2, keepdim=True)
-    sign = torch.sign(torch.gather(U, -2, pivot))
-    sign[sign == 0] = 1.0
-    return (U * sign, *(M * sign for M in others))
 
 
 class RotaryForms:
@@ -118,16 +110,11 @@ class RotaryForms:
         core_u = torch.stack([form[1][:, key[3]] for form, key in zip(forms, new)]).double()  # [n, r]
         core_v = torch.stack([form[2][:, key[3]] for form, key in zip(forms, new)]).double()
         U, V = self._vectors(layer, head, core_u, core_v)
-
-        def vectors(M):
-            flat = M.float().contiguous().numpy().reshape(-1)
-            return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), M.shape[1]).cast(pa.list_(pa.float32()))
-
         return pa.table({
             "form": pa.array(["augmented"] * len(new), pa.string()),
             "layer": pa.array(layer.numpy(), pa.int16()), "head": pa.array(head.numpy(), pa.int16()),
             "pos_offset": pa.array(offset.numpy(), pa.int16()), "sv": pa.array(sv.numpy(), pa.int16()),
-            "sigma": pa.array(sigma.double().numpy(), pa.float64()), "u": vectors(U), "v": vectors(V),
+            "sigma": pa.array(sigma.double().numpy(), pa.float64()), "u": float_lists(U), "v": float_lists(V),
         })
 
     def _vectors(self, layer, head, core_u, core_v):
