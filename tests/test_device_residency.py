@@ -1,0 +1,86 @@
+"""A batch's tensors stay on the model's device until `rows_of` converts them for writing.
+
+CI has no GPU; tests/_second_device.py emulates one on the CPU, so what would raise on CUDA
+(`.numpy()` of a device tensor, an op mixing devices) and every value that leaves the device
+are seen here, for each family's path (per-head forms for GPT-2, per-offset forms for the
+rotary families).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from catalog.ingest import ingest
+from catalog.testing_families import FAMILY_NAMES, save_random_family
+from catalog.testing_tokenizers import llama_style_tokenizer
+from tests._second_device import SecondDevice, on_device
+
+# Where a batch may take values off the device, and why each is small.
+BATCH_EXITS = {
+    "batch.py:rows_of": "the catalog's rows, converted for writing",
+    "outputs.py:prompt_outputs": "the logits at each prompt's end position only, [prompt, vocab]",
+    "rotary.py:layer_forms": "the distinct (head, offset) pairs of a layer's firings, to look their forms up",
+    "edges.py:trace_side": "the largest signal size of a bucket, one number",
+}
+
+
+def test_the_emulated_device_sees_what_cuda_would_refuse():
+    with SecondDevice() as device:
+        x = device.put(torch.ones(3))
+        y = x * 2
+        assert on_device(y) and not on_device(y.cpu()) and not on_device(torch.ones(3))
+        y.cpu().numpy()
+        assert device.problems == [] and [t.how for t in device.transfers] == ["cpu", "cpu"]
+        y + torch.ones(3)  # a host tensor with a dimension: CUDA raises
+        y.numpy()  # CUDA raises
+        y[torch.tensor([0, 2])]  # host indices: CUDA allows
+        int(y.sum())  # a read: allowed, but a transfer
+        assert on_device(torch.arange(3, device=y.device)) and not on_device(torch.arange(3))
+    assert len(device.problems) == 2
+    assert [t.how for t in device.transfers] == ["cpu", "cpu", "numpy", "__int__"]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_a_batch_leaves_the_device_only_through_its_rows(family, tmp_path, monkeypatch):
+    import catalog.batch
+    from catalog.model import load_model
+
+    tokenizer = llama_style_tokenizer() if family == "llama" else None
+    checkpoint = save_random_family(family, tmp_path / "model", tokenizer=tokenizer)
+    lm = load_model(path=checkpoint)
+    device = SecondDevice()
+    device.put(list(lm.bridge.parameters()) + list(lm.bridge.buffers()))
+    forward = lm.run
+
+    def run_on_device(*args, **kwargs):
+        # The forward pass itself is the model's business; what it returns is on the device.
+        with torch.overrides._pop_mode_temporarily():
+            logits, cache = forward(*args, **kwargs)
+        device.put([logits, cache.cache_dict])
+        return logits, cache
+
+    monkeypatch.setattr(lm, "run", run_on_device)
+    batch_transfers = []
+    analyse_batch = catalog.batch.analyse_batch
+
+    def watched(*args, **kwargs):
+        before = len(device.transfers)
+        tables = analyse_batch(*args, **kwargs)
+        batch_transfers.extend(device.transfers[before:])
+        return tables
+
+    monkeypatch.setattr(catalog.batch, "analyse_batch", watched)
+    with device:
+        summary = ingest(tmp_path / "c.duckdb", model_path=checkpoint, n_prompts=5, seed=2, batch_size=3,
+                         loaded_model=lm, show_progress=False)
+    assert summary["firings"] > 0 and summary["edges"] > 0  # the batches did the whole method's work
+    assert device.problems == []
+    assert batch_transfers, "the emulation saw nothing leave the device"
+    assert {t.site for t in batch_transfers} <= set(BATCH_EXITS), {t.site for t in batch_transfers}
+    vocab = lm.tokenizer.vocab_size + 16
+    for transfer in batch_transfers:
+        if transfer.site == "edges.py:trace_side":
+            assert transfer.numel == 1
+        if transfer.site == "outputs.py:prompt_outputs":
+            assert transfer.numel <= 3 * vocab
