@@ -57,14 +57,16 @@ def store_plain_form(cat: Catalog, model_id: int, weights) -> None:
         cat.add_singular_vectors(model_id, to_arrow(Decomposition(sigma=weights.S, U=weights.U, V=weights.V), form="plain"))
 
 
-def load_prompts(dataset: str, n_prompts: int, seed: int, items, tokenizer, max_tokens: int):
-    """The prompt set (items read from a JSONL file, or the built-in IOI set) and its tokenization,
-    validated (CatalogError on any mismatch)."""
+def load_prompts(dataset: str, n_prompts: int, seed: int, items, lm):
+    """The prompt set (items read from a JSONL file, or the built-in IOI set) and its tokenization
+    for the model `lm`, validated (CatalogError on any mismatch)."""
     from catalog import prompts as prompt_sets
+    from catalog.families.base import token_limit
 
     if items is None:
-        items = prompt_sets.ioi_prompts(n_prompts, seed, tokenizer)
-    return items, prompt_sets.tokenize_prompts(items, tokenizer, max_tokens=max_tokens)
+        items = prompt_sets.ioi_prompts(n_prompts, seed, lm.tokenizer)
+    max_tokens, limit = token_limit(lm.n_ctx, lm.adapter.rotary)
+    return items, prompt_sets.tokenize_prompts(items, lm.tokenizer, max_tokens=max_tokens, limit=limit)
 
 
 def _prompt_tables(items, token_lists, answers, wrongs, tokenizer):
@@ -239,7 +241,7 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
         say(f"loading model {model_path or model} ...")
         lm = load_model(model, model_path, device=device, dtype=dtype)
     # Prompts are tokenized and checked before the catalog is touched: bad prompts store nothing.
-    items, token_lists = load_prompts(dataset, n_prompts, seed, items, lm.tokenizer, lm.n_ctx)
+    items, token_lists = load_prompts(dataset, n_prompts, seed, items, lm)
     answers, wrongs = answer_tokens(items, token_lists, lm.tokenizer)
     if accpp is not None:
         if lm.adapter.family != "gpt2":

@@ -334,16 +334,17 @@ def _parse_line(line: str, where: str) -> Prompt:
     return Prompt(text=text, roles=dict(roles), tokens=tokens, **optional)
 
 
-def tokenize_prompts(prompts, tokenizer, max_tokens: int | None = None) -> list[list[int]]:
+def tokenize_prompts(prompts, tokenizer, max_tokens: int | None = None, limit: str = "allowed") -> list[list[int]]:
     """Each prompt's token ids as the tokenizer returns them (with its BOS where it adds one: what
-    the model is fed), after checking the prompt's roles and tokens against them."""
+    the model is fed), after checking the prompt's roles and tokens against them. `limit` says
+    what sets max_tokens, for the error."""
     all_ids = []
     for index, prompt in enumerate(prompts):
         if not prompt.text:
             raise CatalogError(f"prompt {index}: the text is empty")
         ids = _ids(tokenizer, prompt.text)
         if max_tokens is not None and len(ids) > max_tokens:
-            raise CatalogError(f"prompt {index}: {len(ids)} tokens, more than the {max_tokens} allowed")
+            raise CatalogError(f"prompt {index}: {len(ids)} tokens, more than the {max_tokens} {limit}")
         for role, position in prompt.roles.items():
             if position >= len(ids):
                 raise CatalogError(f"prompt {index}: role {role} at position {position} is outside the prompt's "

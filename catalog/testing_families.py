@@ -14,11 +14,13 @@ FAMILY_NAMES = ("gpt2", "gpt_neox", "llama", "qwen2")
 
 
 def save_random_family(family: str, out_dir: str | Path, tokenizer=None, n_layers: int = 3, n_heads: int = 4,
-                       n_kv_heads: int = 2, d_model: int = 64, n_positions: int = 128, seed: int = 0) -> Path:
+                       n_kv_heads: int = 2, d_model: int = 64, n_positions: int = 128, seed: int = 0,
+                       rope_parameters: dict | None = None) -> Path:
     """Write a random checkpoint of `family` (one of FAMILY_NAMES) with its tokenizer; return out_dir.
 
     Llama and Qwen2 use grouped-query attention (n_kv_heads key heads); GPT-NeoX rotates a
-    quarter of each head's dims and runs attention and MLP in parallel, as Pythia does."""
+    quarter of each head's dims and runs attention and MLP in parallel, as Pythia does.
+    rope_parameters (Llama, Qwen2): a rope variant, as in the config's own `rope_parameters`."""
     import torch
 
     from catalog.testing import gpt2_tokenizer, save_random_gpt2
@@ -29,14 +31,15 @@ def save_random_family(family: str, out_dir: str | Path, tokenizer=None, n_layer
                                 n_positions=n_positions, seed=seed)
     tokenizer = tokenizer if tokenizer is not None else gpt2_tokenizer()
     torch.manual_seed(seed)
-    model = _build(family, len(tokenizer), n_layers, n_heads, n_kv_heads, d_model, n_positions, tokenizer)
+    model = _build(family, len(tokenizer), n_layers, n_heads, n_kv_heads, d_model, n_positions, tokenizer,
+                   rope_parameters)
     _spread_attention(model, family, d_model, seed)
     model.eval().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
 
-def _build(family, vocab, n_layers, n_heads, n_kv_heads, d_model, n_positions, tokenizer):
+def _build(family, vocab, n_layers, n_heads, n_kv_heads, d_model, n_positions, tokenizer, rope_parameters=None):
     import transformers as tf
 
     special = {"bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
@@ -46,10 +49,11 @@ def _build(family, vocab, n_layers, n_heads, n_kv_heads, d_model, n_positions, t
     if family == "gpt_neox":
         config = tf.GPTNeoXConfig(**common, rotary_pct=0.25, use_parallel_residual=True)
         return tf.GPTNeoXForCausalLM(config)
+    rope = {"rope_parameters": rope_parameters} if rope_parameters else {}
     if family == "llama":
-        return tf.LlamaForCausalLM(tf.LlamaConfig(**common, num_key_value_heads=n_kv_heads))
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**common, **rope, num_key_value_heads=n_kv_heads))
     if family == "qwen2":
-        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_key_value_heads=n_kv_heads))
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, **rope, num_key_value_heads=n_kv_heads))
     raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILY_NAMES)}")
 
 

@@ -28,15 +28,23 @@ from catalog.testing_tokenizers import llama_style_tokenizer
 ATTN, SV = 0.5, 1.0  # the edge threshold (0.7) is test_ingest's
 
 
-@pytest.fixture(scope="module", params=FAMILY_NAMES)
+# A rope variant whose frequencies switch with the length (Phi-3's 'longrope'; short factors up to
+# 32 positions, then long ones): read for prompts of up to 32 tokens, with its attention scaling.
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32, "factor": 4.0,
+            "short_factor": [1.0 + 0.25 * p for p in range(8)], "long_factor": [2.0 + p for p in range(8)]}
+
+
+@pytest.fixture(scope="module", params=[(f, None) for f in FAMILY_NAMES] + [("llama", LONGROPE)],
+                ids=list(FAMILY_NAMES) + ["llama-longrope"])
 def family_run(request, tmp_path_factory):
     from catalog.model import load_model
 
-    family = request.param
+    family, rope = request.param
     # Llama gets a SentencePiece-style tokenizer that prepends a BOS, as Llama's does; the others
     # GPT-2's byte-level BPE, which adds none (as Pythia's and Qwen2's own tokenizers).
     tokenizer = llama_style_tokenizer() if family == "llama" else None
-    checkpoint = save_random_family(family, tmp_path_factory.mktemp(f"tiny-{family}"), tokenizer=tokenizer)
+    checkpoint = save_random_family(family, tmp_path_factory.mktemp(f"tiny-{family}"), tokenizer=tokenizer,
+                                    rope_parameters=rope)
     lm = load_model(path=checkpoint)
     db = tmp_path_factory.mktemp(f"catalog-{family}") / "catalog.duckdb"
     summary = ingest(db, model_path=checkpoint, n_prompts=4, seed=2, batch_size=3, loaded_model=lm)
@@ -79,7 +87,12 @@ def _rotation(checkpoint, d_head):
     fraction = rope.get("partial_rotary_factor", config.get("rotary_pct", 1.0))
     rotary_dim = int(d_head * fraction)
     half = rotary_dim // 2
-    frequency = (1.0 / theta ** (np.arange(0, rotary_dim, 2) / rotary_dim)).astype(np.float32).astype(np.float64)
+    factors, magnitude = np.ones(half), 1.0
+    if rope.get("rope_type") == "longrope":  # prompts within the original length: the short factors
+        factors = np.array(rope["short_factor"])
+        ratio = config["max_position_embeddings"] / rope["original_max_position_embeddings"]
+        magnitude = 1.0 + np.log(ratio) / np.log(rope["original_max_position_embeddings"])  # q and k both scaled
+    frequency = (1.0 / (factors * theta ** (np.arange(0, rotary_dim, 2) / rotary_dim))).astype(np.float32)
 
     def matrix(offset):
         M = np.eye(d_head)
@@ -88,6 +101,7 @@ def _rotation(checkpoint, d_head):
             c, s = np.cos(offset * frequency[p]), np.sin(offset * frequency[p])
             M[p, p] = M[p + half, p + half] = c
             M[p, p + half], M[p + half, p] = s, -s
+        M[:rotary_dim, :rotary_dim] *= magnitude
         return M
 
     return matrix
@@ -379,3 +393,38 @@ def test_query_layer_joins_each_firing_to_its_own_form(family_run):
     summary = query.head_summary(con, f"{layer}.{head}", run_id=run_id, top=100)
     assert len(summary["spectrum"]) == len(sigma) or offset is not None
     assert summary["top_svs"].num_rows == len(set(summary["top_svs"].column("sv").to_pylist()))
+
+
+def test_a_rope_that_switches_with_length_is_read_up_to_its_switch(tmp_path):
+    """longrope's short frequencies are read (even after the module has run a long sequence and
+    switched to its long ones), and a prompt past the switch gets one line naming the rope."""
+    from click.testing import CliRunner
+
+    from catalog.cli import main
+    from catalog.families.base import rotary_of
+    from catalog.model import load_model
+
+    checkpoint = save_random_family("llama", tmp_path / "model", tokenizer=llama_style_tokenizer(),
+                                    rope_parameters=LONGROPE)
+    lm = load_model(path=checkpoint)
+    short = _rotation(checkpoint, lm.d_head)
+    assert lm.adapter.rotary.fixed_up_to == 32 and lm.adapter.rotary.rope_type == "longrope"
+    lm.bridge.run_with_cache(torch.zeros(1, 40, dtype=torch.long))  # past 32: the module switches
+    again = rotary_of(lm.bridge.original_model)
+    from catalog.rotary import rotation
+
+    for rotary in (lm.adapter.rotary, again):
+        np.testing.assert_allclose(rotation(rotary, torch.tensor([5]), lm.d_head)[0].numpy(), short(5), rtol=1e-6,
+                                   atol=1e-6)
+    word = " Mary"
+    for n_words, ok in ((30, True), (40, False)):
+        path = tmp_path / f"{n_words}.jsonl"
+        path.write_text(json.dumps({"text": word * n_words}) + "\n")
+        result = CliRunner().invoke(main, ["ingest", "--db", str(tmp_path / f"{n_words}.duckdb"), "--model-path",
+                                           str(checkpoint), "--prompts", str(path)])
+        if ok:
+            assert result.exit_code == 0, result.output
+        else:  # after the status line of the loading, one error line (prompts are read after loading)
+            assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+            assert result.output.strip().splitlines()[-1].startswith("error: prompt 0: 42 tokens, more than the 32 ")
+            assert "longrope" in result.output and not (tmp_path / "40.duckdb").exists()

@@ -34,6 +34,10 @@ class Rotary:
     inv_freq: tuple[float, ...]   # [rotary_dim / 2], as the model computes them (float32)
     base: float | None = None     # the config's theta (inv_freq[p] = base ** (-2p / rotary_dim) by default)
     magnitude: float = 1.0
+    # Rope variants that switch frequencies with the sequence length (transformers' 'dynamic' and
+    # 'longrope') keep the ones read here up to this many positions; None: at every length.
+    fixed_up_to: int | None = None
+    rope_type: str = "default"
 
     @property
     def rotary_dim(self) -> int:
@@ -126,17 +130,37 @@ def _bias(bridge, name: str, weight):
 
 def rotary_of(hf_model) -> Rotary:
     """The rotation of a Hugging Face model, from its rotary embedding module's own frequencies
-    (so every rope variant that only changes inv_freq, e.g. Llama 3's, is read right)."""
+    (so every rope variant that only changes inv_freq, e.g. Llama 3's, is read right).
+
+    Variants whose frequencies change with the sequence length recompute them in the forward pass
+    of a long sequence; the module's `original_inv_freq` are those of sequences up to
+    `fixed_up_to` positions, which is what is read (a longer prompt is refused: `token_limit`)."""
     for _, module in hf_model.named_modules():
-        inv_freq = getattr(module, "inv_freq", None)
+        inv_freq = getattr(module, "original_inv_freq", None)
+        inv_freq = inv_freq if inv_freq is not None else getattr(module, "inv_freq", None)
         if inv_freq is not None:
             scaling = float(getattr(module, "attention_scaling", 1.0) or 1.0)
             config = hf_model.config
-            theta = ((getattr(config, "rope_parameters", None) or {}).get("rope_theta")
-                     or getattr(config, "rope_theta", None) or getattr(config, "rotary_emb_base", None))
+            parameters = getattr(config, "rope_parameters", None) or {}
+            theta = parameters.get("rope_theta") or getattr(config, "rope_theta", None) or getattr(
+                config, "rotary_emb_base", None)
+            rope_type = str(getattr(module, "rope_type", None) or parameters.get("rope_type") or "default")
+            fixed_up_to = None
+            if rope_type in ("dynamic", "longrope"):
+                fixed_up_to = int(parameters.get("original_max_position_embeddings")
+                                  or getattr(module, "original_max_seq_len", None) or config.max_position_embeddings)
             return Rotary(inv_freq=tuple(float(f) for f in inv_freq.double().cpu()),
-                          base=float(theta) if theta else None, magnitude=scaling**2)
+                          base=float(theta) if theta else None, magnitude=scaling**2,
+                          fixed_up_to=fixed_up_to, rope_type=rope_type)
     raise ValueError("no rotary embedding module (with inv_freq) in this model")
+
+
+def token_limit(n_ctx: int, rotary: Rotary | None) -> tuple[int, str]:
+    """The most tokens a prompt may have for this model, and what sets that limit (for the error)."""
+    if rotary is not None and rotary.fixed_up_to is not None and rotary.fixed_up_to < n_ctx:
+        return rotary.fixed_up_to, (f"up to which this model's rotary frequencies (rope_type '{rotary.rope_type}') "
+                                    "stay fixed; the catalog does not read the ones of longer sequences yet")
+    return n_ctx, "the model takes"
 
 
 def score_scale_of(hf_model, d_head: int) -> float:
