@@ -72,13 +72,13 @@ def load_prompts(dataset: str, n_prompts: int, seed: int, items, lm):
 def _prompt_tables(items, token_lists, answers, wrongs, tokenizer):
     import pyarrow as pa
 
-    from catalog.prompts import end_position
+    from catalog.prompts import end_positions
 
     prompts = pa.table({
         "prompt_id": pa.array(range(len(items)), pa.int32()),
         "text": [p.text for p in items],
         "n_tokens": pa.array([len(t) for t in token_lists], pa.int16()),
-        "end_pos": pa.array([end_position(p, len(t)) for p, t in zip(items, token_lists)], pa.int16()),
+        "end_pos": pa.array(end_positions(items, token_lists, tokenizer), pa.int16()),
         "template": [p.template for p in items],
         "name_order": [p.name_order for p in items],
         "answer_token_id": pa.array(answers, pa.int32()),
@@ -327,9 +327,9 @@ def _finished_run(db_path, files_digest, model, model_path, dataset, n_prompts, 
 def _analysis(cat, lm, model_id, settings, items, token_lists, answers, wrongs):
     """The method's batch function: prompt ids -> the batch's tables."""
     from catalog.batch import Settings, analyse_batch
-    from catalog.prompts import end_position
+    from catalog.prompts import end_positions
 
-    end_pos = [end_position(p, len(t)) for p, t in zip(items, token_lists)]
+    end_pos = end_positions(items, token_lists, lm.tokenizer)
     if isinstance(settings, Settings):
         qk = qk_forms(cat, lm, model_id)
         W_O = lm.attention_weights()[4]

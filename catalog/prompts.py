@@ -374,9 +374,12 @@ def _first_difference(given: list[str], actual: list[str]) -> str:
     return f"its tokens list has {len(given)} tokens but the text tokenizes to {len(actual)}"
 
 
-def end_position(prompt: Prompt, n_tokens: int) -> int:
-    """The last destination analysed: roles["end"], else the last token."""
-    return prompt.roles.get("end", n_tokens - 1)
+def end_positions(prompts, token_lists, tokenizer) -> list[int]:
+    """Each prompt's last destination analysed: roles["end"], else its text's last token, before
+    any special token the tokenizer puts after every text (an EOS, where one is appended; none of
+    GPT-2's, Pythia's, Llama's or Qwen2's own tokenizers appends one)."""
+    appended = len(_special_ids_around(tokenizer)[1])
+    return [prompt.roles.get("end", len(ids) - 1 - appended) for prompt, ids in zip(prompts, token_lists)]
 
 
 def answer_tokens(prompts, token_lists, tokenizer) -> tuple[list[int | None], list[int | None]]:

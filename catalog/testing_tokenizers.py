@@ -41,7 +41,8 @@ def ioi_sentences(left_out=()) -> list[str]:
     return sentences
 
 
-def llama_style_tokenizer(vocab_size: int = 4096, left_out=(), isolate_punctuation: bool = True):
+def llama_style_tokenizer(vocab_size: int = 4096, left_out=(), isolate_punctuation: bool = True,
+                          append_eos: bool = False):
     """A Llama-style BPE tokenizer as a transformers PreTrainedTokenizerFast (`len()` is its
     vocabulary size, `save_pretrained` and `AutoTokenizer.from_pretrained` round-trip offline).
 
@@ -51,7 +52,8 @@ def llama_style_tokenizer(vocab_size: int = 4096, left_out=(), isolate_punctuati
     Like SentencePiece (and Llama's tokenizer.json) it puts "▁" before the text, so " Mary" on
     its own is "▁", "▁Mary" but inside "When Mary" just "▁Mary"; it keeps punctuation apart
     from words (unless isolate_punctuation is False: then it learns tokens such as "▁store,"
-    and words merge with the comma after them), and prepends the BOS "<s>" to every text.
+    and words merge with the comma after them), and prepends the BOS "<s>" to every text (and
+    appends the EOS "</s>" with append_eos, as some tokenizers do).
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -73,9 +75,10 @@ def llama_style_tokenizer(vocab_size: int = 4096, left_out=(), isolate_punctuati
         show_progress=False,
     )
     backend.train_from_iterator(ioi_sentences(left_out), trainer)
-    bos_id = backend.token_to_id(BOS)
+    end = f" {EOS}" if append_eos else ""
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+        single=f"{BOS} $A{end}", pair=f"{BOS} $A{end} {BOS} $B{end}",
+        special_tokens=[(BOS, backend.token_to_id(BOS)), (EOS, backend.token_to_id(EOS))],
     )
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, unk_token=UNK)
 

@@ -14,7 +14,7 @@ from catalog.prompts import (
     PLACES,
     TEMPLATES,
     Prompt,
-    end_position,
+    end_positions,
     ioi_prompts,
     ioi_words,
     prompts_digest,
@@ -170,7 +170,7 @@ def test_roles_are_optional(tok, tmp_path):
     (p,) = read_jsonl(_write(tmp_path, [json.dumps({"text": "Hello world"})]))
     assert p.roles == {}
     (ids,) = tokenize_prompts([p], tok)
-    assert end_position(p, len(ids)) == len(ids) - 1
+    assert end_positions([p], [ids], tok) == [len(ids) - 1]
 
 
 @pytest.mark.parametrize(
@@ -249,9 +249,8 @@ def test_empty_text_and_too_many_tokens(tok):
 # --- end position and digest -----------------------------------------------------------------
 
 
-def test_end_position():
-    assert end_position(Prompt("x", {"end": 4}), 9) == 4
-    assert end_position(Prompt("x", {"IO": 1}), 9) == 8
+def test_end_positions(tok):
+    assert end_positions([Prompt("x", {"end": 4}), Prompt("x", {"IO": 1})], [[0] * 9, [0] * 9], tok) == [4, 8]
 
 
 def test_digest_depends_on_texts_and_roles_only():

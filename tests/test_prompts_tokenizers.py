@@ -20,6 +20,7 @@ from catalog.prompts import (
     Prompt,
     adds_bos,
     answer_tokens,
+    end_positions,
     ioi_prompts,
     ioi_words,
     prompts_digest,
@@ -354,3 +355,17 @@ def test_file_tokenizer_gives_the_same_prompts(tmp_path, left_out):
     assert ioi_prompts(80, 11, from_files) == expected
     assert ioi_prompts(80, 11, AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)) == expected
     assert expected[0].roles["end"] == len(from_files(expected[0].text)["input_ids"]) - 2
+
+
+def test_without_an_end_role_the_last_destination_is_the_texts_last_token(llama):
+    """A tokenizer that appends an EOS to every text: the EOS is fed to the model (and stored), but
+    the default last destination is the text's last token, as for tokenizers that append none."""
+    with_eos = llama_style_tokenizer(append_eos=True)
+    prompt = Prompt(TEXT, {"IO": 2}, answer=" Mary")
+    (ids,) = tokenize_prompts([prompt], with_eos)
+    (plain,) = tokenize_prompts([prompt], llama)
+    assert ids == plain + [with_eos.eos_token_id]
+    assert end_positions([prompt], [ids], with_eos) == end_positions([prompt], [plain], llama) == [len(plain) - 1]
+    assert with_eos.convert_ids_to_tokens(ids[len(plain) - 1]) == "▁Mary"
+    assert answer_tokens([prompt], [ids], with_eos)[0] == answer_tokens([prompt], [plain], llama)[0]
+    assert end_positions([Prompt(TEXT, {"end": 3})], [ids], with_eos) == [3]  # a given end wins
