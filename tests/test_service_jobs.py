@@ -177,9 +177,11 @@ def test_killed_then_stopped_server_resumes_its_run_to_the_same_catalog(tiny_che
 
     stopped = ServerProcess(db)  # resumes on its own
     with httpx.Client(base_url=stopped.url, timeout=60) as client:
-        jobs = client.get("/api/v1/jobs").json()
-        assert [j["reason"] for j in jobs] == ["resume"]
-        wait_for(client, jobs[0]["job_id"], lambda j: j["prompts_by_job"] >= 2)
+        jobs = client.get("/api/v1/jobs").json()  # the killed job is kept, and said to be interrupted
+        assert [(j["job_id"], j["reason"], j["status"]) for j in jobs][:1] == [(1, "submitted", "interrupted")]
+        assert "stopped while this job ran" in jobs[0]["message"] and jobs[0]["prompts_by_job"] >= 4
+        assert [(j["job_id"], j["reason"]) for j in jobs[1:]] == [(2, "resume")]
+        wait_for(client, 2, lambda j: j["prompts_by_job"] >= 2)
     assert stopped.stop() == 0 and "stopped by SIGTERM" in stopped.log()
     assert not (tmp_path / "killed.duckdb.service.json").exists()
     status, firings, batch_firings, edges, batch_edges, batches_stopped = committed()
@@ -187,7 +189,8 @@ def test_killed_then_stopped_server_resumes_its_run_to_the_same_catalog(tiny_che
     assert (firings, edges) == (batch_firings, batch_edges)
 
     with ServerProcess(db, args=("--no-resume",)) as again, httpx.Client(base_url=again.url, timeout=60) as client:
-        assert client.get("/api/v1/jobs").json() == []
+        history = client.get("/api/v1/jobs").json()  # nothing started by itself; both earlier jobs kept
+        assert [(j["job_id"], j["status"]) for j in history] == [(1, "interrupted"), (2, "interrupted")]
         assert client.get("/api/v1/runs/1").json()["status"] == "running"
         resumed = client.post("/api/v1/runs/1/resume")
         assert resumed.status_code == 202
@@ -198,3 +201,39 @@ def test_killed_then_stopped_server_resumes_its_run_to_the_same_catalog(tiny_che
     reference = tmp_path / "whole.duckdb"
     ingest(reference, **settings)
     assert_same_run(db, reference, 1, 1)
+
+
+def test_queued_jobs_survive_a_restart_under_their_own_ids(tiny_checkpoint, tmp_path):
+    """SIGTERM while one job runs and another waits: the waiting one is kept in service_jobs and
+    runs after the next start (even with --no-resume: it was accepted, not begun), under the id
+    its client holds; new jobs are numbered after it; the catalog keeps the whole history."""
+    from catalog.ingest import ingest
+
+    db = tmp_path / "queued.duckdb"
+    long = dict(model_path=str(tiny_checkpoint), n_prompts=32, batch_size=2, seed=7)
+    short = dict(model_path=str(tiny_checkpoint), n_prompts=4, batch_size=2, seed=8)
+    first = ServerProcess(db)
+    with httpx.Client(base_url=first.url, timeout=60) as client:
+        running, waiting = submit(client, **long), submit(client, **short)
+        wait_for(client, running["job_id"], lambda j: j["prompts_by_job"] >= 2)
+    assert first.stop() == 0
+    with duckdb.connect(str(db), read_only=True) as con:
+        stored = con.execute("SELECT job_id, reason, status, json_extract(settings, '$.seed')::INT FROM service_jobs "
+                             "ORDER BY job_id").fetchall()
+    assert stored == [(1, "submitted", "interrupted", 7), (2, "submitted", "queued", 8)]
+
+    with ServerProcess(db, args=("--no-resume",)) as again, httpx.Client(base_url=again.url, timeout=60) as client:
+        done = wait_for(client, waiting["job_id"], finished)
+        assert done["job_id"] == 2 and done["settings"]["seed"] == 8 and done["prompts_by_job"] == 4
+        assert client.get("/api/v1/jobs/1").json()["status"] == "interrupted"  # --no-resume: left alone
+        later = submit(client, **dict(short, seed=9))
+        assert later["job_id"] == 3
+        wait_for(client, 3, finished)
+        assert again.stop() == 0
+    with duckdb.connect(str(db), read_only=True) as con:
+        rows = con.execute("SELECT job_id, status, run_id, prompts_by_job, finished_at >= started_at, "
+                           "json_extract(summary, '$.prompts')::INT FROM service_jobs ORDER BY job_id").fetchall()
+    assert rows[1:] == [(2, "finished", 2, 4, True, 4), (3, "finished", 3, 4, True, 4)]
+    reference = tmp_path / "whole.duckdb"
+    ingest(reference, **short)
+    assert_same_run(db, reference, 2, 1)

@@ -51,6 +51,9 @@ def create_app(service, token: str | None = None, resume: bool = True, sql_timeo
             with service.reader() as con:
                 for job in service.jobs.resume_unfinished(con):
                     log.warning("resuming an unfinished run (job %s)", job.job_id)
+        # Accepted before the last stop and never started: not a resumption, so run even with --no-resume.
+        for job in service.jobs.start_queued():
+            log.warning("starting job %s, queued before the service last stopped", job.job_id)
         yield
         # Shutdown (Ctrl-C, SIGTERM): the batch being written commits, then the job stops.
         service.jobs.stop()

@@ -4,6 +4,10 @@ A job calls `catalog.ingest.ingest` exactly as `circuit-catalog ingest` does; ba
 committed one by one, so a job survives what the CLI ingest survives. Stopping the service
 lets the batch being written commit and then stops the job (the run stays 'running'); the next
 start resumes every unfinished run with the settings recorded in its `runs.params`.
+
+Every job is also a row of the catalog's `service_jobs` table, written as it changes: a restart
+starts the jobs that were still queued, keeps the history, and numbers new jobs after the old
+ones, so a job id names one job for the catalog's whole life.
 """
 
 from __future__ import annotations
@@ -81,6 +85,17 @@ class JobQueue:
         self.catalog = service_catalog
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[int, Job] = {}
+        with service_catalog.reader() as cursor:
+            for job, problem in load_jobs(cursor):
+                self._jobs[job.job_id] = job
+                if job.status == "running":  # the service died under it (a clean stop interrupts it)
+                    job.status, job.finished_at = "interrupted", job.finished_at or time.time()
+                    job.message = "the service stopped while this job ran; its run is resumed as an unfinished run"
+                    save_job(cursor, job)
+                elif job.status == "queued" and problem:  # never to be started: say why
+                    job.status, job.finished_at = "failed", time.time()
+                    job.message = f"its settings are not valid for this version of circuit-catalog ({problem})"
+                    save_job(cursor, job)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # For the response cache: `writes` changes whenever a job may have written, `busy` while
@@ -95,10 +110,19 @@ class JobQueue:
         if self._stop.is_set():
             raise CatalogError("the service is stopping: no new ingest jobs")
         with self._lock:
-            job = Job(job_id=len(self._jobs) + 1, settings=settings, reason=reason)
+            job = Job(job_id=max(self._jobs, default=0) + 1, settings=settings, reason=reason)
             self._jobs[job.job_id] = job
+        with self.catalog.reader() as cursor:
+            save_job(cursor, job)
         self._queue.put(job)
         return job
+
+    def start_queued(self) -> list[Job]:
+        """Queue again the jobs a previous start of the service accepted but never started."""
+        waiting = [job for job in self.all() if job.status == "queued"]
+        for job in waiting:
+            self._queue.put(job)
+        return waiting
 
     def get(self, job_id: int) -> Job:
         with self._lock:
@@ -169,6 +193,7 @@ class JobQueue:
         job.status, job.started_at = "running", time.time()
         self.busy, self.writes = True, self.writes + 1
         cursor = self.catalog.cursor()
+        save_job(cursor, job)
 
         def on_batch(batch: int) -> None:
             # The service is the only writer and runs one job at a time, so the newest committed
@@ -178,6 +203,7 @@ class JobQueue:
                 "ORDER BY committed_at DESC LIMIT 1", [batch]).fetchall()[0]
             job.run_id = run_id
             job.prompts_by_job += n
+            save_job(cursor, job)
             self.writes += 1
             if self._stop.is_set():
                 raise KeyboardInterrupt  # ingest turns this into Interrupted, naming what is saved
@@ -199,12 +225,52 @@ class JobQueue:
             message = f"internal error: {type(err).__name__}: {err}"
         finally:
             job.finished_at = time.time()
-            self.busy, self.writes = False, self.writes + 1
+            try:
+                save_job(cursor, job, status=status, message=message if message is not None else job.message)
+            except Exception:  # the job's own outcome stands; its row says 'running' until the next start
+                log.exception("could not record the end of ingest job %s", job.job_id)
             cursor.close()
+            self.busy, self.writes = False, self.writes + 1
             # Last: a client that sees the job ended must also find the service no longer writing
-            # (its next read may be kept by the response cache).
+            # (its next read may be kept by the response cache), and the job's row written.
             job.message = message if message is not None else job.message
             job.status = status
+
+
+# -- the service_jobs table ------------------------------------------------------------------
+
+_COLUMNS = ("job_id", "settings", "reason", "status", "run_id", "message", "submitted_at", "started_at",
+            "finished_at", "prompts_by_job", "summary")
+
+
+def save_job(cursor, job: Job, **changes) -> None:
+    """Write the job's row (with `changes` to status or message not yet made to the object)."""
+    import json
+    from datetime import datetime
+
+    row = {column: getattr(job, column) for column in _COLUMNS}
+    row.update(changes, settings=job.settings.model_dump_json(),
+               summary=json.dumps(job.summary, default=str) if job.summary is not None else None)
+    for column in ("submitted_at", "started_at", "finished_at"):  # local time, as runs.started_at
+        row[column] = datetime.fromtimestamp(row[column]) if row[column] is not None else None
+    cursor.execute(f"INSERT OR REPLACE INTO service_jobs ({', '.join(_COLUMNS)}) VALUES "
+                   f"({', '.join('?' * len(_COLUMNS))})", [row[column] for column in _COLUMNS])
+
+
+def load_jobs(cursor) -> list[tuple[Job, str | None]]:
+    """Every job of the catalog's service_jobs table, by job id, with why this version does not
+    accept its settings (None if it does)."""
+    import json
+
+    jobs = []
+    for values in cursor.execute(f"SELECT {', '.join(_COLUMNS)} FROM service_jobs ORDER BY job_id").fetchall():
+        row = dict(zip(_COLUMNS, values))
+        for column in ("submitted_at", "started_at", "finished_at"):
+            row[column] = row[column].timestamp() if row[column] is not None else None
+        row["settings"], problem = _stored_settings(row["settings"])
+        row["summary"] = json.loads(row["summary"]) if row["summary"] is not None else None
+        jobs.append((Job(**row), problem))
+    return jobs
 
 
 def settings_from_params(params) -> IngestSettings:
@@ -221,3 +287,18 @@ def settings_from_params(params) -> IngestSettings:
         values.pop("dataset", None)  # the dataset of a JSONL run is its path; ingest sets it again
         values["prompts_file"] = str(Path(values["prompts_file"]))
     return IngestSettings(**values)
+
+
+def _stored_settings(text: str) -> tuple[IngestSettings, str | None]:
+    """A stored job's settings, and why this version does not accept them (None if it does): such
+    settings (of another version) are kept as stored, to be shown, never run."""
+    import json
+
+    from pydantic import ValidationError
+
+    try:
+        return IngestSettings.model_validate_json(text), None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return IngestSettings.model_construct(**json.loads(text)), f"{where}: {first.get('msg', 'invalid')}"
