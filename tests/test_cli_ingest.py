@@ -119,3 +119,21 @@ def test_kill_9_then_the_same_command_resumes_to_an_identical_catalog(tmp_path, 
     assert resumed.returncode == 0, resumed.stderr
     assert "(resumed)" in resumed.stderr
     assert _snapshot(killed) == _snapshot(whole)
+
+
+def test_the_service_takes_the_ingest_commands_options_with_its_defaults():
+    """POST /api/v1/runs accepts what `ingest` accepts (IngestSettings repeats the click options,
+    so that the service needs no click): same names, defaults and choices."""
+    import typing
+
+    from catalog.cli_ingest import ingest as command
+    from catalog.service.jobs import IngestSettings
+
+    options = {p.name: p for p in command.params if p.name not in ("db_path", "server")}
+    defaults = command.make_context("ingest", ["--db", "unused.duckdb"]).params  # as click resolves them
+    fields = IngestSettings.model_fields
+    assert set(options) == set(fields)
+    for name, option in options.items():
+        assert fields[name].default == defaults[name], name
+        if hasattr(option.type, "choices"):
+            assert set(typing.get_args(fields[name].annotation)) == set(option.type.choices), name
