@@ -20,7 +20,7 @@ def save_random_family(family: str, out_dir: str | Path, tokenizer=None, n_layer
 
     Llama and Qwen2 use grouped-query attention (n_kv_heads key heads); GPT-NeoX rotates a
     quarter of each head's dims and runs attention and MLP in parallel, as Pythia does.
-    rope_parameters (Llama, Qwen2): a rope variant, as in the config's own `rope_parameters`."""
+    rope_parameters (rotary families): a rope variant, as in the config's own `rope_parameters`."""
     import torch
 
     from catalog.testing import gpt2_tokenizer, save_random_gpt2
@@ -48,6 +48,8 @@ def _build(family, vocab, n_layers, n_heads, n_kv_heads, d_model, n_positions, t
                   intermediate_size=2 * d_model, max_position_embeddings=n_positions, **special)
     if family == "gpt_neox":
         config = tf.GPTNeoXConfig(**common, rotary_pct=0.25, use_parallel_residual=True)
+        if rope_parameters:  # set after: the config folds rotary_pct into its rope parameters
+            config.rope_parameters = dict(config.rope_parameters, **rope_parameters)
         return tf.GPTNeoXForCausalLM(config)
     rope = {"rope_parameters": rope_parameters} if rope_parameters else {}
     if family == "llama":

@@ -428,3 +428,36 @@ def test_a_rope_that_switches_with_length_is_read_up_to_its_switch(tmp_path):
             assert result.exit_code == 1 and "Traceback" not in result.output, result.output
             assert result.output.strip().splitlines()[-1].startswith("error: prompt 0: 42 tokens, more than the 32 ")
             assert "longrope" in result.output and not (tmp_path / "40.duckdb").exists()
+
+
+@pytest.mark.parametrize("family,rope", [
+    ("qwen2", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}),
+    ("llama", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    ("llama", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+    ("gpt_neox", {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+], ids=["qwen2-yarn", "llama-llama3", "llama-linear", "gpt_neox-dynamic"])
+def test_rope_variants_give_the_scores_the_model_computes(family, rope, tmp_path):
+    """Every (head, destination, source) pair of a prompt, not only firings: the catalog's forms
+    for the offset i - j give back the model's own attention score, for rope variants that change
+    the frequencies (llama3, linear), scale the attention (yarn) or would change with length."""
+    from catalog.ingest import qk_forms
+    from catalog.model import load_model
+    from catalog.signals import augment
+
+    checkpoint = save_random_family(family, tmp_path / "model", rope_parameters=rope)
+    assert json.loads((checkpoint / "config.json").read_text())["rope_parameters"]["rope_type"] == rope["rope_type"]
+    lm = load_model(path=checkpoint)
+    qk = qk_forms(None, lm, None)
+    ids = lm.tokenizer("When Mary and John went to the store, John gave a drink to")["input_ids"]
+    cache = lm.bridge.run_with_cache(torch.tensor([ids]))[1]
+    dest, src = torch.tril_indices(len(ids), len(ids))
+    for layer in range(lm.n_layers):
+        x = augment(cache[f"blocks.{layer}.ln1.hook_normalized"].float())
+        for head in range(lm.n_heads):
+            heads = torch.full_like(dest, head)
+            forms, form = qk.layer_forms(layer, heads, dest - src)
+            dest_proj, src_proj = forms.projections(x, torch.zeros_like(dest), dest, src, form)
+            total = (forms.sigma[form] * dest_proj * src_proj).sum(dim=1).double()
+            hook = cache[f"blocks.{layer}.attn.hook_attn_scores"][0, head, dest, src].double() * lm.adapter.score_scale
+            np.testing.assert_allclose(total.numpy(), hook.numpy(), rtol=1e-4, atol=1e-4)
