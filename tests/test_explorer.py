@@ -152,6 +152,18 @@ def test_from_the_grid_to_why_a_head_fires(served, browser_page, tmp_path):
     if os.environ.get("CIRCUIT_CATALOG_SCREENSHOT"):
         shutil.copy(tmp_path / "explorer.png", DOCS_SCREENSHOT)
 
+    # Pruning: each token node keeps its strongest upstream edge; the drawing is the API's pruned trace.
+    page.fill("#c-top_k", "1")
+    page.click("#c-trace")
+    page.wait_for_function("location.hash.includes('top_k=1')")
+    page.wait_for_selector("#circuit svg")
+    pruned = api.get("/api/v1/trace", params={"roots": name, "dest_role": "end", "src_role": "any", "top_k": 1}).json()
+    page.wait_for_function(f"document.querySelectorAll('#circuit path.edge').length === {len(pruned['edges'])}")
+    assert len(pruned["edges"]) < len(graph["edges"]) and page.input_value("#c-top_k") == "1"
+    assert all(note in page.inner_text("#circuit-notes") for note in pruned["notes"])
+    page.go_back()
+    page.wait_for_selector("#circuit svg")
+
     # Clicking an upstream head opens its page.
     upstream = edge["source"]
     page.click(f'#circuit g.node[data-node="{upstream}"]')

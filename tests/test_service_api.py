@@ -160,6 +160,12 @@ def test_trace_as_json_graphml_and_dot(served, reference, catalog_db):
     assert_same_rows(got["nodes"], rows(expected.nodes))
     assert_same_rows(got["edges"], rows(expected.edges))
     assert got["n_firings"] == expected.firings.num_rows > 0
+    pruned = dict(min_count=2, min_weight=0.01, max_depth=2, top_k=2)
+    small = client.get("/api/v1/trace", params=dict(params, **pruned)).json()
+    expected_small = trace(reference, roots=[head], dest_role=None, src_role=None, **pruned)
+    assert_same_rows(small["edges"], rows(expected_small.edges))
+    assert 0 < len(small["edges"]) < len(got["edges"]) and small["notes"] == expected_small.notes
+    assert client.get("/api/v1/trace", params=dict(params, top_k=0)).status_code == 422
     one = client.get("/api/v1/trace", params=dict(params, prompt_id=0)).json()
     assert_same_rows(one["edges"], rows(trace(reference, roots=[head], dest_role=None, src_role=None, prompt_id=0).edges))
     graphml = client.get("/api/v1/trace", params=dict(params, format="graphml"))

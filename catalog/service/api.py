@@ -166,16 +166,25 @@ def edges_from(request: Request, head: str, side: str | None = None, role: str |
 TRACE_DOWNLOADS = {"graphml": "application/graphml+xml", "dot": "text/vnd.graphviz"}
 
 
+class PruneParams:
+    """The trace's pruning options, as the CLI's --min-count, --min-weight, --max-depth, --top-k."""
+
+    def __init__(self, min_count: int | None = Query(None, ge=1), min_weight: float | None = Query(None, ge=0),
+                 max_depth: int | None = Query(None, ge=0), top_k: int | None = Query(None, ge=1)):
+        self.values = {"min_count": min_count, "min_weight": min_weight, "max_depth": max_depth, "top_k": top_k}
+
+
 @router.get("/trace", summary="The recursive trace (trace.trace) as JSON, GraphML or DOT")
 def trace(request: Request, roots: list[str] | None = Query(None), dest_role: str = DEFAULT_DEST_ROLE,
           src_role: str = DEFAULT_SRC_ROLE, prompt_id: int | None = None, run_id: int | None = None,
           n_svs: int = Query(3, ge=1), kind: list[str] | None = Query(None), effects: EffectParams = Depends(),
-          format: str = "json"):
+          prune: PruneParams = Depends(), format: str = "json"):
     if format not in ("json",) + tuple(TRACE_DOWNLOADS):
         raise CatalogError(f"format must be json, graphml or dot, not '{format}'")
     with _service(request).reader() as con:
         graph = trace_circuit(con, roots=_heads(roots), dest_role=_role(dest_role), src_role=_role(src_role),
-                              prompt_id=prompt_id, run_id=run_id, n_svs=n_svs, kinds=kind, **effects.values)
+                              prompt_id=prompt_id, run_id=run_id, n_svs=n_svs, kinds=kind, **effects.values,
+                              **prune.values)
     if format != "json":
         from catalog.render import render_graph
 

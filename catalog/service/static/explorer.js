@@ -218,6 +218,10 @@ async function showFiring(promptId, name, dest, src) {
 
 // -- the circuit ------------------------------------------------------------------------------
 
+// The trace's pruning options: [query parameter, label, input step].
+const PRUNE = [["min_count", "min count", "1"], ["min_weight", "min |weight|", "any"],
+               ["max_depth", "max depth", "1"], ["top_k", "top k", "1"]];
+
 async function showCircuit(params) {
   const roots = params.get("roots") || "";
   const dest = params.get("dest_role") || "end", src = params.get("src_role") || "IO";
@@ -225,7 +229,9 @@ async function showCircuit(params) {
   const prompts = await api("prompts", {run_id: state.run, limit: 200});
   const promptOptions = `<option value="">all prompts (by role)</option>` + prompts.map(p =>
     `<option value="${p.prompt_id}"${String(p.prompt_id) === prompt ? " selected" : ""}>${p.prompt_id}: ${esc(p.text.slice(0, 60))}</option>`).join("");
-  const query = {roots: roots || null, dest_role: dest, src_role: src, prompt_id: prompt, run_id: state.run};
+  // Pruning, as the CLI's trace --min-count, --min-weight, --max-depth, --top-k (empty: off).
+  const prune = Object.fromEntries(PRUNE.map(([key]) => [key, params.get(key) || null]));
+  const query = {roots: roots || null, dest_role: dest, src_role: src, prompt_id: prompt, run_id: state.run, ...prune};
   const download = f => "/api/v1/trace?" + new URLSearchParams(Object.entries({...query, format: f}).filter(([, v]) => v !== null && v !== ""));
   view.innerHTML = `
     <h2>Circuit</h2>
@@ -234,6 +240,7 @@ async function showCircuit(params) {
       <label>destination role <select id="c-dest">${roleOptions(dest)}</select></label>
       <label>source role <select id="c-src">${roleOptions(src)}</select></label>
       <label>prompt <select id="c-prompt">${promptOptions}</select></label>
+      ${PRUNE.map(([key, label, step]) => `<label title="prune: ${label}">${label} <input id="c-${key}" type="number" min="0" step="${step}" size="5" value="${esc(prune[key] ?? "")}"></label>`).join("\n      ")}
       <button id="c-trace">trace</button>
       <a href="${download("graphml")}">GraphML</a> <a href="${download("dot")}">DOT</a>
     </div>
@@ -244,7 +251,8 @@ async function showCircuit(params) {
     <div id="circuit">tracing...</div><p id="circuit-notes"></p>`;
   document.getElementById("c-trace").addEventListener("click", () => go("/circuit", {
     roots: document.getElementById("c-roots").value.trim(), dest_role: document.getElementById("c-dest").value,
-    src_role: document.getElementById("c-src").value, prompt: document.getElementById("c-prompt").value}));
+    src_role: document.getElementById("c-src").value, prompt: document.getElementById("c-prompt").value,
+    ...Object.fromEntries(PRUNE.map(([key]) => [key, document.getElementById(`c-${key}`).value.trim()]))}));
   const graph = await api("trace", query);
   let columns;
   if (prompt) {
