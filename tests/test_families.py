@@ -17,16 +17,11 @@ import duckdb
 import numpy as np
 import pytest
 import torch
-from test_ingest import (
-    _select_edges as _select,  # the same edge rule, written out once for the tests
-)
+from _per_firing import compare, per_firing
 
 from catalog.ingest import ingest
 from catalog.testing_families import FAMILY_NAMES, save_random_family
 from catalog.testing_tokenizers import llama_style_tokenizer
-
-ATTN, SV = 0.5, 1.0  # the edge threshold (0.7) is test_ingest's
-
 
 # A rope variant whose frequencies switch with the length (Phi-3's 'longrope'; short factors up to
 # 32 positions, then long ones): read for prompts of up to 32 tokens, with its attention scaling.
@@ -115,50 +110,6 @@ def _omega(A, B, rotation, layer, head, offset):
 def _svd(omega, r):
     U, S, Vt = np.linalg.svd(omega)
     return U[:, :r], S[:r], Vt[:r].T
-
-
-def _independent(lm, checkpoint, token_ids, end_pos):
-    """Firings, signals and edges of one prompt, one firing at a time."""
-    A, B = _raw_factors(lm)
-    rotation = _rotation(checkpoint, lm.d_head)
-    W_O = lm.bridge.W_O.detach().double().numpy()
-    _, cache = lm.bridge.run_with_cache(torch.tensor([token_ids]))
-    get = lambda name: cache[name][0].double().numpy()
-    result = {}
-    for layer in range(lm.n_layers):
-        pattern, scores = get(f"blocks.{layer}.attn.hook_pattern"), get(f"blocks.{layer}.attn.hook_attn_scores")
-        x = get(f"blocks.{layer}.ln1.hook_normalized")
-        scale = get(f"blocks.{layer}.ln1.hook_scale")[:, 0]
-        for head in range(lm.n_heads):
-            for i in range(end_pos + 1):
-                for j in range(1, i + 1):
-                    if pattern[head, i, j] < ATTN or scores[head, i, j] <= 0:
-                        continue
-                    U, S, V = _svd(_omega(A, B, rotation, layer, head, i - j), lm.d_head)
-                    xi, xj = np.append(x[i], 1.0), np.append(x[j], 1.0)
-                    c = [S[k] * (xi @ U[:, k]) * (V[:, k] @ xj) for k in range(len(S))]
-                    ranked = sorted(range(len(c)), key=lambda k: -c[k])
-                    running, svs = 0.0, None
-                    for n, k in enumerate(ranked):
-                        running += c[k]
-                        if running / sum(c) > SV:
-                            svs = ranked[: n + 1]
-                            break
-                    svs = svs if svs is not None else [k for k in ranked if c[k] > 0]
-                    edges = {}
-                    for side, t in (("query", i), ("key", j)):
-                        weights = {}
-                        for up_layer in range(layer):
-                            z = get(f"blocks.{up_layer}.attn.hook_z")
-                            for up_head in range(lm.n_heads):
-                                o = np.append(z[t, up_head] @ W_O[up_layer, up_head], 1.0)
-                                weights[up_layer, up_head] = sum(
-                                    o @ (np.sign(xi @ U[:, k]) * np.sqrt(S[k]) * (U[:, k] if side == "query" else V[:, k]))
-                                    / scale[t] for k in svs)
-                        edges[side] = {u: weights[u] for u in _select(weights)} if layer else {}
-                    result[layer, head, i, j] = {"score": scores[head, i, j] * np.sqrt(lm.d_head), "c": c,
-                                                 "svs": svs, "edges": edges}
-    return result
 
 
 # -- the checks -----------------------------------------------------------------------------------
@@ -270,35 +221,19 @@ def test_stored_forms_equal_a_dense_numpy_svd(family_run):
 
 
 def test_firings_signals_and_edges_equal_a_per_firing_recomputation(family_run):
+    """Every firing, signal, edge and per-direction edge term of two prompts, against SPEC.md one
+    firing at a time with each Omega~(i - j) decomposed densely from the raw weights."""
     _, checkpoint, lm, con, run_id = family_run
+    A, B = _raw_factors(lm)
+    rotation = _rotation(checkpoint, lm.d_head)
+    svd_of = lambda layer, head, offset: _svd(_omega(A, B, rotation, layer, head, offset), lm.d_head)  # noqa: E731
+    W_O = lm.bridge.W_O.detach().double().numpy()
     checked_edges = 0
     for prompt_id, end_pos in con.execute("SELECT prompt_id, end_pos FROM prompts WHERE run_id = ? ORDER BY prompt_id",
                                           [run_id]).fetchall()[:2]:
         ids = [t for (t,) in con.execute("SELECT token_id FROM tokens WHERE run_id = ? AND prompt_id = ? ORDER BY pos",
                                          [run_id, prompt_id]).fetchall()]
-        expected = _independent(lm, checkpoint, ids, end_pos)
-        stored = {tuple(r[:4]): r[4] for r in con.execute(
-            "SELECT layer, head, dest_pos, src_pos, score FROM firings WHERE run_id = ? AND prompt_id = ?",
-            [run_id, prompt_id]).fetchall()}
-        assert set(stored) == set(expected)
-        svs = {tuple(r[:4]): (r[4], r[5]) for r in con.execute(
-            "SELECT layer, head, dest_pos, src_pos, list(sv ORDER BY rank), list(contribution ORDER BY rank) "
-            "FROM firing_svs WHERE run_id = ? AND prompt_id = ? GROUP BY ALL", [run_id, prompt_id]).fetchall()}
-        edges = {}
-        for row in con.execute("SELECT layer, head, dest_pos, src_pos, side, up_layer, up_head, weight FROM edges "
-                               "WHERE run_id = ? AND prompt_id = ?", [run_id, prompt_id]).fetchall():
-            edges.setdefault(tuple(row[:5]), {})[row[5], row[6]] = row[7]
-        for key, want in expected.items():
-            assert stored[key] == pytest.approx(want["score"], rel=1e-4, abs=1e-5)
-            assert svs[key][0] == want["svs"], f"firing {key}: signal differs"
-            np.testing.assert_allclose(svs[key][1], [want["c"][k] for k in want["svs"]], rtol=1e-4, atol=1e-5)
-            for side, want_edges in want["edges"].items():
-                got = edges.get(key + (side,), {})
-                assert set(got) == set(want_edges), f"firing {key} {side}: edge sets differ"
-                scale = max((abs(w) for w in want_edges.values()), default=1.0)
-                for up, weight in want_edges.items():
-                    assert got[up] == pytest.approx(weight, rel=1e-4, abs=1e-5 * scale)
-                    checked_edges += 1
+        checked_edges += compare(con, run_id, prompt_id, per_firing(lm, ids, end_pos, svd_of, W_O))
     assert checked_edges > 10
 
 
