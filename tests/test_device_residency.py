@@ -14,7 +14,7 @@ import torch
 from catalog.ingest import ingest
 from catalog.testing_families import FAMILY_NAMES, save_random_family
 from catalog.testing_tokenizers import llama_style_tokenizer
-from tests._second_device import SecondDevice, on_device
+from _second_device import SecondDevice, on_device
 
 # Where a batch may take values off the device, and why each is small.
 BATCH_EXITS = {
