@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _second_device import SecondDevice, on_device
 
 from catalog.ingest import ingest
 from catalog.testing_families import FAMILY_NAMES, save_random_family
 from catalog.testing_tokenizers import llama_style_tokenizer
-from _second_device import SecondDevice, on_device
 
 # Where a batch may take values off the device, and why each is small.
 BATCH_EXITS = {

@@ -8,7 +8,6 @@ over token pairs, singular vectors and upstream heads one at a time.
 import duckdb
 import numpy as np
 import pytest
-
 from _per_firing import compare, per_firing
 
 from catalog.ingest import ingest
