@@ -1,8 +1,10 @@
-"""Measure what bfloat16 changes: the same prompts ingested in float32 and in bfloat16, compared.
+"""Measure what a precision or a device changes: the same prompts ingested two ways, compared.
 
     python scripts/compare_dtype.py [--n-prompts 64] [--device cpu] [--model-path DIR] [--workdir DIR]
+    python scripts/compare_dtype.py --sides cpu:float32,cuda:float32     # does the GPU path agree?
 
-Both runs use the default benchmark model (attn-real where ../shared has it) unless
+By default float32 against bfloat16 on --device; --sides names the two (device, dtype) settings
+instead. Both runs use the default benchmark model (attn-real where ../shared has it) unless
 --model-path is given, each into a fresh catalog. Printed: how many firings and edges each run
 found, how many of them are the same (Jaccard), and on the common ones the relative change of
 the score and of the edge weight, and how often the sparse signal (its list of singular
@@ -27,33 +29,39 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-prompts", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sides", default=None, metavar="DEVICE:DTYPE,DEVICE:DTYPE",
+                        help="the two settings compared (default: DEVICE:float32,DEVICE:bfloat16 with --device)")
     parser.add_argument("--model-path", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     args = parser.parse_args(argv)
+    sides = (args.sides or f"{args.device}:float32,{args.device}:bfloat16").split(",")
+    if len(sides) != 2 or any(len(side.split(":")) != 2 for side in sides) or sides[0] == sides[1]:
+        parser.error("--sides takes two different DEVICE:DTYPE settings, e.g. cpu:float32,cuda:float32")
     args.workdir.mkdir(parents=True, exist_ok=True)
     from catalog.ingest import ingest
 
     dbs = {}
-    for dtype in ("float32", "bfloat16"):
-        lm, _ = load_bench_model(args.workdir, args.device, dtype, args.model_path)
-        db = dbs[dtype] = args.workdir / f"compare_{dtype}.duckdb"
+    for side in sides:
+        device, dtype = side.split(":")
+        lm, _ = load_bench_model(args.workdir, device, dtype, args.model_path)
+        db = dbs[side] = args.workdir / f"compare_{device}_{dtype}.duckdb"
         for leftover in (db, db.with_name(db.name + ".wal")):
             leftover.unlink(missing_ok=True)
         started = time.perf_counter()
         summary = ingest(db, model_path=lm.name, n_prompts=args.n_prompts, seed=0, loaded_model=lm)
-        print(f"{dtype}: {summary['firings']} firings, {summary['edges']} edges in "
+        print(f"{side}: {summary['firings']} firings, {summary['edges']} edges in "
               f"{time.perf_counter() - started:.1f} s on {lm.device}", flush=True)
         del lm
-    compare(dbs["float32"], dbs["bfloat16"])
+    compare(*(dbs[side] for side in sides), names=sides)
     return 0
 
 
-def compare(f32: Path, bf16: Path) -> None:
+def compare(first: Path, second: Path, names=("float32", "bfloat16")) -> None:
     import duckdb
 
     con = duckdb.connect()
-    con.execute(f"ATTACH '{f32}' AS a (READ_ONLY)")
-    con.execute(f"ATTACH '{bf16}' AS b (READ_ONLY)")
+    con.execute(f"ATTACH '{first}' AS a (READ_ONLY)")
+    con.execute(f"ATTACH '{second}' AS b (READ_ONLY)")
     one = lambda sql: con.execute(sql).fetchall()[0]
     for table, key in (("firings", FIRING), ("edges", EDGE)):
         n_a, n_b, common = one(f"""SELECT (SELECT count(*) FROM a.{table}), (SELECT count(*) FROM b.{table}),
@@ -62,7 +70,7 @@ def compare(f32: Path, bf16: Path) -> None:
         median, p95 = one(f"""SELECT median(d), quantile_cont(d, 0.95) FROM (
                                 SELECT abs(x.{value} - y.{value}) / greatest(abs(x.{value}), 1e-6) AS d
                                 FROM a.{table} x JOIN b.{table} y USING ({key}))""")
-        print(f"{table}: float32 {n_a}, bfloat16 {n_b}, common {common} (Jaccard {common / (n_a + n_b - common):.3f}); "
+        print(f"{table}: {names[0]} {n_a}, {names[1]} {n_b}, common {common} (Jaccard {common / (n_a + n_b - common):.3f}); "
               f"relative {value} change on the common ones: median {median:.2e}, 95th percentile {p95:.2e}")
     same, total = one(f"""SELECT count(*) FILTER (WHERE x.svs = y.svs), count(*) FROM
                           (SELECT {FIRING}, list(sv ORDER BY rank) AS svs FROM a.firing_svs GROUP BY ALL) x
