@@ -1,6 +1,8 @@
-"""What both benchmark scripts share: the GPT-2-small-sized checkpoint they time, and a check
-that the machine is idle (timings on 2 cores mean little while something else runs)."""
+"""What the benchmark scripts share: their command line's common part, the GPT-2-small-sized
+checkpoint they time, and a check that the machine is idle (timings on 2 cores mean little
+while something else runs)."""
 
+import argparse
 import os
 import tempfile
 import time
@@ -10,6 +12,20 @@ from pathlib import Path
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ATTN_WEIGHTS = SHARED / "gpt2-small-attention" / "gpt2-small-attention.safetensors"
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "circuit-catalog-bench"
+
+
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's argument parser, described by the first paragraph of its docstring."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0])
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Every script's --workdir (created if missing) added to its own options, then parsed."""
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                        help=f"where checkpoints are cached and catalogs written (default {DEFAULT_WORKDIR})")
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return args
 
 
 def checkpoint(workdir: Path) -> tuple[Path, str]:

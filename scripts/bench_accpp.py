@@ -19,14 +19,12 @@ Exit status 1 when a target is missed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
-from pathlib import Path
 
-from _bench_common import DEFAULT_WORKDIR, SHARED, load_bench_model  # noqa: E402 (sibling module)
+from _bench_common import SHARED, load_bench_model, parse_args, script_parser  # noqa: E402 (sibling module)
 
 TARGETS_S = {"circuits": 300.0, "heads": 60.0}
 JOBS = {
@@ -71,13 +69,11 @@ def run_job(name: str, lm, args) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--n-prompts", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--only", choices=sorted(JOBS), help="run one of the two jobs")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    args = parser.parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    args = parse_args(parser, argv)
     lm, load_s = load_bench_model(args.workdir)
     print(f"model load: {load_s:.2f} s (not counted)")
     results = [run_job(name, lm, args) for name in JOBS if args.only in (None, name)]

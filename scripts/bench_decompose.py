@@ -17,23 +17,18 @@ Exit status 1 when the target is missed.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 TARGET_S = 5.0
-from _bench_common import DEFAULT_WORKDIR, load_bench_model  # noqa: E402 (sibling module)
+from _bench_common import load_bench_model, parse_args, script_parser  # noqa: E402 (sibling module)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                        help=f"where the checkpoint is cached and the catalog written (default {DEFAULT_WORKDIR})")
+    parser = script_parser(__doc__)
     parser.add_argument("--repeat", type=int, default=3, help="timed decompositions; the best counts (default 3)")
-    args = parser.parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    args = parse_args(parser, argv)
 
     from catalog.decompose import decompose, to_arrow
     from catalog.ingest import decompose_model

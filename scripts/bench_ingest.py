@@ -21,28 +21,24 @@ when the target is missed (on the CPU, 256 prompts, the default model).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
 TARGET_S = 120.0
-from _bench_common import DEFAULT_WORKDIR, load_bench_model  # noqa: E402 (sibling module)
+from _bench_common import load_bench_model, parse_args, script_parser  # noqa: E402 (sibling module)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--n-prompts", default="256", help="IOI prompt counts, comma-separated (default 256)")
     parser.add_argument("--device", default="cpu", help="devices, comma-separated: cpu, cuda, auto (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per committed batch (default 16)")
     parser.add_argument("--model-path", type=Path, default=None, help="a checkpoint directory instead of attn-real")
     parser.add_argument("--model", default=None, help="a hub model name instead of attn-real")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                        help=f"where the checkpoint is cached and the catalog written (default {DEFAULT_WORKDIR})")
-    args = parser.parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    args = parse_args(parser, argv)
     counts = [int(n) for n in args.n_prompts.split(",")]
     results, passed = [], None  # None: no run the target applies to
     for device in args.device.split(","):

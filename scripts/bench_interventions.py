@@ -21,26 +21,21 @@ the target is missed.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
-from pathlib import Path
 
 TARGET = 200.0
-from _bench_common import DEFAULT_WORKDIR, load_bench_model, warn_if_busy  # noqa: E402 (sibling module)
+from _bench_common import load_bench_model, parse_args, script_parser, warn_if_busy  # noqa: E402 (sibling module)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--method", choices=["accpp", "sad"], default="accpp", help="tracing method of the run")
     parser.add_argument("--n-prompts", type=int, default=8, help="IOI prompts in the run (default 8)")
     parser.add_argument("--mode", choices=["local", "global"], default="local")
     parser.add_argument("--repeat", type=int, default=2, help="timed repetitions; the best counts (default 2)")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                        help=f"where the checkpoint and catalogs are cached (default {DEFAULT_WORKDIR})")
-    args = parser.parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    args = parse_args(parser, argv)
 
     import duckdb
     import torch

@@ -20,7 +20,6 @@ Exit status 1 when the target is missed.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import threading
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from _bench_common import DEFAULT_WORKDIR, checkpoint, warn_if_busy  # sibling module
+from _bench_common import checkpoint, parse_args, script_parser, warn_if_busy  # sibling module
 
 TARGET_P99_MS = 100.0
 N_PROMPTS = 256
@@ -115,13 +114,10 @@ def measure(url: str, paths: list[str], n_requests: int, n_clients: int, fresh: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--requests", type=int, default=200, help="requests per endpoint and phase (default 200)")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients for the throughput (default 4)")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                        help=f"where the checkpoint and the catalog are kept (default {DEFAULT_WORKDIR})")
-    args = parser.parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    args = parse_args(parser, argv)
 
     from catalog.service.launch import ServerProcess
 

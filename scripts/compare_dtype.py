@@ -13,31 +13,28 @@ vectors) is the same. The README's numbers come from this script.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
-from _bench_common import DEFAULT_WORKDIR, load_bench_model
+from _bench_common import load_bench_model, parse_args, script_parser
 
 FIRING = "prompt_id, layer, head, dest_pos, src_pos"
 EDGE = FIRING + ", side, up_layer, up_head"
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--n-prompts", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sides", default=None, metavar="DEVICE:DTYPE,DEVICE:DTYPE",
                         help="the two settings compared (default: DEVICE:float32,DEVICE:bfloat16 with --device)")
     parser.add_argument("--model-path", type=Path, default=None)
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     sides = (args.sides or f"{args.device}:float32,{args.device}:bfloat16").split(",")
     if len(sides) != 2 or any(len(side.split(":")) != 2 for side in sides) or sides[0] == sides[1]:
         parser.error("--sides takes two different DEVICE:DTYPE settings, e.g. cpu:float32,cuda:float32")
-    args.workdir.mkdir(parents=True, exist_ok=True)
     from catalog.ingest import ingest
 
     dbs = {}
