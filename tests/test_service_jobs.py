@@ -237,3 +237,35 @@ def test_queued_jobs_survive_a_restart_under_their_own_ids(tiny_checkpoint, tmp_
     reference = tmp_path / "whole.duckdb"
     ingest(reference, **short)
     assert_same_run(db, reference, 2, 1)
+
+
+def test_stored_jobs_are_settled_when_the_service_opens_the_catalog(tmp_path):
+    """What the table holds from an earlier service: a 'running' job (the service died) becomes
+    'interrupted'; a queued job whose settings this version refuses becomes 'failed' saying
+    why; a valid queued job waits to be started; ids go on after the largest. In-process, with
+    the worker stopped before anything starts."""
+    import json
+    from datetime import datetime
+
+    from catalog.service.connection import ServiceCatalog
+    from catalog.service.jobs import IngestSettings, JobQueue
+
+    db = tmp_path / "stored.duckdb"
+    service = ServiceCatalog(db)
+    valid = IngestSettings(n_prompts=4).model_dump_json()
+    for job_id, settings, status in ((1, valid, "finished"), (2, valid, "running"),
+                                     (3, json.dumps({"n_prompts": "lots"}), "queued"), (7, valid, "queued")):
+        service.con.execute("INSERT INTO service_jobs (job_id, settings, reason, status, submitted_at) "
+                            "VALUES (?, ?, 'submitted', ?, ?)", [job_id, settings, status, datetime.now()])
+    jobs = JobQueue(service)
+    jobs.stop()  # nothing runs: only what opening did is checked
+    got = {job.job_id: job for job in jobs.all()}
+    assert {i: job.status for i, job in got.items()} == {1: "finished", 2: "interrupted", 3: "failed", 7: "queued"}
+    assert "stopped while this job ran" in got[2].message
+    assert got[3].message.startswith("its settings are not valid for this version") and "n_prompts" in got[3].message
+    assert [job.job_id for job in jobs.start_queued()] == [7]
+    stored = dict(service.con.execute("SELECT job_id, status FROM service_jobs").fetchall())
+    assert stored == {1: "finished", 2: "interrupted", 3: "failed", 7: "queued"}
+    jobs._stop.clear()  # accept one more submission, to see its id (the stopped worker never runs it)
+    assert jobs.submit(IngestSettings(n_prompts=2)).job_id == 8
+    service.close()

@@ -144,7 +144,8 @@ class JobQueue:
         end = job.finished_at or time.time()
         elapsed = end - job.started_at if job.started_at else 0.0
         doc = {"job_id": job.job_id, "status": job.status, "reason": job.reason, "run_id": job.run_id,
-               "message": job.message, "settings": job.settings.model_dump(), "submitted_at": job.submitted_at,
+               "message": job.message, "settings": job.settings.model_dump(warnings=False),
+               "submitted_at": job.submitted_at,
                "started_at": job.started_at, "finished_at": job.finished_at, "elapsed_s": round(elapsed, 3),
                "prompts_by_job": job.prompts_by_job,
                "prompts_per_s": round(job.prompts_by_job / elapsed, 3) if elapsed > 0 else None,
@@ -193,7 +194,6 @@ class JobQueue:
         job.status, job.started_at = "running", time.time()
         self.busy, self.writes = True, self.writes + 1
         cursor = self.catalog.cursor()
-        save_job(cursor, job)
 
         def on_batch(batch: int) -> None:
             # The service is the only writer and runs one job at a time, so the newest committed
@@ -210,6 +210,7 @@ class JobQueue:
 
         status, message = "failed", None
         try:
+            save_job(cursor, job)
             summary = ingest(self.catalog.path, **job.settings.model_dump(), on_batch=on_batch)
             job.summary = {k: v for k, v in summary.items() if k != "db"}
             job.run_id = summary["run_id"]
@@ -249,7 +250,8 @@ def save_job(cursor, job: Job, **changes) -> None:
     from datetime import datetime
 
     row = {column: getattr(job, column) for column in _COLUMNS}
-    row.update(changes, settings=job.settings.model_dump_json(),
+    # warnings=False: the settings of an older version that no longer validate are written back as they were
+    row.update(changes, settings=job.settings.model_dump_json(warnings=False),
                summary=json.dumps(job.summary, default=str) if job.summary is not None else None)
     for column in ("submitted_at", "started_at", "finished_at"):  # local time, as runs.started_at
         row[column] = datetime.fromtimestamp(row[column]) if row[column] is not None else None
