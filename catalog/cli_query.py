@@ -142,12 +142,7 @@ def head(db_path, head_name, run_id, top, effect, min_effect, effect_mode, fmt):
             return
     layer, head_index = run.head(head_name)
     name = query.head_name(layer, head_index)
-    notes = []
-    if not tables["activity"].column("n_firings")[0].as_py():
-        notes.append(query.never_fires(run, name))
-    for key in ("upstream", "downstream"):
-        notes += [f"{key}: {note}" for note in query.result_notes(tables[key])]
-    _notes(query.result_run(tables["upstream"]), notes)
+    _notes(query.result_run(tables["upstream"]), query.head_notes(run, name, tables))
     blocks = []
     for key, table in tables.items():
         title = f"{HEAD_TITLES[key]} ({name}, run {run.run_id})"

@@ -474,6 +474,7 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
             WHERE f.run_id = $run AND f.layer = $layer AND f.head = $head
             GROUP BY f.sv ORDER BY n_firings DESC, f.sv LIMIT $top""", p),
     }
+    tables["spectrum"] = with_notes(tables["spectrum"], run_info(con, run), _spectrum_notes(con, p, this_head))
     if run.method == "accpp":  # no sparse signal per firing: atoms per side, and the edges' directions
         tables["signal_size"] = fetch(con, f"""
             SELECT side, n_atoms, count(*) AS n_firings, count(*) / sum(count(*)) OVER (PARTITION BY side) AS share
@@ -493,6 +494,33 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
     tables["downstream"] = edges_from(con, head, run_id=run.run_id, top=5, effect=effect, min_effect=min_effect,
                                       effect_mode=effect_mode)
     return tables
+
+
+def _spectrum_notes(con, p: dict, this_head: str) -> list[str]:
+    """What a rotary head's spectrum is (one form per offset; only the directions some stored
+    signal uses are kept), so that its gaps in sv are not read as missing data."""
+    found = fetch(con, f"""
+        SELECT s.pos_offset AS pos_offset, count(*) AS n_stored, any_value(m.d_head) AS d_head
+        FROM singular_vectors s JOIN models m USING (model_id)
+        WHERE s.model_id = $model AND s.form = $form AND s.layer = $layer AND s.head = $head
+          AND s.pos_offset = (SELECT mode(pos_offset) FROM firings WHERE {this_head})
+        GROUP BY s.pos_offset""", p).to_pylist()
+    if not found:  # learned positions: the head's one spectrum, every direction stored
+        return []
+    offset, n_stored, d_head = found[0]["pos_offset"], found[0]["n_stored"], found[0]["d_head"]
+    shown = min(n_stored, p["top"])
+    return [f"rotary model: the spectrum of the form at offset {offset}, the offset this head fires at most; "
+            f"only the {n_stored} of its {d_head} singular vectors that stored sparse signals use are kept"
+            + (f" (showing {shown})" if shown < n_stored else "")]
+
+
+def head_notes(run: "Run", name: str, tables: dict) -> list[str]:
+    """The notes of a head's summary (head_summary's tables): why a part is empty, rows left out,
+    what a rotary spectrum holds."""
+    notes = [] if tables["activity"].column("n_firings")[0].as_py() else [never_fires(run, name)]
+    for key in ("spectrum", "upstream", "downstream"):
+        notes += [f"{key}: {note}" for note in result_notes(tables[key])]
+    return notes
 
 
 def same_form(vectors: str, firing: str) -> str:
@@ -525,9 +553,7 @@ def head_document(con, head: str, run_id: int | None = None, top: int = 10, rows
     layer, index = run.head(head)
     tables = head_summary(con, head, run_id=run.run_id, top=top, **effects)
     name = head_name(layer, index)
-    notes = [] if tables["activity"].column("n_firings")[0].as_py() else [never_fires(run, name)]
-    for key in ("upstream", "downstream"):
-        notes += [f"{key}: {note}" for note in result_notes(tables[key])]
+    notes = head_notes(run, name, tables)
     document = {"name": name, "layer": layer, "head": index, "run_id": run.run_id,
                 "run": result_run(tables["upstream"]), "notes": notes}
     document.update({key: rows_of(table) for key, table in tables.items()})

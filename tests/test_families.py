@@ -310,6 +310,10 @@ def test_the_cli_catalogs_each_family_and_a_second_run_reuses_stored_forms(famil
         con.close()
 
 
+def lm_d_head(con) -> int:
+    return con.execute("SELECT d_head FROM models").fetchall()[0][0]
+
+
 def test_query_layer_joins_each_firing_to_its_own_form(family_run):
     """head and firing answers on every family: one sigma per direction of a firing's signal
     (a rotary model's other offsets must not multiply the rows)."""
@@ -327,6 +331,20 @@ def test_query_layer_joins_each_firing_to_its_own_form(family_run):
     assert all(s["sigma"] == pytest.approx(sigma[s["sv"]]) for s in signal)
     summary = query.head_summary(con, f"{layer}.{head}", run_id=run_id, top=100)
     assert len(summary["spectrum"]) == len(sigma) or offset is not None
+    # A rotary spectrum says what it holds: the stored directions at the head's commonest offset.
+    notes = query.head_document(con, f"{layer}.{head}", run_id=run_id, top=100)["notes"]
+    mode_offset = con.execute("SELECT mode(pos_offset) FROM firings WHERE run_id = ? AND layer = ? AND head = ?",
+                              [run_id, layer, head]).fetchall()[0][0]
+    stored = con.execute("SELECT count(*) FROM singular_vectors WHERE layer = ? AND head = ? AND pos_offset = ?",
+                         [layer, head, mode_offset]).fetchall()[0][0]
+    spectrum_notes = [n for n in notes if n.startswith("spectrum: ")]
+    if offset is None:
+        assert spectrum_notes == []
+    else:
+        assert spectrum_notes == [f"spectrum: rotary model: the spectrum of the form at offset {mode_offset}, the "
+                                  f"offset this head fires at most; only the {stored} of its {lm_d_head(con)} "
+                                  "singular vectors that stored sparse signals use are kept"]
+        assert summary["spectrum"].num_rows == stored
     assert summary["top_svs"].num_rows == len(set(summary["top_svs"].column("sv").to_pylist()))
 
 
