@@ -210,7 +210,7 @@ def test_queued_jobs_survive_a_restart_under_their_own_ids(tiny_checkpoint, tmp_
     from catalog.ingest import ingest
 
     db = tmp_path / "queued.duckdb"
-    long = dict(model_path=str(tiny_checkpoint), n_prompts=32, batch_size=2, seed=7)
+    long = dict(model_path=str(tiny_checkpoint), n_prompts=96, batch_size=2, seed=7)  # stopped long before its end
     short = dict(model_path=str(tiny_checkpoint), n_prompts=4, batch_size=2, seed=8)
     first = ServerProcess(db)
     with httpx.Client(base_url=first.url, timeout=60) as client:
