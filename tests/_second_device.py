@@ -15,6 +15,7 @@ that read a marked tensor; `.cpu()` takes the mark off. Then:
 from __future__ import annotations
 
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,16 @@ class SecondDevice(TorchFunctionMode):
         super().__init__()
         self.transfers: list[Transfer] = []
         self.problems: list[str] = []
+        self.watching = True
+
+    @contextmanager
+    def unwatched(self):
+        """Ops inside pass through unmarked and unchecked (e.g. the model's own forward pass)."""
+        self.watching = False
+        try:
+            yield
+        finally:
+            self.watching = True
 
     def put(self, value):
         """Mark a tensor, or every tensor in a (nested) container, as on the device; returns it."""
@@ -83,6 +94,8 @@ class SecondDevice(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self.watching:
+            return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         inputs = list(_tensors(list(args) + list(kwargs.values())))
         marked = [on_device(t) for t in inputs]

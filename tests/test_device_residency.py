@@ -55,7 +55,7 @@ def test_a_batch_leaves_the_device_only_through_its_rows(family, tmp_path, monke
 
     def run_on_device(*args, **kwargs):
         # The forward pass itself is the model's business; what it returns is on the device.
-        with torch.overrides._pop_mode_temporarily():
+        with device.unwatched():
             logits, cache = forward(*args, **kwargs)
         device.put([logits, cache.cache_dict])
         return logits, cache
