@@ -93,6 +93,8 @@ def test_from_the_grid_to_why_a_head_fires(served, browser_page, tmp_path):
     assert [a.inner_text() for a in page.query_selector_all("#upstream a.head-link")] == \
         [r["upstream"] for r in summary["upstream"] if r["up_kind"] == "head"]
     assert int(page.get_attribute("#role-pairs table", "data-rows")) == len(summary["role_pairs"])
+    # Its notes (rows left out, empty parts) are shown, not dropped.
+    assert summary["notes"] and [li.inner_text() for li in page.query_selector_all("#head-notes li")] == summary["notes"]
 
     # Its strongest firing: the prompt, the sparse signal and the edges into it.
     strongest = api.get(f"/api/v1/heads/{name}/firings", params={"limit": 10}).json()

@@ -162,6 +162,7 @@ async function showHead(name) {
     <p id="activity">${activity.n_firings} firings in ${activity.n_prompts} of ${activity.n_prompts_run} prompts;
        mean attention ${fmt(activity.mean_attn)}, mean score ${fmt(activity.mean_score)},
        mean signal size ${fmt(activity.mean_n_svs)} singular directions</p>
+    ${head.notes.length ? `<ul id="head-notes" class="notes">${head.notes.map(n => `<li>${esc(n)}</li>`).join("")}</ul>` : ""}
     <div class="controls">
       <strong>Why does it fire?</strong>
       <label>from destination role <select id="trace-dest">${roleOptions(destDefault)}</select></label>
