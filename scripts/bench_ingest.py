@@ -45,16 +45,18 @@ def main(argv=None) -> int:
         lm, load_s = load_bench_model(args.workdir, device, args.dtype, args.model_path, args.model)
         print(f"model load on {lm.device} ({args.dtype}): {load_s:.2f} s (not counted)")
         for n in counts:
-            wall_s, summary, size = ingest_once(lm, n, args)
-            results.append((lm.device, n, wall_s, summary, size))
+            wall_s, summary, size, peak = ingest_once(lm, n, args)
+            results.append((lm.device, n, wall_s, summary, size, peak))
             if lm.device == "cpu" and n == 256 and args.model_path is None and args.model is None:
                 passed = wall_s < TARGET_S
         del lm
     print(f"\n{'device':<7} {'dtype':<9} {'prompts':>7} {'seconds':>8} {'prompts/s':>10} {'firings/s':>10} "
-          f"{'firings':>9} {'edges':>10} {'MiB':>7}")
-    for device, n, wall_s, summary, size in results:
+          f"{'firings':>9} {'edges':>10} {'MiB':>7} {'peak MiB':>9}")
+    for device, n, wall_s, summary, size, peak in results:
         print(f"{device:<7} {args.dtype:<9} {n:>7} {wall_s:>8.1f} {n / wall_s:>10.2f} {summary['firings'] / wall_s:>10.0f} "
-              f"{summary['firings']:>9} {summary['edges']:>10} {size / 2**20:>7.1f}")
+              f"{summary['firings']:>9} {summary['edges']:>10} {size / 2**20:>7.1f} "
+              f"{'-' if peak is None else f'{peak / 2**20:.0f}':>9}")
+    print("MiB: the catalog on disk; peak MiB: GPU memory at its peak during the ingest (cuda only)")
     if passed is None:
         print(f"no target checked: the target (< {TARGET_S:.0f} s) is for 256 prompts of the default model on the CPU")
         return 0
@@ -64,22 +66,30 @@ def main(argv=None) -> int:
 
 
 def ingest_once(lm, n_prompts: int, args):
-    """One ingest of n_prompts into a fresh catalog: (seconds, summary, bytes on disk)."""
+    """One ingest of n_prompts into a fresh catalog: (seconds, summary, bytes on disk, peak GPU
+    bytes or None). The peak says how much room a batch needs beside the model (the upstream
+    head outputs grow with layers x heads x d_model)."""
+    import torch
+
     from catalog.ingest import ingest
 
     db = args.workdir / f"bench_ingest_{lm.device}_{n_prompts}.duckdb"
     for leftover in (db, db.with_name(db.name + ".wal")):
         leftover.unlink(missing_ok=True)
     print(f"ingesting {n_prompts} IOI prompts on {lm.device} in batches of {args.batch_size} into {db}", flush=True)
+    on_gpu = str(lm.device).startswith("cuda")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     summary = ingest(db, model_path=lm.name, dataset="ioi", n_prompts=n_prompts, seed=0,
                      batch_size=args.batch_size, show_progress=True, loaded_model=lm)
     wall_s = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() if on_gpu else None
     size = sum(f.stat().st_size for f in (db, db.with_name(db.name + ".wal")) if f.exists())
     print(f"  {summary['prompts']} prompts, {summary['firings']} firings (mean signal size "
           f"{summary['mean_signal_size']:.2f}), {summary['edges']} edges in {wall_s:.1f} s: "
           f"{summary['prompts'] / wall_s:.2f} prompts/s, {summary['firings'] / wall_s:.0f} firings/s")
-    return wall_s, summary, size
+    return wall_s, summary, size, peak
 
 
 if __name__ == "__main__":
