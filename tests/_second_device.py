@@ -27,6 +27,10 @@ import catalog
 _READS = {"tolist", "item", "__int__", "__float__", "__bool__", "__index__", "__array__", "numpy"}
 _INDEXING = {"__getitem__", "__setitem__", "index_select", "gather", "index_put_"}
 _MARK = "_on_emulated_device"
+# What makes a tensor on the device it is told (`device=`), or moves one there (`.to(device)`).
+_FACTORIES = {"to", "as_tensor", "tensor", "arange", "linspace", "logspace", "eye", "zeros", "ones", "full",
+              "empty", "rand", "randn", "randint", "tril_indices", "triu_indices", "zeros_like", "ones_like",
+              "full_like", "empty_like"}
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,6 @@ class SecondDevice(TorchFunctionMode):
         result = func(*args, **kwargs)
         if name == "to":
             result = _new_object(result, args)
-        if any(marked) or (name in ("to", "as_tensor", "tensor", "arange", "zeros", "ones", "full", "empty",
-                                    "zeros_like", "ones_like", "full_like", "empty_like")
-                           and _names_a_device(args, kwargs)):
+        if any(marked) or (name in _FACTORIES and _names_a_device(args, kwargs)):
             self.put(result)
         return result

@@ -3,7 +3,7 @@
 CI has no GPU; tests/_second_device.py emulates one on the CPU, so what would raise on CUDA
 (`.numpy()` of a device tensor, an op mixing devices) and every value that leaves the device
 are seen here, for each family's path (per-head forms for GPT-2, per-offset forms for the
-rotary families).
+rotary families) and for ACC++.
 """
 
 from __future__ import annotations
@@ -41,13 +41,31 @@ def test_the_emulated_device_sees_what_cuda_would_refuse():
     assert [t.how for t in device.transfers] == ["cpu", "cpu", "numpy", "__int__"]
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_a_batch_leaves_the_device_only_through_its_rows(family, tmp_path, monkeypatch):
+# ACC++ (GPT-2): the frontier of firings still to decompose is a host set, so a batch reads back
+# the keys it adds, and each prompt's few seeds; the rest stays on the device.
+ACCPP_EXITS = {
+    "batch.py:rows_of": BATCH_EXITS["batch.py:rows_of"],
+    "outputs.py:prompt_outputs": BATCH_EXITS["outputs.py:prompt_outputs"],
+    "circuit.py:_collect": "the upstream firings an edge reaches, added to the frontier",
+    "circuit.py:_add_head_firings": "the firings of --heads, added to the frontier",
+    "seeds.py:_decode": "a prompt's seed components, added to the frontier",
+    "seeds.py:linear_seeds": "a prompt's total and cutoff, and its seeds' weights",
+    "seeds.py:prob_seeds": "the attribution of the next seed candidate, and the seeds' weights",
+    "seeds.py:J": "the objective after removing a seed (one number)",
+    "weights.py:through_output": "the distinct heads of a layer's firings, to cache their projections",
+    "firing.py:_per_head": "the distinct heads of a chunk's firings, one matmul each",
+    "firing.py:_weighted_by_prompt": "the distinct prompts of a chunk's firings, one matmul each",
+    "firing.py:atoms": "the largest destination of a chunk (one number)",
+}
+
+
+def _ingest_on_second_device(tmp_path, monkeypatch, checkpoint, **options):
+    """Ingest with the model's weights and activations on the emulated device: (summary, device,
+    the transfers made inside batch functions)."""
+    import catalog.accpp.circuit
     import catalog.batch
     from catalog.model import load_model
 
-    tokenizer = llama_style_tokenizer() if family == "llama" else None
-    checkpoint = save_random_family(family, tmp_path / "model", tokenizer=tokenizer)
     lm = load_model(path=checkpoint)
     device = SecondDevice()
     device.put(list(lm.bridge.parameters()) + list(lm.bridge.buffers()))
@@ -62,18 +80,27 @@ def test_a_batch_leaves_the_device_only_through_its_rows(family, tmp_path, monke
 
     monkeypatch.setattr(lm, "run", run_on_device)
     batch_transfers = []
-    analyse_batch = catalog.batch.analyse_batch
+    for module in (catalog.batch, catalog.accpp.circuit):
+        analyse_batch = module.analyse_batch
 
-    def watched(*args, **kwargs):
-        before = len(device.transfers)
-        tables = analyse_batch(*args, **kwargs)
-        batch_transfers.extend(device.transfers[before:])
-        return tables
+        def watched(*args, analyse_batch=analyse_batch, **kwargs):
+            before = len(device.transfers)
+            tables = analyse_batch(*args, **kwargs)
+            batch_transfers.extend(device.transfers[before:])
+            return tables
 
-    monkeypatch.setattr(catalog.batch, "analyse_batch", watched)
+        monkeypatch.setattr(module, "analyse_batch", watched)
     with device:
         summary = ingest(tmp_path / "c.duckdb", model_path=checkpoint, n_prompts=5, seed=2, batch_size=3,
-                         loaded_model=lm, show_progress=False)
+                         loaded_model=lm, show_progress=False, **options)
+    return summary, device, batch_transfers, lm
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_a_batch_leaves_the_device_only_through_its_rows(family, tmp_path, monkeypatch):
+    tokenizer = llama_style_tokenizer() if family == "llama" else None
+    checkpoint = save_random_family(family, tmp_path / "model", tokenizer=tokenizer)
+    summary, device, batch_transfers, lm = _ingest_on_second_device(tmp_path, monkeypatch, checkpoint)
     assert summary["firings"] > 0 and summary["edges"] > 0  # the batches did the whole method's work
     assert device.problems == []
     assert batch_transfers, "the emulation saw nothing leave the device"
@@ -84,3 +111,14 @@ def test_a_batch_leaves_the_device_only_through_its_rows(family, tmp_path, monke
             assert transfer.numel == 1
         if transfer.site == "outputs.py:prompt_outputs":
             assert transfer.numel <= 3 * vocab
+
+
+@pytest.mark.parametrize("seeding", ["linear", "prob"])
+def test_an_accpp_batch_stays_on_the_device_but_for_its_frontier(seeding, tmp_path, monkeypatch):
+    checkpoint = save_random_family("gpt2", tmp_path / "model")
+    summary, device, batch_transfers, _ = _ingest_on_second_device(
+        tmp_path, monkeypatch, checkpoint, method="accpp", seeding=seeding, heads="2.1", ig_steps=8)
+    assert summary["firings"] > 0 and summary["edges"] > 0
+    assert device.problems == []
+    sites = {t.site for t in batch_transfers}
+    assert "batch.py:rows_of" in sites and sites <= set(ACCPP_EXITS), sites - set(ACCPP_EXITS)

@@ -19,7 +19,7 @@ from catalog.accpp.components import HOOKS, component_kind, residual_components
 from catalog.accpp.firing import SIDES, Firings, LayerDecomposer, dynamic_threshold
 from catalog.accpp.seeds import linear_seeds, prob_seeds
 from catalog.accpp.weights import AccppWeights
-from catalog.batch import pad_tokens
+from catalog.batch import pad_tokens, rows_of
 from catalog.outputs import prompt_outputs
 from catalog.rows import concat, number_edges, table
 
@@ -48,7 +48,7 @@ class AccppSettings:
     def threshold_at(self, dest: torch.Tensor) -> torch.Tensor:
         if self.threshold == "dynamic":
             return dynamic_threshold(dest)
-        return torch.full(dest.shape, float(self.threshold), dtype=torch.float64)
+        return torch.full(dest.shape, float(self.threshold), dtype=torch.float64, device=dest.device)
 
 
 @dataclass
@@ -141,27 +141,29 @@ def _seed(res, prompts: BatchPrompts, settings, logits, W_U, b_U, frontier, rows
 def _add_head_firings(res, prompts: BatchPrompts, settings, layer: int, head: int, frontier) -> None:
     """Every firing of one head: pattern >= threshold(i), 1 <= i <= end, at the chosen dest roles."""
     pattern = res.pattern[:, layer, head]  # [prompt, dest, src]
-    n_pos = pattern.shape[-1]
-    dest = torch.arange(n_pos).view(1, -1, 1)
+    n_pos, device = pattern.shape[-1], pattern.device
+    dest = torch.arange(n_pos, device=device).view(1, -1, 1)
     mask = (pattern.double() >= settings.threshold_at(dest)) & (dest >= 1)
-    mask &= dest <= torch.tensor(prompts.end_pos).view(-1, 1, 1)
-    mask &= torch.arange(n_pos).view(1, 1, -1) <= dest
+    mask &= dest <= torch.tensor(prompts.end_pos, device=device).view(-1, 1, 1)
+    mask &= torch.arange(n_pos, device=device).view(1, 1, -1) <= dest
     if settings.dest_roles:
         allowed = torch.zeros(len(prompts.end_pos), n_pos, dtype=torch.bool)
         for b, roles in enumerate(prompts.role_positions):
             for role in settings.dest_roles:
                 if role in roles:
                     allowed[b, roles[role]] = True
-        mask &= allowed.unsqueeze(-1)
+        mask &= allowed.to(device).unsqueeze(-1)
     for b, i, j in torch.nonzero(mask).tolist():
         frontier[layer].add((b, head, i, j))
 
 
 def _firings(res, layer: int, keys: set, settings) -> Firings:
     """The reached firings of a layer that are decomposed: i >= 1 and pattern >= threshold(i)."""
+    device = res.pattern.device
     if not keys:
-        return Firings(*(torch.zeros(0, dtype=torch.long) for _ in range(4)), torch.zeros(0), torch.zeros(0))
-    b, h, i, j = torch.tensor(sorted(keys)).T
+        return Firings(*(torch.zeros(0, dtype=torch.long, device=device) for _ in range(4)),
+                       torch.zeros(0, device=device), torch.zeros(0, device=device))
+    b, h, i, j = torch.tensor(sorted(keys), device=device).T
     attn = res.pattern[b, layer, h, i, j]
     threshold = settings.threshold_at(i)
     keep = (i >= 1) & (j <= i) & (attn.double() >= threshold)
@@ -170,17 +172,17 @@ def _firings(res, layer: int, keys: set, settings) -> Firings:
 
 def _collect(res, prompts, layer, firings: Firings, selections, n_heads, score_scale, frontier, out) -> None:
     """Rows of one layer's decomposed firings, and the upstream firings they lead to."""
-    prompt_ids = np.asarray(prompts.prompt_ids)[firings.prompt.numpy()]
-    key = {"prompt_id": prompt_ids, "layer": np.full(len(firings), layer), "head": firings.head.numpy(),
-           "dest_pos": firings.dest.numpy(), "src_pos": firings.src.numpy()}
+    prompt_ids = np.asarray(prompts.prompt_ids)[rows_of(firings.prompt)]
+    key = {"prompt_id": prompt_ids, "layer": np.full(len(firings), layer), "head": rows_of(firings.head),
+           "dest_pos": rows_of(firings.dest), "src_pos": rows_of(firings.src)}
     # hook_attn_scores is q . k / sqrt(d_head); the catalog stores the raw score q . k, as for the 2024 method.
     raw_score = res.attn_scores[firings.prompt, layer, firings.head, firings.dest, firings.src] * score_scale
-    out["firings"].append(dict(key, attn_weight=firings.attn.numpy(), score=raw_score.numpy()))
+    out["firings"].append(dict(key, attn_weight=rows_of(firings.attn), score=rows_of(raw_score)))
     for side in SIDES:
         sel = selections[side]
         out["firing_sides"].append(dict(key, side=np.full(len(firings), side),
-                                        threshold=firings.threshold.numpy(), n_atoms=sel.n_atoms.numpy(),
-                                        attn_after=sel.attn_after.numpy(), capped=sel.capped.numpy()))
+                                        threshold=rows_of(firings.threshold), n_atoms=rows_of(sel.n_atoms),
+                                        attn_after=rows_of(sel.attn_after), capped=rows_of(sel.capped)))
         keep = ~sel.capped[sel.firing]
         f, up_layer, comp, token = sel.firing[keep], sel.up_layer[keep], sel.comp[keep], sel.token[keep]
         if len(f) == 0:
@@ -188,7 +190,8 @@ def _collect(res, prompts, layer, firings: Firings, selections, n_heads, score_s
         # One edge per (firing, upstream layer, component, token); its atoms in selection order.
         edge_key = torch.stack([f, up_layer, comp, token], dim=1)
         unique, edge_of_atom = torch.unique(edge_key, dim=0, return_inverse=True)
-        weight = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, edge_of_atom, sel.drop[keep])
+        weight = torch.zeros(len(unique), dtype=torch.float64, device=f.device).index_add_(0, edge_of_atom,
+                                                                                          sel.drop[keep])
         ef, el, ec, et = unique.T
         kinds = np.array([component_kind(c, n_heads) for c in ec.tolist()], dtype=object)
         is_head = ec < n_heads
@@ -196,13 +199,13 @@ def _collect(res, prompts, layer, firings: Firings, selections, n_heads, score_s
         up_attn = res.pattern[firings.prompt[ef], el, ec.clamp(max=n_heads - 1), written, et]
         first_row = sum(len(part["prompt_id"]) for part in out["edges"])
         out["edges"].append({
-            **{name: values[ef.numpy()] for name, values in key.items()},
+            **{name: values[rows_of(ef)] for name, values in key.items()},
             "side": np.full(len(unique), side), "up_kind": kinds, "up_layer": _up_layer(el.tolist(), kinds),
             "up_head": _only_heads(ec.tolist(), kinds), "up_src_pos": _only_heads(et.tolist(), kinds),
-            "up_attn": np.where(is_head.numpy(), up_attn.numpy(), np.nan), "weight": weight.numpy(),
+            "up_attn": np.where(rows_of(is_head), rows_of(up_attn), np.nan), "weight": rows_of(weight),
         })
-        out["edge_svs"].append({"edge_row": first_row + edge_of_atom.numpy(), "rank": sel.rank[keep].numpy(),
-                                "sv": sel.sv[keep].numpy(), "weight": sel.drop[keep].numpy()})
+        out["edge_svs"].append({"edge_row": first_row + rows_of(edge_of_atom), "rank": rows_of(sel.rank[keep]),
+                                "sv": rows_of(sel.sv[keep]), "weight": rows_of(sel.drop[keep])})
         for b, l, c, t, tb in zip(firings.prompt[ef][is_head].tolist(), el[is_head].tolist(), ec[is_head].tolist(),
                                   written[is_head].tolist(), et[is_head].tolist()):
             frontier[l].add((b, c, t, tb))

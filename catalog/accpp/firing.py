@@ -70,10 +70,10 @@ class Selection:
     capped: torch.Tensor     # [firing] MAX_ATOMS reached: the atoms are not edges
 
 
-def trapezoid_weights(steps: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def trapezoid_weights(steps: int, dtype=torch.float64, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """alphas 0, 1/steps, ..., 1 and their trapezoid weights."""
-    alphas = torch.linspace(0, 1, steps + 1, dtype=dtype)
-    weights = torch.full((steps + 1,), 1.0 / steps, dtype=dtype)
+    alphas = torch.linspace(0, 1, steps + 1, dtype=dtype, device=device)
+    weights = torch.full((steps + 1,), 1.0 / steps, dtype=dtype, device=device)
     weights[0] = weights[-1] = 0.5 / steps
     return alphas, weights
 
@@ -84,7 +84,7 @@ def _masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def ig_vector(row: torch.Tensor, src: torch.Tensor, valid: torch.Tensor, steps: int) -> torch.Tensor:
     """g [firing, pos] with IG_atom = X[atom] . g (ACCPP.md 2.3, trapezoid along alpha * row)."""
-    alphas, weights = trapezoid_weights(steps)
+    alphas, weights = trapezoid_weights(steps, device=row.device)
     p = _masked_softmax(alphas.view(-1, 1, 1) * row.unsqueeze(0), valid.unsqueeze(0))  # [step, firing, pos]
     p_j = p.gather(2, src.view(1, -1, 1).expand(len(alphas), -1, 1))  # [step, firing, 1]
     onehot = torch.nn.functional.one_hot(src, row.shape[-1]).to(row.dtype)
@@ -102,9 +102,10 @@ class LayerDecomposer:
         self.layer = layer
         self.n_heads = weights.U.shape[1]
         self.rank = weights.U.shape[-1]
+        self.device = device = residual.pattern.device  # everything below lives there, as the activations
         self.heads = torch.unique(firings.head)
-        self.local = torch.full((self.n_heads,), -1, dtype=torch.long)
-        self.local[self.heads] = torch.arange(len(self.heads))
+        self.local = torch.full((self.n_heads,), -1, dtype=torch.long, device=device)
+        self.local[self.heads] = torch.arange(len(self.heads), device=device)
         U, V = weights.U[layer, self.heads], weights.V[layer, self.heads]  # [h, d_model, r]
         self.S = weights.S[layer, self.heads] / math.sqrt(self.rank)  # [h, r], score scale folded in
         x = residual.normalized[:, layer]
@@ -116,8 +117,8 @@ class LayerDecomposer:
         # Head slices projected on u_k / v_k, only for the (prompt, head) pairs that have firings:
         # (v W_O) . u_k as [pair, upstream head, k, tb], a firing's slab one contiguous block.
         pair_keys = torch.unique(firings.prompt * self.n_heads + firings.head)
-        self.pair = torch.full((residual.v.shape[0], self.n_heads), -1, dtype=torch.long)
-        self.pair.view(-1)[pair_keys] = torch.arange(len(pair_keys))
+        self.pair = torch.full((residual.v.shape[0], self.n_heads), -1, dtype=torch.long, device=device)
+        self.pair.view(-1)[pair_keys] = torch.arange(len(pair_keys), device=device)
         pair_prompt, pair_head = pair_keys // self.n_heads, self.local[pair_keys % self.n_heads]
         v = residual.v[pair_prompt, :, :layer].flatten(2, 3)  # [pair, tb, layer*head, d_head]
         WU, WV = weights.through_output(residual.W_O, layer, self.heads)  # [h, layer*head, d_head, r]
@@ -138,9 +139,9 @@ class LayerDecomposer:
         # Chunks of similar destinations: a chunk's head slices only span its tokens 0..max(i).
         by_dest = torch.argsort(firings.dest, stable=True)
         parts = {side: [] for side in SIDES}
-        per_firing = {side: {"n_atoms": torch.zeros(len(firings), dtype=torch.long),
-                             "attn_after": torch.zeros(len(firings), dtype=torch.float64),
-                             "capped": torch.zeros(len(firings), dtype=torch.bool)} for side in SIDES}
+        zeros = lambda dtype: torch.zeros(len(firings), dtype=dtype, device=self.device)  # noqa: E731
+        per_firing = {side: {"n_atoms": zeros(torch.long), "attn_after": zeros(torch.float64),
+                             "capped": zeros(torch.bool)} for side in SIDES}
         for start in range(0, len(firings), chunk):
             index = by_dest[start:start + chunk]
             for side, selection in self._chunk(firings.take(index), steps).items():
@@ -168,7 +169,7 @@ class LayerDecomposer:
         S = self.S[h]  # [F, r]
         acoef = S * (self.xu[b, i, h] + self.cu[h])  # [F, r]
         bcoef = self.xv[b, :, h] + self.cv[h].unsqueeze(1)  # [F, pos, r]
-        valid = torch.arange(n_pos).unsqueeze(0) <= i.unsqueeze(1)
+        valid = torch.arange(n_pos, device=self.device).unsqueeze(0) <= i.unsqueeze(1)
         row = torch.einsum("fk,fpk->fp", acoef.double(), bcoef.double())
         g = ig_vector(row, j, valid, steps)  # [F, pos]
         g32 = g.float()
@@ -222,7 +223,7 @@ class LayerDecomposer:
             return rows.double()
 
         def candidates_of(heads_ig, comps_ig, slot):
-            comp_keys = _component_keys(L, H, r, n_pos)  # [2L + 2, r] flat keys at token 0
+            comp_keys = _component_keys(L, H, r, n_pos, self.device)  # [2L + 2, r] flat keys at token 0
 
             def candidates(sel, K):
                 """Flat atom keys [F', K] of each firing's largest float32 IG, heads and components merged."""
@@ -280,13 +281,13 @@ def _exists(comp, up, tb, slot, H: int):
     return (tb == slot) & ((comp < H + 2) | (up == 0))
 
 
-def _component_keys(L: int, H: int, r: int, n_pos: int) -> torch.Tensor:
+def _component_keys(L: int, H: int, r: int, n_pos: int, device=None) -> torch.Tensor:
     """Flat keys (at token 0) of the non-head components in the order of the *_comps tensors:
     mlp 0..L-1, b_O 0..L-1, embedding, offset; [2L + 2, r]."""
     n_comp = H + 4
-    layer = torch.tensor(list(range(L)) * 2 + [0, 0])
-    comp = torch.tensor([H] * L + [H + 1] * L + [H + 2, H + 3])
-    k = torch.arange(r)
+    layer = torch.tensor(list(range(L)) * 2 + [0, 0], device=device)
+    comp = torch.tensor([H] * L + [H + 1] * L + [H + 2, H + 3], device=device)
+    k = torch.arange(r, device=device)
     return ((layer.unsqueeze(1) * n_comp + comp.unsqueeze(1)) * r + k) * n_pos
 
 
@@ -330,11 +331,12 @@ def greedy(candidates_of, rows_of, atoms: FiringAtoms, f: Firings, layout) -> Se
     """
     F, N = len(f), atoms.n_atoms
     row, valid = atoms.row, atoms.valid
-    n_atoms = torch.zeros(F, dtype=torch.long)
+    device = row.device
+    n_atoms = torch.zeros(F, dtype=torch.long, device=device)
     attn_after = f.attn.double().clone()
-    capped = torch.zeros(F, dtype=torch.bool)
+    capped = torch.zeros(F, dtype=torch.bool, device=device)
     parts = []  # (firing, rank, atom, drop) of the firings finished in each pass
-    pending = torch.arange(F)
+    pending = torch.arange(F, device=device)
     for K in sorted({min(K, N) for K in PASSES}):
         if len(pending) == 0:
             break
@@ -352,7 +354,7 @@ def greedy(candidates_of, rows_of, atoms: FiringAtoms, f: Firings, layout) -> Se
         n_atoms[finished] = m[done]
         attn_after[finished] = a_all[done].gather(1, m[done].unsqueeze(1)).squeeze(1)
         capped[finished] = m[done] >= MAX_ATOMS
-        local, rank = torch.nonzero(done.unsqueeze(1) & (torch.arange(K).unsqueeze(0) < m.unsqueeze(1)),
+        local, rank = torch.nonzero(done.unsqueeze(1) & (torch.arange(K, device=device).unsqueeze(0) < m.unsqueeze(1)),
                                     as_tuple=True)
         drop = a_all[:, :-1] - a_all[:, 1:]
         parts.append((pending[local], rank, top[local, rank], drop[local, rank]))
@@ -362,8 +364,8 @@ def greedy(candidates_of, rows_of, atoms: FiringAtoms, f: Firings, layout) -> Se
 
 def _selection(parts: list, layout, n_atoms, attn_after, capped) -> Selection:
     _, n_comp, r, n_pos = layout
-    firing, rank, idx, drop = (torch.cat([p[c] for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
-                               for c in range(4))
+    firing, rank, idx, drop = (torch.cat([p[c] for p in parts]) if parts
+                               else torch.zeros(0, dtype=torch.long, device=n_atoms.device) for c in range(4))
     order = torch.argsort(firing * (MAX_ATOMS + 2) + rank)  # by firing, then selection order
     firing, rank, idx, drop = firing[order], rank[order], idx[order], drop[order].double()
     return Selection(

@@ -41,7 +41,7 @@ def component_scores(res: Residual, prompt: int, end: int, vector: torch.Tensor)
     """r_c . vector for every component of one prompt, as [layer, H + 3, pos] (zero where absent)."""
     L, H, n_pos = res.pattern.shape[1], res.pattern.shape[2], res.pattern.shape[-1]
     scale = res.final_scale[prompt, end].double()
-    scores = torch.zeros(L, H + 3, n_pos, dtype=torch.float64)
+    scores = torch.zeros(L, H + 3, n_pos, dtype=torch.float64, device=res.pattern.device)
     out_dot = res.W_O.double() @ vector  # [layer, head, d_head]: W_O . vector, then v . that
     vo_dot = torch.einsum("plhe,lhe->lhp", res.v[prompt].double(), out_dot)  # [layer, head, tb]
     scores[:, :H] = res.pattern[prompt, :, :, end, :].double() * vo_dot / scale
@@ -97,7 +97,7 @@ def prob_seeds(res: Residual, prompt: int, end: int, W_U: torch.Tensor, b_U: tor
                targets: list[int], tau: float, steps: int, objective: str) -> PromptSeeds:
     """Seeds of the probability objective on a token support (q* uniform over `targets`)."""
     W_U, b_U = W_U.double(), b_U.double()
-    q = torch.full((len(targets),), 1.0 / len(targets), dtype=torch.float64)
+    q = torch.full((len(targets),), 1.0 / len(targets), dtype=torch.float64, device=W_U.device)
     z_clean = res.final_normalized[prompt, end].double() @ W_U
 
     def J(z):
@@ -107,7 +107,7 @@ def prob_seeds(res: Residual, prompt: int, end: int, W_U: torch.Tensor, b_U: tor
     completeness = J_clean - J(b_U)
     if completeness <= 0:
         return PromptSeeds([], [], [], [], completeness, objective)
-    alphas, weights = trapezoid_weights(steps)
+    alphas, weights = trapezoid_weights(steps, device=W_U.device)
     mean_probs = sum(w * torch.softmax(b_U + a * z_clean, dim=-1) for a, w in zip(alphas, weights))
     vector = W_U[:, targets] @ q - W_U @ mean_probs
     scores = component_scores(res, prompt, end, vector)
