@@ -25,8 +25,11 @@ import click
 @click.option("--model-path", type=click.Path(path_type=Path), default=None,
               help="The run's checkpoint directory, if not where the run recorded it.")
 @click.option("--model", default=None, help="The run's model on the Hugging Face hub (default: the run's).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where the model runs (auto: cuda when a GPU is usable).")
 @click.option("--batch-size", default=16, show_default=True, type=int, help="Prompts per clean pass and commit.")
-def intervene(db_path, run_id, mode, boost, top_edges, min_weight, prompt_id, heads, model_path, model, batch_size):
+def intervene(db_path, run_id, mode, boost, top_edges, min_weight, prompt_id, heads, model_path, model, device,
+              batch_size):
     """Remove (or --boost) each selected edge's signal and store what changes in `interventions`.
 
     One row per edge, mode and direction: the downstream attention before and after, the signal's
@@ -41,7 +44,7 @@ def intervene(db_path, run_id, mode, boost, top_edges, min_weight, prompt_id, he
     try:
         summary = intervene_run(db_path, run_id=run_id, mode=mode, boost=boost, top_edges=top_edges,
                                 min_weight=min_weight, prompt_id=prompt_id, heads=heads, model=model,
-                                model_path=model_path, batch_size=batch_size, say=_progress)
+                                model_path=model_path, device=device, batch_size=batch_size, say=_progress)
         if _progress.shown:
             click.echo(err=True)  # end the progress line
     except KeyboardInterrupt:  # each batch of prompts is committed whole or not at all

@@ -122,3 +122,33 @@ def test_an_accpp_batch_stays_on_the_device_but_for_its_frontier(seeding, tmp_pa
     assert device.problems == []
     sites = {t.site for t in batch_transfers}
     assert "batch.py:rows_of" in sites and sites <= set(ACCPP_EXITS), sites - set(ACCPP_EXITS)
+
+
+# Interventions: the clean pass and every intervened copy run on the device; what leaves it is
+# the stored rows, and the sizes that steer the incremental forward pass.
+INTERVENTION_EXITS = {
+    "batch.py:rows_of": BATCH_EXITS["batch.py:rows_of"],
+    "run.py:_floats": "the stored rows' measurements, converted for writing",
+    "forward.py:propagate": "the number of tokens and rows active at a layer (numbers)",
+    "forward.py:_head_stage": "the distinct heads patched at a layer, one matmul each",
+    "core.py:upstream_output": "the distinct upstream layers of a chunk's edges, one matmul each",
+    "core.py:edge_signals": "whether a chunk holds an offset edge (global mode refuses one)",
+    "core.py:intervene": "the first layer a chunk's rows enter at (one number)",
+}
+
+
+@pytest.mark.parametrize("method,mode", [("sad", "local"), ("sad", "global"), ("accpp", "local"),
+                                         ("accpp", "global")])
+def test_interventions_stay_on_the_device_but_for_their_rows(method, mode, tmp_path, monkeypatch):
+    from catalog.interventions.run import intervene_run
+
+    checkpoint = save_random_family("gpt2", tmp_path / "model")
+    options = {"method": "accpp", "ig_steps": 8} if method == "accpp" else {}
+    _, _, _, lm = _ingest_on_second_device(tmp_path, monkeypatch, checkpoint, **options)
+    device = SecondDevice()
+    device.put(list(lm.bridge.parameters()) + list(lm.bridge.buffers()))
+    with device:
+        summary = intervene_run(tmp_path / "c.duckdb", mode=mode, top_edges=3, loaded_model=lm)
+    assert summary["stored"] > 0 and device.problems == []
+    sites = {t.site for t in device.transfers if t.site != "model.py:weights_digest"}  # the run's model check
+    assert "run.py:_floats" in sites and sites <= set(INTERVENTION_EXITS), sites - set(INTERVENTION_EXITS)

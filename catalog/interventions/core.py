@@ -88,7 +88,7 @@ class EdgeBatch(TensorColumns):
     def offset(self, directions: Directions) -> torch.Tensor:
         """[edge, d_model]: the downstream head's AH offset (c_d query side, c_s key side) for offset
         edges, zero for the others."""
-        out = torch.zeros(len(self), directions.U.shape[2])
+        out = torch.zeros(len(self), directions.U.shape[2], device=directions.U.device)
         e = torch.nonzero(self.up_kind == OFFSET).flatten()
         if len(e):
             if directions.c_d is None:
@@ -101,7 +101,7 @@ class EdgeBatch(TensorColumns):
 def upstream_output(w: ModelWeights, clean: CleanPass, edges: EdgeBatch, directions: Directions) -> torch.Tensor:
     """y: what each edge's upstream component writes at its token, [edge, d_model] (ACCPP.md 5)."""
     p, t, kind = edges.prompt, edges.pos, edges.up_kind
-    y = torch.zeros(len(edges), w.W_O.shape[-1])
+    y = torch.zeros(len(edges), w.W_O.shape[-1], device=w.W_O.device)
     is_head = kind == HEAD
     for layer in torch.unique(edges.up_layer[is_head]).tolist():  # one matmul per upstream layer
         e = torch.nonzero(is_head & (edges.up_layer == layer)).flatten()
@@ -190,10 +190,10 @@ def intervention_rows(clean: CleanPass, edges: EdgeBatch, signals: Signals, mode
 def control_rows(clean: CleanPass, prompts: torch.Tensor, start_layer: int) -> Rows:
     """Un-intervened copies of prompts, their end token recomputed from start_layer: the batch's
     other prompts, whose logits must not move."""
-    n, d_model = len(prompts), clean.resid_pre.shape[-1]
-    zeros = torch.zeros(n, dtype=torch.long)
+    n, d_model, device = len(prompts), clean.resid_pre.shape[-1], prompts.device
+    zeros = torch.zeros(n, dtype=torch.long, device=device)
     return Rows(prompt=prompts, kind=zeros + CONTROL, layer=zeros + start_layer, pos=clean.end_pos[prompts],
-                head=zeros, vector=torch.zeros(n, d_model), watch_layer=zeros - 1, watch_head=zeros,
+                head=zeros, vector=torch.zeros(n, d_model, device=device), watch_layer=zeros - 1, watch_head=zeros,
                 watch_dest=zeros, watch_src=zeros)
 
 
@@ -223,20 +223,20 @@ def intervene(w: ModelWeights, clean: CleanPass, edges: EdgeBatch, directions: D
     with one un-intervened copy of every prompt of the clean batch: the "other prompts" whose
     logits must not change.
     """
-    n, n_prompts = len(edges), clean.tokens.shape[0]
+    n, n_prompts, device = len(edges), clean.tokens.shape[0], clean.tokens.device
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    out = {name: torch.empty(n) for name in ("signal_norm", "norm_ratio", "cos_sim", "attn_after", "diff_after",
-                                             "kl", "other")}
-    answer = torch.full((n_prompts,), -1) if answer is None else torch.as_tensor(answer)
-    wrong = torch.full((n_prompts,), -1) if wrong is None else torch.as_tensor(wrong)
+    out = {name: torch.empty(n, device=device) for name in ("signal_norm", "norm_ratio", "cos_sim", "attn_after",
+                                                            "diff_after", "kl", "other")}
+    answer = torch.full((n_prompts,), -1, device=device) if answer is None else torch.as_tensor(answer, device=device)
+    wrong = torch.full((n_prompts,), -1, device=device) if wrong is None else torch.as_tensor(wrong, device=device)
     known = (answer >= 0) & (wrong >= 0)
     ans, wr = answer.clamp(min=0), wrong.clamp(min=0)
     # KL(clean || q) = sum_v p log p - p . z_q + logsumexp(z_q) (sum_v p = 1), in float64: the terms
     # cancel to small numbers, and float32 would round them below 0.
     clean_p = clean.logits_end.double().softmax(dim=-1)
     neg_entropy = (clean_p * clean.logits_end.double().log_softmax(dim=-1)).sum(dim=-1)
-    all_prompts = torch.arange(n_prompts)
+    all_prompts = torch.arange(n_prompts, device=device)
     enters = edges.layer if mode == "local" else edges.up_layer
     for part in torch.argsort(enters, stable=True).split(max_rows):
         chunk = edges.take(part)
@@ -259,7 +259,7 @@ def intervene(w: ModelWeights, clean: CleanPass, edges: EdgeBatch, directions: D
             out[name][part] = value
     p = edges.prompt
     diff_before = clean.logits_end[p, ans[p]] - clean.logits_end[p, wr[p]]
-    nan = torch.tensor(float("nan"))
+    nan = torch.tensor(float("nan"), device=device)
     return Results(
         pos=edges.pos, signal_norm=out["signal_norm"], norm_ratio=out["norm_ratio"], cos_sim=out["cos_sim"],
         attn_before=clean.pattern[edges.layer, p, edges.head, edges.dest, edges.src], attn_after=out["attn_after"],

@@ -135,7 +135,7 @@ def _attend(w: ModelWeights, q, keys, values, query_pos) -> tuple[torch.Tensor, 
         q = torch.cat([q, q.new_zeros(q.shape[0], _MIN_ROWS - n_win, *q.shape[2:])], dim=1)
         query_pos = torch.cat([query_pos, query_pos.new_zeros(query_pos.shape[0], _MIN_ROWS - n_win)], dim=1)
     scores = torch.einsum("rwhe,rkhe->rhwk", q, keys) / math.sqrt(w.d_head)
-    key_pos = torch.arange(keys.shape[1])
+    key_pos = torch.arange(keys.shape[1], device=keys.device)
     future = key_pos.view(1, 1, 1, -1) > query_pos.view(query_pos.shape[0], 1, -1, 1)
     pattern = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
     return pattern[:, :, :n_win], torch.einsum("rhwk,rkhe->rwhe", pattern, values)[:, :n_win]
@@ -166,7 +166,7 @@ def clean_forward(w: ModelWeights, tokens: torch.Tensor, end_pos: torch.Tensor) 
     n_prompts, n_pos = tokens.shape
     H, dh = w.n_heads, w.d_head
     resid = (w.W_E[tokens] + w.W_pos[:n_pos]).reshape(n_prompts * n_pos, -1)
-    query_pos = torch.arange(n_pos).expand(n_prompts, n_pos)
+    query_pos = torch.arange(n_pos, device=tokens.device).expand(n_prompts, n_pos)
     keep = {name: [] for name in ("resid_pre", "resid_mid", "normalized", "scale", "q", "k", "v", "z", "pattern",
                                   "attn_out", "mlp_out")}
     for layer in range(w.n_layers):
@@ -189,7 +189,7 @@ def clean_forward(w: ModelWeights, tokens: torch.Tensor, end_pos: torch.Tensor) 
         if name not in ("q", "k", "v", "z", "pattern"):
             stacked = stacked.view(len(values), n_prompts, n_pos, *stacked.shape[2:])
         shaped[name] = stacked
-    final = shaped["resid_pre"][-1][torch.arange(n_prompts), end_pos]
+    final = shaped["resid_pre"][-1][torch.arange(n_prompts, device=tokens.device), end_pos]
     logits_end = unembed(w, final)
     return CleanPass(tokens=tokens, end_pos=end_pos, logits_end=logits_end, **shaped)
 
@@ -259,7 +259,7 @@ def propagate(w: ModelWeights, clean: CleanPass, rows: Rows) -> tuple[torch.Tens
     only the end token (and a watched destination) needs its attention output and MLP.
     """
     L, H, dh = w.n_layers, w.n_heads, w.d_head
-    n_rows = len(rows)
+    n_rows, device = len(rows), rows.kind.device  # the model's device: index tensors are made there too
     kind, layer, t = rows.kind, rows.layer, rows.pos
     # The window: positions t..end, except that a key patched at position 0 cannot move position 0
     # itself (its attention row has that one key, weight 1 whatever the key): there it is 1..end.
@@ -267,10 +267,10 @@ def propagate(w: ModelWeights, clean: CleanPass, rows: Rows) -> tuple[torch.Tens
     end = clean.end_pos[rows.prompt]
     width = end - start + 1
     # Tokens: (row, pos) for every position of every row's window, with the key where it starts.
-    tok_row = torch.repeat_interleave(torch.arange(n_rows), width)
-    first = torch.zeros(n_rows, dtype=torch.long)
+    tok_row = torch.repeat_interleave(torch.arange(n_rows, device=device), width)
+    first = torch.zeros(n_rows, dtype=torch.long, device=device)
     first[1:] = width.cumsum(0)[:-1]
-    tok_slot = torch.arange(len(tok_row)) - first[tok_row]
+    tok_slot = torch.arange(len(tok_row), device=device) - first[tok_row]
     tok_pos = start[tok_row] + tok_slot
     at_t = tok_slot == 0
     tk = kind[tok_row]
@@ -285,7 +285,7 @@ def propagate(w: ModelWeights, clean: CleanPass, rows: Rows) -> tuple[torch.Tens
     row_key = torch.where((kind == GLOBAL_PRE) | (kind == CONTROL), layer, layer + 1) * 3
     row_order = torch.argsort(row_key, stable=True)
     row_rank = torch.empty_like(row_order)
-    row_rank[row_order] = torch.arange(n_rows)
+    row_rank[row_order] = torch.arange(n_rows, device=device)
     tok_order = torch.argsort(tok_key, stable=True)
     tok_row, tok_slot, tok_pos, tok_key = row_rank[tok_row[tok_order]], tok_slot[tok_order], tok_pos[tok_order], \
         tok_key[tok_order]
@@ -302,10 +302,10 @@ def propagate(w: ModelWeights, clean: CleanPass, rows: Rows) -> tuple[torch.Tens
     is_global = (kind[tok_row] == GLOBAL_MID) | (kind[tok_row] == GLOBAL_PRE)
     changed = torch.nonzero(is_global & at_t).flatten()
     resid[changed] += vector[tok_row[changed]]
-    end_tok = torch.empty(n_rows, dtype=torch.long)
+    end_tok = torch.empty(n_rows, dtype=torch.long, device=device)
     is_end = tok_pos == end[tok_row]
     end_tok[tok_row[is_end]] = torch.nonzero(is_end).flatten()
-    watched = torch.full((n_rows,), float("nan"))
+    watched = torch.full((n_rows,), float("nan"), device=device)
     max_width = int(width.max())
     for ell in range(L):
         last = ell == L - 1
@@ -325,10 +325,10 @@ def propagate(w: ModelWeights, clean: CleanPass, rows: Rows) -> tuple[torch.Tens
                 slot = (~is_end[sel]).long()  # end token: slot 0, watched destination: slot 1
                 n_slots = 2
             else:
-                sel, slot, n_slots = torch.arange(n_tok), tok_slot[:n_tok], max_width
-            q_pad = torch.zeros(n_act, n_slots, H, dh)
+                sel, slot, n_slots = torch.arange(n_tok, device=device), tok_slot[:n_tok], max_width
+            q_pad = torch.zeros(n_act, n_slots, H, dh, device=device)
             q_pad[tok_row[sel], slot] = q[sel]
-            query_pos = torch.zeros(n_act, n_slots, dtype=torch.long)
+            query_pos = torch.zeros(n_act, n_slots, dtype=torch.long, device=device)
             query_pos[tok_row[sel], slot] = tok_pos[sel]
             pattern, z = _attend(w, q_pad, keys, values, query_pos)
             seen = torch.nonzero((watch_layer[tok_row[sel]] == ell) & (tok_pos[sel] == watch_dest[tok_row[sel]]))
@@ -353,25 +353,25 @@ def _head_stage(w, clean, ell, local, resid, starts_here, tok_row, tok_slot, tok
                 vector, max_width, watch, watched) -> None:
     """Local rows of layer ell: head h's attention with the patched query or key; the tokens that
     start here get resid_mid + (z' - z) W_O[h]."""
-    H, dh = w.n_heads, w.d_head
+    H, dh, device = w.n_heads, w.d_head, local.device
     p, h = prompt[local], head[local]
     patched = linear(vector[local], w.W_qkv[ell], w.b_qkv[ell]).view(len(local), 3, H, dh)
     is_key = kind[local] == LOCAL_KEY
-    n = torch.arange(len(local))
+    n = torch.arange(len(local), device=device)
     keys = clean.k[ell][p, :, h].unsqueeze(2)  # [row, pos, 1, d_head]
     values = clean.v[ell][p, :, h].unsqueeze(2)
     kr = torch.nonzero(is_key).flatten()
     keys[kr, t[local[kr]], 0] = patched[kr, 1, h[kr]]
     # Queries of the tokens that start here, by slot; a query patch replaces the one at t.
     toks = torch.nonzero(starts_here).flatten()
-    rank = torch.empty(len(prompt), dtype=torch.long)
+    rank = torch.empty(len(prompt), dtype=torch.long, device=device)
     rank[local] = n
     r = rank[tok_row[toks]]
-    q_pad = torch.zeros(len(local), max_width, 1, dh)
+    q_pad = torch.zeros(len(local), max_width, 1, dh, device=device)
     q_pad[r, tok_slot[toks], 0] = clean.q[ell][p[r], tok_pos[toks], h[r]]
     qr = torch.nonzero(~is_key).flatten()
     q_pad[qr, 0, 0] = patched[qr, 0, h[qr]]
-    query_pos = start[local].view(-1, 1) + torch.arange(max_width).view(1, -1)
+    query_pos = start[local].view(-1, 1) + torch.arange(max_width, device=device).view(1, -1)
     pattern, z = _attend(w, q_pad, keys, values, query_pos)
     watch_layer, watch_head, watch_dest, watch_src = watch
     rows_here = local[(watch_layer[local] == ell)]
@@ -379,7 +379,7 @@ def _head_stage(w, clean, ell, local, resid, starts_here, tok_row, tok_slot, tok
         rr = rank[rows_here]
         watched[rows_here] = pattern[rr, 0, watch_dest[rows_here] - start[rows_here], watch_src[rows_here]]
     dz = z[r, tok_slot[toks], 0] - clean.z[ell][p[r], tok_pos[toks], h[r]]  # [token, d_head]
-    out = torch.zeros(len(toks), w.W_O.shape[-1])
+    out = torch.zeros(len(toks), w.W_O.shape[-1], device=device)
     for one in torch.unique(h).tolist():  # at most n_heads small matmuls
         m = torch.nonzero(h[r] == one).flatten()
         out[m] = dz[m] @ w.W_O[ell, one]

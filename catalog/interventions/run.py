@@ -46,16 +46,19 @@ ORDER BY c.prompt_id, c.edge_id
 def intervene_run(db_path, *, run_id: int | None = None, mode: str = "local", boost: bool = False,
                   top_edges: int | None = None, min_weight: float | None = None, prompt_id: int | None = None,
                   heads=None, model: str | None = None, model_path=None, loaded_model=None,
-                  batch_size: int = 16, max_rows: int = 256, say=None) -> dict:
+                  device: str = "cpu", batch_size: int = 16, max_rows: int = 256, say=None) -> dict:
     """Intervene on the selected edges of a finished run and store the results; return a summary.
 
     top_edges keeps the N heaviest edges of each prompt; min_weight the edges of at least that
     weight (in the run's weight unit); heads ("9.9,9.6" or a list) the edges into those
     downstream heads. The model is the run's own (its recorded --model-path or hub name) unless
-    model / model_path / loaded_model is given; its weights must be the run's.
+    model / model_path / loaded_model is given; its weights must be the run's. device ('cpu',
+    'cuda', 'auto') is where it runs (a loaded model stays where it is).
     """
+    from catalog.model import resolve_device
     from catalog.store import Catalog
 
+    device = resolve_device(device)  # a missing GPU is said before anything is read
     if mode not in MODES:
         raise CatalogError(f"--mode must be local or global, not '{mode}'")
     if top_edges is not None and min_weight is not None:
@@ -90,7 +93,7 @@ def intervene_run(db_path, *, run_id: int | None = None, mode: str = "local", bo
         if n_selected == 0:
             raise CatalogError(f"no edge of run {run['run_id']} matches the selection")
         if keep:
-            lm = loaded_model or _load_run_model(run, model, model_path)
+            lm = loaded_model or _load_run_model(run, model, model_path, device)
             _check_weights(cat.con, run, lm)
             edges = {name: [values[k] for k in keep] for name, values in selected.items()}
             timing = _intervene_and_store(cat, run, lm, edges, mode, boost, batch_size, max_rows, say)
@@ -131,7 +134,7 @@ def _heads(heads, run) -> list[tuple[int, int]]:
     return [parse_head(p, run["n_layers"], run["n_heads"]) for p in parts]
 
 
-def _load_run_model(run: dict, model: str | None, model_path):
+def _load_run_model(run: dict, model: str | None, model_path, device: str = "cpu"):
     import json
 
     from catalog.model import load_model
@@ -143,7 +146,7 @@ def _load_run_model(run: dict, model: str | None, model_path):
         if model_path and not (Path(model_path) / "config.json").is_file():
             raise CatalogError(f"run {run['run_id']} was ingested from --model-path {model_path}, which is not "
                                "there any more: pass --model-path DIR with the same checkpoint")
-    lm = load_model(model or "gpt2", model_path)
+    lm = load_model(model or "gpt2", model_path, device=device)
     if lm.adapter.family != "gpt2":  # interventions replay GPT-2's own forward pass (forward.py)
         raise CatalogError(f"interventions run on GPT-2 models only so far; run {run['run_id']} is of a "
                            f"{lm.adapter.family} model")
@@ -210,13 +213,15 @@ def _intervene_and_store(cat, run, lm, edges: dict, mode, boost, batch_size, max
     import pyarrow as pa
     import torch
 
-    from catalog.batch import pad_tokens
-    from catalog.interventions.core import UP_KINDS, EdgeBatch, intervene
+    from catalog.batch import pad_tokens, rows_of
+    from catalog.interventions.core import UP_KINDS, Directions, EdgeBatch, intervene
     from catalog.interventions.forward import ModelWeights, clean_forward
 
     torch.set_grad_enabled(False)
     weights = ModelWeights.from_bridge(lm.bridge)
-    directions = _directions(cat.con, run, lm, "offset" in edges["up_kind"])
+    device = weights.W_E.device  # the model's: every tensor of a batch is made or moved there
+    read = _directions(cat.con, run, lm, "offset" in edges["up_kind"])
+    directions = Directions(**{name: None if value is None else value.to(device) for name, value in vars(read).items()})
     prompt_of = np.asarray(edges["prompt_id"])
     prompt_ids = sorted(set(prompt_of.tolist()))
     inputs = _prompt_inputs(cat.con, run["run_id"], prompt_ids)
@@ -230,14 +235,14 @@ def _intervene_and_store(cat, run, lm, edges: dict, mode, boost, batch_size, max
         if len(sel) == 0:
             continue
         tick, cpu_tick = time.perf_counter(), time.process_time()
-        clean = clean_forward(weights, pad_tokens([inputs[p]["ids"] for p in batch], pad_id),
-                              torch.tensor([inputs[p]["end"] for p in batch]))
+        clean = clean_forward(weights, pad_tokens([inputs[p]["ids"] for p in batch], pad_id).to(device),
+                              torch.tensor([inputs[p]["end"] for p in batch], device=device))
         k_max = max(len(edges["svs"][k]) for k in sel)
         svs = torch.full((len(sel), k_max), -1, dtype=torch.long)
         for row, k in enumerate(sel):  # building the index tensor; the work itself is batched
             svs[row, : len(edges["svs"][k])] = torch.tensor(edges["svs"][k])
         column = lambda name: torch.tensor([edges[name][k] for k in sel])  # noqa: E731
-        batch_edges = EdgeBatch(
+        on_host = EdgeBatch(
             prompt=torch.tensor([index[edges["prompt_id"][k]] for k in sel]), layer=column("layer").long(),
             head=column("head").long(), dest=column("dest_pos").long(), src=column("src_pos").long(),
             query_side=torch.tensor([edges["side"][k] == "query" for k in sel]),
@@ -245,9 +250,10 @@ def _intervene_and_store(cat, run, lm, edges: dict, mode, boost, batch_size, max
             up_layer=column("up_layer").long(), up_head=column("up_head").long(), up_src=column("up_src_pos").long(),
             svs=svs,
         )
+        batch_edges = EdgeBatch(**{name: value.to(device) for name, value in vars(on_host).items()})
         result = intervene(weights, clean, batch_edges, directions, mode, boost,
-                           answer=torch.tensor([inputs[p]["answer"] for p in batch]),
-                           wrong=torch.tensor([inputs[p]["wrong"] for p in batch]), max_rows=max_rows)
+                           answer=torch.tensor([inputs[p]["answer"] for p in batch], device=device),
+                           wrong=torch.tensor([inputs[p]["wrong"] for p in batch], device=device), max_rows=max_rows)
         busy += time.perf_counter() - tick
         cpu += time.process_time() - cpu_tick
         table = pa.table({
@@ -255,13 +261,13 @@ def _intervene_and_store(cat, run, lm, edges: dict, mode, boost, batch_size, max
             "edge_id": pa.array([edges["edge_id"][k] for k in sel], pa.int32()),
             "mode": pa.array([mode] * len(sel), pa.string()),
             "boost": pa.array([bool(boost)] * len(sel), pa.bool_()),
-            "pos": pa.array(result.pos.numpy(), pa.int16()),
+            "pos": pa.array(rows_of(result.pos), pa.int16()),
             **{name: _floats(getattr(result, name)) for name in (
                 "signal_norm", "norm_ratio", "cos_sim", "attn_before", "attn_after", "logit_diff_before",
                 "logit_diff_after", "kl_div", "other_logit_change")},
         })
         _write(cat, table, run["run_id"])
-        changes.append((result.attn_after - result.attn_before).numpy())
+        changes.append(rows_of(result.attn_after - result.attn_before))
         n_done += len(sel)
         if say is not None:
             say(f"{n_done} of {len(prompt_of)} edges intervened")
@@ -273,7 +279,7 @@ def _intervene_and_store(cat, run, lm, edges: dict, mode, boost, batch_size, max
 def _floats(values) -> "object":
     import pyarrow as pa
 
-    return pa.array(values.double().numpy(), pa.float64(), from_pandas=True).cast(pa.float32())
+    return pa.array(values.double().cpu().numpy(), pa.float64(), from_pandas=True).cast(pa.float32())
 
 
 def _write(cat, table, run_id: int) -> None:
