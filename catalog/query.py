@@ -509,9 +509,10 @@ def _spectrum_notes(con, p: dict, this_head: str) -> list[str]:
         return []
     offset, n_stored, d_head = found[0]["pos_offset"], found[0]["n_stored"], found[0]["d_head"]
     shown = min(n_stored, p["top"])
+    kept = (f"only the {n_stored} of its {d_head} singular vectors that stored sparse signals use are kept"
+            if n_stored < d_head else f"stored sparse signals use all {d_head} of its singular vectors")
     return [f"rotary model: the spectrum of the form at offset {offset}, the offset this head fires at most; "
-            f"only the {n_stored} of its {d_head} singular vectors that stored sparse signals use are kept"
-            + (f" (showing {shown})" if shown < n_stored else "")]
+            + kept + (f" (showing {shown})" if shown < n_stored else "")]
 
 
 def head_notes(run: "Run", name: str, tables: dict) -> list[str]:

@@ -341,9 +341,11 @@ def test_query_layer_joins_each_firing_to_its_own_form(family_run):
     if offset is None:
         assert spectrum_notes == []
     else:
+        d_head = lm_d_head(con)
+        kept = (f"only the {stored} of its {d_head} singular vectors that stored sparse signals use are kept"
+                if stored < d_head else f"stored sparse signals use all {d_head} of its singular vectors")
         assert spectrum_notes == [f"spectrum: rotary model: the spectrum of the form at offset {mode_offset}, the "
-                                  f"offset this head fires at most; only the {stored} of its {lm_d_head(con)} "
-                                  "singular vectors that stored sparse signals use are kept"]
+                                  f"offset this head fires at most; {kept}"]
         assert summary["spectrum"].num_rows == stored
     assert summary["top_svs"].num_rows == len(set(summary["top_svs"].column("sv").to_pylist()))
 
