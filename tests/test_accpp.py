@@ -194,6 +194,32 @@ def test_stored_drops_sum_to_the_attention_lost(accpp_db):
     assert con.execute("SELECT DISTINCT method, weight_unit FROM runs").fetchall() == [("accpp", "attn_prob")]
 
 
+def test_a_bfloat16_model_is_traced_from_its_own_activations(tiny_checkpoint, tmp_path):
+    """--dtype bfloat16 with ACC++ (it used to stop on mixed dtypes): the activations of the
+    bfloat16 model, read in float32, give the stored attention; the drops still add up."""
+    from catalog.model import load_model
+
+    db = tmp_path / "bf16.duckdb"
+    summary = ingest(db, model_path=tiny_checkpoint, n_prompts=3, seed=2, batch_size=3, method="accpp",
+                     heads="2.0", dtype="bfloat16")
+    assert summary["firings"] > 0 and summary["edges"] > 0
+    lm = load_model(path=tiny_checkpoint, dtype="bfloat16")
+    con = open_readonly(db)
+    for prompt_id, in con.execute("SELECT prompt_id FROM prompts").fetchall():
+        ids = [t for (t,) in con.execute("SELECT token_id FROM tokens WHERE prompt_id = ? ORDER BY pos",
+                                         [prompt_id]).fetchall()]
+        cache = lm.bridge.run_with_cache(torch.tensor([ids]))[1]
+        for layer, head, i, j, attn in con.execute("SELECT layer, head, dest_pos, src_pos, attn_weight FROM firings "
+                                                   "WHERE prompt_id = ?", [prompt_id]).fetchall():
+            assert attn == pytest.approx(float(cache[f"blocks.{layer}.attn.hook_pattern"][0, head, i, j]), abs=1e-6)
+    lost = con.execute("""SELECT f.attn_weight - s.attn_after, coalesce(sum(e.weight), 0) FROM firing_sides s
+        JOIN firings f USING (run_id, prompt_id, layer, head, dest_pos, src_pos)
+        LEFT JOIN edges e USING (run_id, prompt_id, layer, head, dest_pos, src_pos, side)
+        WHERE NOT s.capped GROUP BY ALL""").fetchall()
+    assert lost and all(summed == pytest.approx(drop, abs=1e-5) for drop, summed in lost)
+    con.close()
+
+
 def test_interrupted_accpp_ingest_resumes_to_the_same_catalog(accpp_db, tiny_checkpoint, tiny_model, tmp_path):
     db, summary = accpp_db
     resumed = tmp_path / "resumed.duckdb"

@@ -68,18 +68,21 @@ class Residual:
 
 
 def residual_components(cache, W_O: torch.Tensor, b_O: torch.Tensor) -> Residual:
-    """Stack the cached activations of one forward pass into a Residual."""
+    """Stack the cached activations of one forward pass into a Residual, in float32 whatever the
+    model's dtype (as the 2024 method reads them: a bfloat16 model's activations, computed on)."""
     n_layers = W_O.shape[0]
-    per_layer = lambda name: torch.stack([cache[f"blocks.{l}.{name}"] for l in range(n_layers)], dim=1)
+    W_O, b_O = W_O.float(), b_O.float()
+    per_layer = lambda name: torch.stack([cache[f"blocks.{l}.{name}"].float() for l in range(n_layers)], dim=1)
     pattern = per_layer("attn.hook_pattern")
     v = per_layer("attn.hook_v").transpose(1, 2)  # [prompt, pos, layer, head, d_head]
     mlp = per_layer("hook_mlp_out").transpose(1, 2)  # [prompt, pos, layer, d_model]
     n_prompts, n_pos = mlp.shape[:2]
     bias = b_O.view(1, 1, n_layers, -1).expand(n_prompts, n_pos, -1, -1)
-    embed = cache["blocks.0.hook_resid_pre"].unsqueeze(2)
+    embed = cache["blocks.0.hook_resid_pre"].float().unsqueeze(2)
     return Residual(
         pattern=pattern, v=v, W_O=W_O, dense=torch.cat([mlp, bias, embed], dim=2),
         normalized=per_layer("ln1.hook_normalized"), scale=per_layer("ln1.hook_scale")[..., 0],
         attn_scores=per_layer("attn.hook_attn_scores"),
-        final_normalized=cache["ln_final.hook_normalized"], final_scale=cache["ln_final.hook_scale"][..., 0],
+        final_normalized=cache["ln_final.hook_normalized"].float(),
+        final_scale=cache["ln_final.hook_scale"][..., 0].float(),
     )
