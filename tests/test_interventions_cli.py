@@ -130,6 +130,18 @@ def test_a_missing_catalog_and_another_model(db, tmp_path):
     assert result.exit_code == 1 and "is not the model of run 1" in result.output
 
 
+def test_a_bfloat16_run_is_intervened_on_with_its_own_weights(tiny_checkpoint, tmp_path):
+    """The run's model is loaded in the run's precision (in float32 its weights are other weights,
+    refused by digest); the replayed clean attention is the stored one up to bfloat16 rounding."""
+    db = tmp_path / "bf16.duckdb"
+    ingest(db, model_path=tiny_checkpoint, n_prompts=3, seed=2, batch_size=3, dtype="bfloat16")
+    result = invoke("intervene", "--db", db, "--top-edges", "2")
+    assert result.exit_code == 0, result.output
+    rows = sql(db, """SELECT i.attn_before, f.attn_weight FROM interventions i JOIN edges e USING (run_id, prompt_id,
+                      edge_id) JOIN firings f USING (run_id, prompt_id, layer, head, dest_pos, src_pos)""")
+    assert len(rows) == 6 and all(abs(before - stored) < 0.03 for before, stored in rows)
+
+
 def test_edges_and_head_show_and_filter_by_effect(db):
     assert invoke("intervene", "--db", db, "--run", 1).exit_code == 0
     plain = invoke("edges", "--db", db, "--run", 1, "--into", "2.1", "--format", "csv")

@@ -139,14 +139,15 @@ def _load_run_model(run: dict, model: str | None, model_path, device: str = "cpu
 
     from catalog.model import load_model
 
+    params = run["params"] if isinstance(run["params"], dict) else json.loads(run["params"] or "{}")
     if model is None and model_path is None:
-        params = run["params"] if isinstance(run["params"], dict) else json.loads(run["params"] or "{}")
         model_path = params.get("model_path")
         model = params.get("model") or "gpt2"
         if model_path and not (Path(model_path) / "config.json").is_file():
             raise CatalogError(f"run {run['run_id']} was ingested from --model-path {model_path}, which is not "
                                "there any more: pass --model-path DIR with the same checkpoint")
-    lm = load_model(model or "gpt2", model_path, device=device)
+    # The run's own precision: a bfloat16 run's weights are other weights (its digest says so).
+    lm = load_model(model or "gpt2", model_path, device=device, dtype=params.get("dtype") or "float32")
     if lm.adapter.family != "gpt2":  # interventions replay GPT-2's own forward pass (forward.py)
         raise CatalogError(f"interventions run on GPT-2 models only so far; run {run['run_id']} is of a "
                            f"{lm.adapter.family} model")
