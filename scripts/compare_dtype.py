@@ -2,6 +2,7 @@
 
     python scripts/compare_dtype.py [--n-prompts 64] [--device cpu] [--model-path DIR] [--workdir DIR]
     python scripts/compare_dtype.py --sides cpu:float32,cuda:float32     # does the GPU path agree?
+    python scripts/compare_dtype.py --sides cpu:float32,cuda:float32 --method accpp
 
 By default float32 against bfloat16 on --device; --sides names the two (device, dtype) settings
 instead. Both runs use the default benchmark model (attn-real where ../shared has it) unless
@@ -21,7 +22,10 @@ from pathlib import Path
 from _bench_common import load_bench_model, parse_args, script_parser
 
 FIRING = "prompt_id, layer, head, dest_pos, src_pos"
-EDGE = FIRING + ", side, up_layer, up_head"
+# An edge's identity across two catalogs (edge_id is per catalog): ACC++ edges also have a kind
+# and a source token, NULL where they do not apply (hence IS NOT DISTINCT FROM in the joins).
+EDGE = {"sad": FIRING + ", side, up_layer, up_head",
+        "accpp": FIRING + ", side, up_kind, up_layer, up_head, up_src_pos"}
 
 
 def main(argv=None) -> int:
@@ -30,6 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sides", default=None, metavar="DEVICE:DTYPE,DEVICE:DTYPE",
                         help="the two settings compared (default: DEVICE:float32,DEVICE:bfloat16 with --device)")
+    parser.add_argument("--method", choices=("sad", "accpp"), default="sad", help="the tracing method (default sad)")
     parser.add_argument("--model-path", type=Path, default=None)
     args = parse_args(parser, argv)
     sides = (args.sides or f"{args.device}:float32,{args.device}:bfloat16").split(",")
@@ -45,30 +50,41 @@ def main(argv=None) -> int:
         for leftover in (db, db.with_name(db.name + ".wal")):
             leftover.unlink(missing_ok=True)
         started = time.perf_counter()
-        summary = ingest(db, model_path=lm.name, n_prompts=args.n_prompts, seed=0, loaded_model=lm)
+        summary = ingest(db, model_path=lm.name, n_prompts=args.n_prompts, seed=0, loaded_model=lm,
+                         method=args.method)
         print(f"{side}: {summary['firings']} firings, {summary['edges']} edges in "
               f"{time.perf_counter() - started:.1f} s on {lm.device}", flush=True)
         del lm
-    compare(*(dbs[side] for side in sides), names=sides)
+    compare(*(dbs[side] for side in sides), names=sides, method=args.method)
     return 0
 
 
-def compare(first: Path, second: Path, names=("float32", "bfloat16")) -> None:
+def _same(key: str) -> str:
+    return " AND ".join(f"x.{c} IS NOT DISTINCT FROM y.{c}" for c in key.split(", "))
+
+
+def compare(first: Path, second: Path, names=("float32", "bfloat16"), method: str = "sad") -> None:
     import duckdb
 
     con = duckdb.connect()
     con.execute(f"ATTACH '{first}' AS a (READ_ONLY)")
     con.execute(f"ATTACH '{second}' AS b (READ_ONLY)")
     one = lambda sql: con.execute(sql).fetchall()[0]
-    for table, key in (("firings", FIRING), ("edges", EDGE)):
+    for table, key in (("firings", FIRING), ("edges", EDGE[method])):
         n_a, n_b, common = one(f"""SELECT (SELECT count(*) FROM a.{table}), (SELECT count(*) FROM b.{table}),
                                    (SELECT count(*) FROM (SELECT {key} FROM a.{table} INTERSECT SELECT {key} FROM b.{table}))""")
         value = "score" if table == "firings" else "weight"
         median, p95 = one(f"""SELECT median(d), quantile_cont(d, 0.95) FROM (
                                 SELECT abs(x.{value} - y.{value}) / greatest(abs(x.{value}), 1e-6) AS d
-                                FROM a.{table} x JOIN b.{table} y USING ({key}))""")
+                                FROM a.{table} x JOIN b.{table} y ON {_same(key)})""")
         print(f"{table}: {names[0]} {n_a}, {names[1]} {n_b}, common {common} (Jaccard {common / (n_a + n_b - common):.3f}); "
               f"relative {value} change on the common ones: median {median:.2e}, 95th percentile {p95:.2e}")
+    if method == "accpp":  # no sparse signal: how often a side's greedy zeroed as many atoms
+        same, total = one(f"""SELECT count(*) FILTER (WHERE x.n_atoms = y.n_atoms), count(*) FROM a.firing_sides x
+                              JOIN b.firing_sides y USING ({FIRING}, side)""")
+        print(f"greedy: the same number of atoms zeroed on {same} of {total} common firing sides "
+              f"({same / max(total, 1):.1%})")
+        return
     same, total = one(f"""SELECT count(*) FILTER (WHERE x.svs = y.svs), count(*) FROM
                           (SELECT {FIRING}, list(sv ORDER BY rank) AS svs FROM a.firing_svs GROUP BY ALL) x
                           JOIN (SELECT {FIRING}, list(sv ORDER BY rank) AS svs FROM b.firing_svs GROUP BY ALL) y
