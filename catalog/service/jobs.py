@@ -85,6 +85,7 @@ class JobQueue:
         self.catalog = service_catalog
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[int, Job] = {}
+        self._restored: list[Job] = []  # queued before the last stop: start_queued() starts them
         with service_catalog.reader() as cursor:
             for job, problem in load_jobs(cursor):
                 self._jobs[job.job_id] = job
@@ -96,6 +97,8 @@ class JobQueue:
                     job.status, job.finished_at = "failed", time.time()
                     job.message = f"its settings are not valid for this version of circuit-catalog ({problem})"
                     save_job(cursor, job)
+                elif job.status == "queued":
+                    self._restored.append(job)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # For the response cache: `writes` changes whenever a job may have written, `busy` while
@@ -118,8 +121,9 @@ class JobQueue:
         return job
 
     def start_queued(self) -> list[Job]:
-        """Queue again the jobs a previous start of the service accepted but never started."""
-        waiting = [job for job in self.all() if job.status == "queued"]
+        """Queue again the jobs a previous start of the service accepted but never started (once:
+        jobs submitted since are in the queue already)."""
+        waiting, self._restored = self._restored, []
         for job in waiting:
             self._queue.put(job)
         return waiting
