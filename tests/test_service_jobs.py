@@ -272,3 +272,28 @@ def test_stored_jobs_are_settled_when_the_service_opens_the_catalog(tmp_path):
     assert [job.job_id for job in jobs.start_queued()] == [7] and jobs.start_queued() == []
     assert [job.job_id for job in list(jobs._queue.queue) if job is not None] == [8, 7]
     service.close()
+
+
+def test_a_restart_resumes_the_interrupted_run_and_starts_the_queued_job_once_each(tiny_checkpoint, tmp_path):
+    """The same SIGTERM, restarted as usual: the interrupted run is resumed by a new job, the queued
+    job runs under its id, and each runs once (no second pass finding its run finished)."""
+    db = tmp_path / "restart.duckdb"
+    long = dict(model_path=str(tiny_checkpoint), n_prompts=64, batch_size=2, seed=7)
+    first = ServerProcess(db)
+    with httpx.Client(base_url=first.url, timeout=60) as client:
+        running, waiting = submit(client, **long), submit(client, **dict(long, n_prompts=4, seed=8))
+        wait_for(client, running["job_id"], lambda j: j["prompts_by_job"] >= 2)
+    assert first.stop() == 0
+    with duckdb.connect(str(db), read_only=True) as con:
+        saved = con.execute("SELECT count(*) * 2 FROM run_batches").fetchall()[0][0]
+    with ServerProcess(db) as again, httpx.Client(base_url=again.url, timeout=60) as client:
+        wait_for(client, 3, finished)
+        wait_for(client, waiting["job_id"], finished)
+        # One more job goes behind anything still queued: once it is done, nothing ran in between.
+        wait_for(client, submit(client, **dict(long, n_prompts=2, seed=9))["job_id"], finished)
+        jobs = {j["job_id"]: j for j in client.get("/api/v1/jobs").json()}
+        assert again.stop() == 0
+    assert sorted(jobs) == [1, 2, 3, 4]
+    assert (jobs[3]["reason"], jobs[3]["run_id"], jobs[3]["message"]) == ("resume", 1, None)
+    assert jobs[3]["prompts_by_job"] == 64 - saved and jobs[3]["summary"]["prompts"] == 64
+    assert (jobs[2]["reason"], jobs[2]["prompts_by_job"], jobs[2]["message"]) == ("submitted", 4, None)
