@@ -474,7 +474,7 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
             WHERE f.run_id = $run AND f.layer = $layer AND f.head = $head
             GROUP BY f.sv ORDER BY n_firings DESC, f.sv LIMIT $top""", p),
     }
-    tables["spectrum"] = with_notes(tables["spectrum"], run_info(con, run), _spectrum_notes(con, p, this_head))
+    tables["spectrum"] = with_notes(tables["spectrum"], run_info(con, run), _spectrum_notes(con, p, tables["spectrum"]))
     if run.method == "accpp":  # no sparse signal per firing: atoms per side, and the edges' directions
         tables["signal_size"] = fetch(con, f"""
             SELECT side, n_atoms, count(*) AS n_firings, count(*) / sum(count(*)) OVER (PARTITION BY side) AS share
@@ -496,18 +496,19 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
     return tables
 
 
-def _spectrum_notes(con, p: dict, this_head: str) -> list[str]:
+def _spectrum_notes(con, p: dict, spectrum: pa.Table) -> list[str]:
     """What a rotary head's spectrum is (one form per offset; only the directions some stored
-    signal uses are kept), so that its gaps in sv are not read as missing data."""
-    found = fetch(con, f"""
-        SELECT s.pos_offset AS pos_offset, count(*) AS n_stored, any_value(m.d_head) AS d_head
-        FROM singular_vectors s JOIN models m USING (model_id)
-        WHERE s.model_id = $model AND s.form = $form AND s.layer = $layer AND s.head = $head
-          AND s.pos_offset = (SELECT mode(pos_offset) FROM firings WHERE {this_head})
-        GROUP BY s.pos_offset""", p).to_pylist()
-    if not found:  # learned positions: the head's one spectrum, every direction stored
+    signal uses are kept), so that its gaps in sv are not read as missing data. The offset is
+    the one `spectrum` (head_summary's) was read at."""
+    offsets = {o for o in spectrum.column("pos_offset").to_pylist() if o is not None}
+    if not offsets:  # learned positions: the head's one spectrum, every direction stored
         return []
-    offset, n_stored, d_head = found[0]["pos_offset"], found[0]["n_stored"], found[0]["d_head"]
+    (offset,) = offsets
+    n_stored, d_head = fetch(con, """
+        SELECT count(*) AS n_stored, (SELECT d_head FROM models WHERE model_id = $model) AS d_head
+        FROM singular_vectors
+        WHERE model_id = $model AND form = $form AND layer = $layer AND head = $head AND pos_offset = $offset""",
+        dict(p, offset=offset)).to_pylist()[0].values()
     shown = min(n_stored, p["top"])
     kept = (f"only the {n_stored} of its {d_head} singular vectors that stored sparse signals use are kept"
             if n_stored < d_head else f"stored sparse signals use all {d_head} of its singular vectors")

@@ -230,16 +230,16 @@ class JobQueue:
             message = f"internal error: {type(err).__name__}: {err}"
         finally:
             job.finished_at = time.time()
+            message = message if message is not None else job.message
             try:
-                save_job(cursor, job, status=status, message=message if message is not None else job.message)
+                save_job(cursor, job, status=status, message=message)
             except Exception:  # the job's own outcome stands; its row says 'running' until the next start
                 log.exception("could not record the end of ingest job %s", job.job_id)
             cursor.close()
             self.busy, self.writes = False, self.writes + 1
             # Last: a client that sees the job ended must also find the service no longer writing
             # (its next read may be kept by the response cache), and the job's row written.
-            job.message = message if message is not None else job.message
-            job.status = status
+            job.message, job.status = message, status
 
 
 # -- the service_jobs table ------------------------------------------------------------------
