@@ -74,7 +74,7 @@ def load_bench_model(workdir: Path, device: str = "cpu", dtype: str = "float32",
     (model, load seconds). model_path or model (a hub name) replaces the default checkpoint."""
     import torch
 
-    from catalog.model import load_model
+    from catalog.models.loading import load_model
 
     if model_path is not None or model is not None:
         path, what = model_path, f"{model_path or model} (given)"

@@ -44,7 +44,7 @@ def reference_timings() -> dict[str, float] | None:
 
 
 def run_job(name: str, lm, args) -> bool:
-    from catalog.ingest import ingest
+    from catalog.jobs.ingest import ingest
 
     db = args.workdir / f"bench_accpp_{name}.duckdb"
     for leftover in (db, db.with_name(db.name + ".wal")):

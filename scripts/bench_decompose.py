@@ -1,9 +1,9 @@
 """Benchmark: decompose all 144 heads of a GPT-2-small-sized model.
 
 Target (issue): all 144 heads of a GPT-2-small-sized model decomposed in under 5 seconds on
-this 2-core machine. Measured: `catalog.decompose.decompose` on the processed W_Q, b_Q, W_K,
+this 2-core machine. Measured: `catalog.methods.shared.svd.decompose` on the processed W_Q, b_Q, W_K,
 b_K (best of 3), then the catalog's whole decomposition step into a fresh catalog
-(`catalog.ingest.decompose_model`: weights digest, decomposition, Arrow conversion, write).
+(`catalog.jobs.ingest.decompose_model`: weights digest, decomposition, Arrow conversion, write).
 
 The model is "attn-real" (GPT-2 small with the real attention weights of
 ../shared/gpt2-small-attention) when that file exists, else a randomly initialised model of
@@ -30,8 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed decompositions; the best counts (default 3)")
     args = parse_args(parser, argv)
 
-    from catalog.decompose import decompose, to_arrow
-    from catalog.ingest import decompose_model
+    from catalog.methods.shared.svd import decompose, to_arrow
+    from catalog.jobs.ingest import decompose_model
     from catalog.store import Catalog
 
     lm, load_s = load_bench_model(args.workdir)

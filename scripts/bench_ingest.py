@@ -71,7 +71,7 @@ def ingest_once(lm, n_prompts: int, args):
     head outputs grow with layers x heads x d_model)."""
     import torch
 
-    from catalog.ingest import ingest
+    from catalog.jobs.ingest import ingest
 
     db = args.workdir / f"bench_ingest_{lm.device}_{n_prompts}.duckdb"
     for leftover in (db, db.with_name(db.name + ".wal")):

@@ -7,7 +7,7 @@ The reference library does about 3 per second.
 
 The run is ingested once (not timed; cached in --workdir): --n-prompts IOI prompts with
 --method accpp (default) or sad. Each benchmark run copies it to a fresh catalog and times
-`catalog.interventions.run.intervene_run` on every edge of the run: the clean forward passes,
+`catalog.jobs.intervene.intervene_run` on every edge of the run: the clean forward passes,
 the signals and the batched interventions ("intervention time", what edges/s is measured on),
 and separately the whole call with the catalog reads and writes. Loading the model is not
 counted.
@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     import duckdb
     import torch
 
-    from catalog.ingest import ingest
-    from catalog.interventions.run import intervene_run
+    from catalog.jobs.ingest import ingest
+    from catalog.jobs.intervene import intervene_run
 
     lm, load_s = load_bench_model(args.workdir)
     print(f"model load: {load_s:.2f} s (not counted)")

@@ -60,7 +60,7 @@ def build_catalog(workdir: Path) -> tuple[Path, Path]:
 def _base_catalog(workdir: Path) -> tuple[Path, Path]:
     import duckdb
 
-    from catalog.ingest import ingest
+    from catalog.jobs.ingest import ingest
 
     model_path, what = checkpoint(workdir)
     print(f"model: {what}")
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients for the throughput (default 4)")
     args = parse_args(parser, argv)
 
-    from catalog.service.launch import ServerProcess
+    from catalog.testing.service import ServerProcess
 
     db, model_path = build_catalog(args.workdir)
     warn_if_busy()

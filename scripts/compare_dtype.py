@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     sides = (args.sides or f"{args.device}:float32,{args.device}:bfloat16").split(",")
     if len(sides) != 2 or any(len(side.split(":")) != 2 for side in sides) or sides[0] == sides[1]:
         parser.error("--sides takes two different DEVICE:DTYPE settings, e.g. cpu:float32,cuda:float32")
-    from catalog.ingest import ingest
+    from catalog.jobs.ingest import ingest
 
     dbs = {}
     for side in sides:

@@ -19,7 +19,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
-    from catalog.model import load_model
+    from catalog.models.loading import load_model
 
     return load_model(path=tiny_checkpoint)
 
@@ -36,7 +36,7 @@ def attn_real_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def attn_real_model(attn_real_checkpoint):
-    from catalog.model import load_model
+    from catalog.models.loading import load_model
 
     return load_model(path=attn_real_checkpoint)
 
@@ -45,7 +45,7 @@ def attn_real_model(attn_real_checkpoint):
 def catalog_db(tiny_checkpoint, tmp_path_factory) -> Path:
     """The catalog test_query.py and test_trace.py read (see tests/_catalog_fixture.py): two IOI
     runs through the real ingest, run 1 (4 prompts, seed 1) and run 2 (8 prompts, seed 0)."""
-    from catalog.ingest import ingest
+    from catalog.jobs.ingest import ingest
 
     db = tmp_path_factory.mktemp("query-catalog") / "ioi.duckdb"
     older = ingest(db, model_path=tiny_checkpoint, dataset="ioi", n_prompts=4, seed=1, batch_size=4)

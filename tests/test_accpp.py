@@ -11,13 +11,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from catalog.accpp.components import HOOKS, residual_components
-from catalog.accpp.firing import MAX_ATOMS, Firings, LayerDecomposer, dynamic_threshold, trapezoid_weights
-from catalog.accpp.seeds import component_output, linear_seeds
-from catalog.accpp.weights import accpp_weights
-from catalog.batch import pad_tokens
+from catalog.methods.accpp.components import HOOKS, residual_components
+from catalog.methods.accpp.firing import MAX_ATOMS, Firings, LayerDecomposer, dynamic_threshold, trapezoid_weights
+from catalog.methods.accpp.seeds import component_output, linear_seeds
+from catalog.methods.accpp.weights import accpp_weights
+from catalog.methods.shared.tensors import pad_tokens
 from catalog.cli import main
-from catalog.ingest import ingest
+from catalog.jobs.ingest import ingest
 from catalog.prompts import ioi_prompts, tokenize_prompts
 from catalog.store import open_readonly
 
@@ -197,7 +197,7 @@ def test_stored_drops_sum_to_the_attention_lost(accpp_db):
 def test_a_bfloat16_model_is_traced_from_its_own_activations(tiny_checkpoint, tmp_path):
     """--dtype bfloat16 with ACC++ (it used to stop on mixed dtypes): the activations of the
     bfloat16 model, read in float32, give the stored attention; the drops still add up."""
-    from catalog.model import load_model
+    from catalog.models.loading import load_model
 
     db = tmp_path / "bf16.duckdb"
     summary = ingest(db, model_path=tiny_checkpoint, n_prompts=3, seed=2, batch_size=3, method="accpp",

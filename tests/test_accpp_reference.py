@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from catalog.ingest import ingest
+from catalog.jobs.ingest import ingest
 from catalog.store import open_readonly
-from catalog.trace import trace
+from catalog.read.trace import trace
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "accpp-ioi2-seed1"
 COMPONENT_IDS = {"mlp": 12, "attn_bias": 13, "embed": 14, "offset": 15}

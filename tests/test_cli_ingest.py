@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from catalog.cli import main
-from catalog.ingest import ingest
+from catalog.jobs.ingest import ingest
 
 
 def _error_line(result):
@@ -126,7 +126,7 @@ def test_the_service_takes_the_ingest_commands_options_with_its_defaults():
     so that the service needs no click): same names, defaults and choices."""
     import typing
 
-    from catalog.cli_ingest import ingest as command
+    from catalog.cli.ingest import ingest as command
     from catalog.service.jobs import IngestSettings
 
     options = {p.name: p for p in command.params if p.name not in ("db_path", "server")}

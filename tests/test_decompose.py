@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from catalog.decompose import decompose, from_arrow, omega, to_arrow
+from catalog.methods.shared.svd import decompose, from_arrow, omega, to_arrow
 
 
 def _random_weights(n_layers=2, n_heads=3, d_model=24, d_head=8, seed=0):

@@ -12,14 +12,14 @@ import pytest
 import torch
 from _second_device import SecondDevice, on_device
 
-from catalog.ingest import ingest
-from catalog.testing_families import FAMILY_NAMES, save_random_family
-from catalog.testing_tokenizers import llama_style_tokenizer
+from catalog.jobs.ingest import ingest
+from catalog.testing.families import FAMILY_NAMES, save_random_family
+from catalog.testing.tokenizers import llama_style_tokenizer
 
 # Where a batch may take values off the device, and why each is small.
 BATCH_EXITS = {
-    "batch.py:rows_of": "the catalog's rows, converted for writing",
-    "outputs.py:prompt_outputs": "the logits at each prompt's end position only, [prompt, vocab]",
+    "tensors.py:rows_of": "the catalog's rows, converted for writing",
+    "tensors.py:prompt_outputs": "the logits at each prompt's end position only, [prompt, vocab]",
     "rotary.py:layer_forms": "the distinct (head, offset) pairs of a layer's firings, to look their forms up",
     "edges.py:trace_side": "the largest signal size of a bucket, one number",
 }
@@ -44,8 +44,8 @@ def test_the_emulated_device_sees_what_cuda_would_refuse():
 # ACC++ (GPT-2): the frontier of firings still to decompose is a host set, so a batch reads back
 # the keys it adds, and each prompt's few seeds; the rest stays on the device.
 ACCPP_EXITS = {
-    "batch.py:rows_of": BATCH_EXITS["batch.py:rows_of"],
-    "outputs.py:prompt_outputs": BATCH_EXITS["outputs.py:prompt_outputs"],
+    "tensors.py:rows_of": BATCH_EXITS["tensors.py:rows_of"],
+    "tensors.py:prompt_outputs": BATCH_EXITS["tensors.py:prompt_outputs"],
     "circuit.py:_collect": "the upstream firings an edge reaches, added to the frontier",
     "circuit.py:_add_head_firings": "the firings of --heads, added to the frontier",
     "seeds.py:_decode": "a prompt's seed components, added to the frontier",
@@ -62,9 +62,9 @@ ACCPP_EXITS = {
 def _ingest_on_second_device(tmp_path, monkeypatch, checkpoint, **options):
     """Ingest with the model's weights and activations on the emulated device: (summary, device,
     the transfers made inside batch functions)."""
-    import catalog.accpp.circuit
-    import catalog.batch
-    from catalog.model import load_model
+    import catalog.methods.accpp.circuit
+    import catalog.methods.sad.batch
+    from catalog.models.loading import load_model
 
     lm = load_model(path=checkpoint)
     device = SecondDevice()
@@ -80,7 +80,7 @@ def _ingest_on_second_device(tmp_path, monkeypatch, checkpoint, **options):
 
     monkeypatch.setattr(lm, "run", run_on_device)
     batch_transfers = []
-    for module in (catalog.batch, catalog.accpp.circuit):
+    for module in (catalog.methods.sad.batch, catalog.methods.accpp.circuit):
         analyse_batch = module.analyse_batch
 
         def watched(*args, analyse_batch=analyse_batch, **kwargs):
@@ -109,7 +109,7 @@ def test_a_batch_leaves_the_device_only_through_its_rows(family, tmp_path, monke
     for transfer in batch_transfers:
         if transfer.site == "edges.py:trace_side":
             assert transfer.numel == 1
-        if transfer.site == "outputs.py:prompt_outputs":
+        if transfer.site == "tensors.py:prompt_outputs":
             assert transfer.numel <= 3 * vocab
 
 
@@ -121,14 +121,14 @@ def test_an_accpp_batch_stays_on_the_device_but_for_its_frontier(seeding, tmp_pa
     assert summary["firings"] > 0 and summary["edges"] > 0
     assert device.problems == []
     sites = {t.site for t in batch_transfers}
-    assert "batch.py:rows_of" in sites and sites <= set(ACCPP_EXITS), sites - set(ACCPP_EXITS)
+    assert "tensors.py:rows_of" in sites and sites <= set(ACCPP_EXITS), sites - set(ACCPP_EXITS)
 
 
 # Interventions: the clean pass and every intervened copy run on the device; what leaves it is
 # the stored rows, and the sizes that steer the incremental forward pass.
 INTERVENTION_EXITS = {
-    "batch.py:rows_of": BATCH_EXITS["batch.py:rows_of"],
-    "run.py:_floats": "the stored rows' measurements, converted for writing",
+    "tensors.py:rows_of": BATCH_EXITS["tensors.py:rows_of"],
+    "intervene.py:_floats": "the stored rows' measurements, converted for writing",
     "forward.py:propagate": "the number of tokens and rows active at a layer (numbers)",
     "forward.py:_head_stage": "the distinct heads patched at a layer, one matmul each",
     "core.py:upstream_output": "the distinct upstream layers of a chunk's edges, one matmul each",
@@ -140,7 +140,7 @@ INTERVENTION_EXITS = {
 @pytest.mark.parametrize("method,mode", [("sad", "local"), ("sad", "global"), ("accpp", "local"),
                                          ("accpp", "global")])
 def test_interventions_stay_on_the_device_but_for_their_rows(method, mode, tmp_path, monkeypatch):
-    from catalog.interventions.run import intervene_run
+    from catalog.jobs.intervene import intervene_run
 
     checkpoint = save_random_family("gpt2", tmp_path / "model")
     options = {"method": "accpp", "ig_steps": 8} if method == "accpp" else {}
@@ -150,5 +150,5 @@ def test_interventions_stay_on_the_device_but_for_their_rows(method, mode, tmp_p
     with device:
         summary = intervene_run(tmp_path / "c.duckdb", mode=mode, top_edges=3, loaded_model=lm)
     assert summary["stored"] > 0 and device.problems == []
-    sites = {t.site for t in device.transfers if t.site != "model.py:weights_digest"}  # the run's model check
-    assert "run.py:_floats" in sites and sites <= set(INTERVENTION_EXITS), sites - set(INTERVENTION_EXITS)
+    sites = {t.site for t in device.transfers if t.site != "loading.py:weights_digest"}  # the run's model check
+    assert "intervene.py:_floats" in sites and sites <= set(INTERVENTION_EXITS), sites - set(INTERVENTION_EXITS)

@@ -65,7 +65,7 @@ def test_a_bad_jsonl_line_is_named_before_the_model_is_loaded(tmp_path, monkeypa
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("catalog.model.load_model", no_load)
+    monkeypatch.setattr("catalog.models.loading.load_model", no_load)
     prompts = tmp_path / "p.jsonl"
     good = json.dumps({"text": "When Mary and John went to the store", "roles": {"IO": 1}})
     prompts.write_text("\n".join([good, "", '{"text": "unfinished', good]) + "\n")

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from catalog.service.launch import ServerProcess
+from catalog.testing.service import ServerProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
 TOKEN = "explorer-token"

@@ -19,9 +19,9 @@ import pytest
 import torch
 from _per_firing import compare, per_firing
 
-from catalog.ingest import ingest
-from catalog.testing_families import FAMILY_NAMES, save_random_family
-from catalog.testing_tokenizers import llama_style_tokenizer
+from catalog.jobs.ingest import ingest
+from catalog.testing.families import FAMILY_NAMES, save_random_family
+from catalog.testing.tokenizers import llama_style_tokenizer
 
 # A rope variant whose frequencies switch with the length (Phi-3's 'longrope'; short factors up to
 # 32 positions, then long ones): read for prompts of up to 32 tokens, with its attention scaling.
@@ -32,7 +32,7 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_positi
 @pytest.fixture(scope="module", params=[(f, None) for f in FAMILY_NAMES] + [("llama", LONGROPE)],
                 ids=list(FAMILY_NAMES) + ["llama-longrope"])
 def family_run(request, tmp_path_factory):
-    from catalog.model import load_model
+    from catalog.models.loading import load_model
 
     family, rope = request.param
     # Llama gets a SentencePiece-style tokenizer that prepends a BOS, as Llama's does; the others
@@ -138,13 +138,13 @@ def test_the_family_is_recorded_and_read(family_run):
 def test_contributions_of_every_firing_sum_to_the_hook_score(family_run):
     """All d_head contributions of every stored firing, from the catalog's own forms (per head, or
     per head and offset), sum to the score the model's hook reports."""
-    from catalog.forms import HeadForms
-    from catalog.ingest import qk_forms
-    from catalog.signals import augment
+    from catalog.methods.sad.forms import HeadForms
+    from catalog.jobs.ingest import qk_forms
+    from catalog.methods.sad.signals import augment
 
     family, _, lm, con, run_id = family_run
     if lm.adapter.rotary is None:
-        from catalog.decompose import from_arrow
+        from catalog.methods.shared.svd import from_arrow
 
         table = con.sql("SELECT layer, head, sv, sigma, u, v FROM singular_vectors WHERE form = 'augmented'"
                         ).to_arrow_table()
@@ -264,7 +264,7 @@ def test_device_options(tmp_path, family_run):
     from click.testing import CliRunner
 
     from catalog.cli import main
-    from catalog.model import resolve_device
+    from catalog.models.loading import resolve_device
 
     if torch.cuda.is_available():
         assert resolve_device("auto") == "cuda"
@@ -317,7 +317,8 @@ def lm_d_head(con) -> int:
 def test_query_layer_joins_each_firing_to_its_own_form(family_run):
     """head and firing answers on every family: one sigma per direction of a firing's signal
     (a rotary model's other offsets must not multiply the rows)."""
-    from catalog import query, query_extra
+    from catalog.read import query
+    from catalog.read import browse as query_extra
 
     _, _, _, con, run_id = family_run
     prompt_id, layer, head, dest, src, n_svs, offset = con.execute(
@@ -356,8 +357,8 @@ def test_a_rope_that_switches_with_length_is_read_up_to_its_switch(tmp_path):
     from click.testing import CliRunner
 
     from catalog.cli import main
-    from catalog.families.base import rotary_of
-    from catalog.model import load_model
+    from catalog.models.families.base import rotary_of
+    from catalog.models.loading import load_model
 
     checkpoint = save_random_family("llama", tmp_path / "model", tokenizer=llama_style_tokenizer(),
                                     rope_parameters=LONGROPE)
@@ -366,7 +367,7 @@ def test_a_rope_that_switches_with_length_is_read_up_to_its_switch(tmp_path):
     assert lm.adapter.rotary.fixed_up_to == 32 and lm.adapter.rotary.rope_type == "longrope"
     lm.bridge.run_with_cache(torch.zeros(1, 40, dtype=torch.long))  # past 32: the module switches
     again = rotary_of(lm.bridge.original_model)
-    from catalog.rotary import rotation
+    from catalog.methods.sad.rotary import rotation
 
     for rotary in (lm.adapter.rotary, again):
         np.testing.assert_allclose(rotation(rotary, torch.tensor([5]), lm.d_head)[0].numpy(), short(5), rtol=1e-6,
@@ -396,9 +397,9 @@ def test_rope_variants_give_the_scores_the_model_computes(family, rope, tmp_path
     """Every (head, destination, source) pair of a prompt, not only firings: the catalog's forms
     for the offset i - j give back the model's own attention score, for rope variants that change
     the frequencies (llama3, linear), scale the attention (yarn) or would change with length."""
-    from catalog.ingest import qk_forms
-    from catalog.model import load_model
-    from catalog.signals import augment
+    from catalog.jobs.ingest import qk_forms
+    from catalog.models.loading import load_model
+    from catalog.methods.sad.signals import augment
 
     checkpoint = save_random_family(family, tmp_path / "model", rope_parameters=rope)
     assert json.loads((checkpoint / "config.json").read_text())["rope_parameters"]["rope_type"] == rope["rope_type"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from _per_firing import compare, per_firing
 
-from catalog.ingest import ingest
+from catalog.jobs.ingest import ingest
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def _snapshot(db):
 
 
 def test_interrupted_ingest_resumes_to_identical_catalog(tmp_path, tiny_checkpoint, tiny_model):
-    from catalog.ingest import Interrupted
+    from catalog.jobs.ingest import Interrupted
 
     args = dict(model_path=tiny_checkpoint, n_prompts=10, seed=5, batch_size=3, loaded_model=tiny_model)
     whole = tmp_path / "whole.duckdb"

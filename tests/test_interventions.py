@@ -53,7 +53,7 @@ def reference():
 def reference_model(reference, attn_real_model):
     """The attn-real model's weights, both reference prompts' clean pass (one batch, as in the
     reference) and ACC++'s directions."""
-    from catalog.accpp.weights import accpp_weights
+    from catalog.methods.accpp.weights import accpp_weights
 
     _, prompts = reference
     lm = attn_real_model
@@ -104,8 +104,8 @@ TEXTS = ["When Mary and John went to the store, John gave a drink to",
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
-    from catalog.accpp.weights import accpp_weights
-    from catalog.decompose import decompose
+    from catalog.methods.accpp.weights import accpp_weights
+    from catalog.methods.shared.svd import decompose
 
     lm = tiny_model
     tokens = _tokens(lm, TEXTS)

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from catalog.cli import main
-from catalog.ingest import ingest
+from catalog.jobs.ingest import ingest
 
 
 def invoke(*args):

@@ -1,4 +1,4 @@
-"""Output that another tool reads back as stored: each format of catalog.output read with json and
+"""Output that another tool reads back as stored: each format of catalog.formats.table read with json and
 pandas and compared with the catalog's rows (float32 values exactly, at their own precision)."""
 
 import io
@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from catalog.cli import main
-from catalog.output import float32_text, render
+from catalog.formats.table import float32_text, render
 
 FIRINGS = ("SELECT prompt_id, layer, head, dest_pos, src_pos, attn_weight, score, n_svs FROM firings "
            "WHERE run_id = 2 ORDER BY prompt_id, layer, head, dest_pos, src_pos")

@@ -8,9 +8,9 @@ import duckdb
 import pytest
 from click.testing import CliRunner
 
-from catalog import query_overview
+from catalog.read import overview as query_overview
 from catalog.cli import main
-from catalog.ingest import ingest
+from catalog.jobs.ingest import ingest
 from catalog.store import open_readonly
 
 N_LAYERS, N_HEADS = 3, 4  # the tiny model

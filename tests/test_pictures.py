@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 from _catalog_fixture import busiest_heads, invoke
 
-from catalog.render import ROW_HEIGHT, render_graph, scene
+from catalog.formats.graph import ROW_HEIGHT, render_graph, scene
 from catalog.store import open_readonly
-from catalog.trace import TraceGraph, trace
+from catalog.read.trace import TraceGraph, trace
 
 NODE_COLUMNS = ["node", "kind", "layer", "head", "role", "pos", "token", "is_root"]
 

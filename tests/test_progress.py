@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from catalog.cli import main
-from catalog.ingest import Interrupted, ingest, progress_postfix
+from catalog.jobs.ingest import Interrupted, ingest, progress_postfix
 
 N_PROMPTS, BATCH, SEED = 10, 3, 4
 # One painted state of the bar: "7/10 [..., firings=123, edges=456]"
@@ -94,7 +94,7 @@ def test_after_a_resume_bar_and_summary_count_the_whole_run(resumed):
     assert (summary["prompts"], summary["firings"], summary["edges"]) == (N_PROMPTS, firings, edges)
     assert summary["resumed"] and summary["prompts_this_session"] == N_PROMPTS - BATCH
 
-    from catalog.cli_ingest import summary_line
+    from catalog.cli.ingest import summary_line
 
     line = summary_line(summary, "x")
     assert "resumed; counts are the whole run's" in line and f"this session {N_PROMPTS - BATCH} prompts" in line
@@ -112,7 +112,7 @@ def test_a_finished_run_is_reported_without_loading_the_model(resumed, tiny_chec
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("catalog.model.load_model", no_load)
+    monkeypatch.setattr("catalog.models.loading.load_model", no_load)
     again = ingest(db, model_path=tiny_checkpoint, n_prompts=N_PROMPTS, seed=SEED, batch_size=BATCH)
     assert again["already_finished"] and again["run_id"] == summary["run_id"]
     assert again["wall_s"] == pytest.approx(_run_seconds(db, summary["run_id"]), abs=1e-3)
@@ -139,7 +139,7 @@ def test_a_catalog_without_checkpoint_digests_loads_the_model_to_tell(resumed, t
         assert con.execute("SELECT count(*) FROM runs WHERE params::VARCHAR LIKE '%checkpoint_digest%'"
                            ).fetchall()[0][0] == 0
     loads = []
-    monkeypatch.setattr("catalog.model.load_model", lambda *a, **k: loads.append(a) or tiny_model)
+    monkeypatch.setattr("catalog.models.loading.load_model", lambda *a, **k: loads.append(a) or tiny_model)
     again = ingest(old, model_path=tiny_checkpoint, n_prompts=N_PROMPTS, seed=SEED, batch_size=BATCH)
     assert again["already_finished"] and again["run_id"] == summary["run_id"] and len(loads) == 1
     assert again["wall_s"] == pytest.approx(_run_seconds(old, summary["run_id"]), abs=1e-3)

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from catalog.checkpoint import file_tokenizer
+from catalog.models.checkpoint import file_tokenizer
 from catalog.errors import CatalogError
 from catalog.prompts import (
     EXTRA_NAMES,
@@ -28,7 +28,7 @@ from catalog.prompts import (
     tokenize_prompts,
 )
 from catalog.testing import gpt2_tokenizer
-from catalog.testing_tokenizers import WORD_START, llama_style_tokenizer, save_llama_style_tokenizer
+from catalog.testing.tokenizers import WORD_START, llama_style_tokenizer, save_llama_style_tokenizer
 
 # Kept out of the Llama-style tokenizer's training sentences: several tokens each there.
 LEFT_OUT_NAMES = (" Mary", " Jonathan", " Graham")

@@ -22,9 +22,9 @@ from _catalog_fixture import (
     token_roles,
 )
 
-from catalog import query
+from catalog.read import query
 from catalog.errors import CatalogError
-from catalog.output import render
+from catalog.formats.table import render
 from catalog.store import Catalog, LATEST_VERSION, open_readonly
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "query.md"
@@ -235,7 +235,7 @@ def test_python_api_raises_catalog_error(con):
 
 
 def test_query_modules_import_no_torch_or_pandas():
-    code = ("import catalog.cli_query, catalog.query, catalog.trace, catalog.render, sys; "
+    code = ("import catalog.cli.query, catalog.read.query, catalog.read.trace, catalog.formats.graph, sys; "
             "heavy = [m for m in ('torch', 'pandas', 'transformer_lens', 'transformers', 'sqlalchemy', "
             "'networkx', 'matplotlib') if m in sys.modules]; assert not heavy, heavy")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

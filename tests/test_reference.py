@@ -11,7 +11,7 @@ import duckdb
 import numpy as np
 import pytest
 
-from catalog.ingest import ingest
+from catalog.jobs.ingest import ingest
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from _catalog_fixture import LATEST_RUN, OLDER_RUN, busiest_heads, fetch_dicts, invoke
-from catalog import query
-from catalog.service.launch import ServerProcess
+from catalog.read import query
+from catalog.testing.service import ServerProcess
 from catalog.store import open_readonly
-from catalog.trace import trace
+from catalog.read.trace import trace
 
 TOKEN = "test-token-1234"
 

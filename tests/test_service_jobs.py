@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from _catalog_fixture import invoke
-from catalog.service.launch import ServerProcess
+from catalog.testing.service import ServerProcess
 
 TOKEN = "jobs-token"
 CONSISTENCY_SQL = """
@@ -157,7 +157,7 @@ def test_killed_then_stopped_server_resumes_its_run_to_the_same_catalog(tiny_che
     """kill -9 mid-job; the next start resumes by itself; SIGTERM mid-resume lets the batch being
     written commit; a start with --no-resume leaves the run alone until asked. The finished run
     equals an uninterrupted ingest, row for row."""
-    from catalog.ingest import ingest
+    from catalog.jobs.ingest import ingest
 
     settings = dict(model_path=str(tiny_checkpoint), n_prompts=32, batch_size=2, seed=7)
     db = tmp_path / "killed.duckdb"
@@ -207,7 +207,7 @@ def test_queued_jobs_survive_a_restart_under_their_own_ids(tiny_checkpoint, tmp_
     """SIGTERM while one job runs and another waits: the waiting one is kept in service_jobs and
     runs after the next start (even with --no-resume: it was accepted, not begun), under the id
     its client holds; new jobs are numbered after it; the catalog keeps the whole history."""
-    from catalog.ingest import ingest
+    from catalog.jobs.ingest import ingest
 
     db = tmp_path / "queued.duckdb"
     long = dict(model_path=str(tiny_checkpoint), n_prompts=96, batch_size=2, seed=7)  # stopped long before its end

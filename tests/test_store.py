@@ -6,7 +6,7 @@ import duckdb
 import pytest
 from click.testing import CliRunner
 
-from catalog import tables
+from catalog.schema import tables
 from catalog.cli import main
 from catalog.errors import CatalogError
 from catalog.store import LATEST_VERSION, Catalog, apply_migrations, open_readonly, schema_version

@@ -18,10 +18,10 @@ from _catalog_fixture import (
 )
 
 from catalog.errors import CatalogError
-from catalog.output import render
-from catalog.query import Run
+from catalog.formats.table import render
+from catalog.read.query import Run
 from catalog.store import open_readonly
-from catalog.trace import resolve_roots, trace
+from catalog.read.trace import resolve_roots, trace
 
 EDGE_KEY = ("prompt_id", "edge_id")
 

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from _catalog_fixture import LATEST_RUN, busiest_heads, fetch_dicts, invoke
 
-from catalog import query
+from catalog.read import query
 from catalog.heads import parse_head
 from catalog.store import open_readonly
-from catalog.trace import trace
+from catalog.read.trace import trace
 
 HEAD_NAME = re.compile(r"^L\d+H\d+$")
 

@@ -1,5 +1,5 @@
-"""The JSON API under /api/v1/: thin shells over catalog.query, catalog.trace and
-catalog.query_extra, with the same names and parameters as the functions and the CLI.
+"""The JSON API under /api/v1/: thin shells over catalog.read.query, catalog.read.trace and
+catalog.read.browse, with the same names and parameters as the functions and the CLI.
 
 Every route is a plain `def`: FastAPI runs it in its thread pool, and each request reads on its
 own cursor of the service's connection (committed data only).
@@ -13,11 +13,12 @@ from decimal import Decimal
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from catalog import query, query_extra
+from catalog.read import query
+from catalog.read import browse as query_extra
 from catalog.errors import CatalogError
 from catalog.service import sql as sql_endpoint
 from catalog.service.jobs import IngestSettings
-from catalog.trace import DEFAULT_DEST_ROLE, DEFAULT_SRC_ROLE, trace as trace_circuit
+from catalog.read.trace import DEFAULT_DEST_ROLE, DEFAULT_SRC_ROLE, trace as trace_circuit
 
 router = APIRouter(prefix="/api/v1")
 ANY_ROLE = "any"  # as the CLI's trace: a role of 'any' means any token
@@ -186,7 +187,7 @@ def trace(request: Request, roots: list[str] | None = Query(None), dest_role: st
                               prompt_id=prompt_id, run_id=run_id, n_svs=n_svs, kinds=kind, **effects.values,
                               **prune.values)
     if format != "json":
-        from catalog.render import render_graph
+        from catalog.formats.graph import render_graph
 
         name = f"trace-run{graph.run_id}" + (f"-prompt{prompt_id}" if prompt_id is not None else "")
         return Response(render_graph(graph, format), media_type=TRACE_DOWNLOADS[format],

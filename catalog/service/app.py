@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 
 import catalog
 from catalog.errors import CatalogError
-from catalog.query_extra import NotFound
+from catalog.read.browse import NotFound
 from catalog.service.api import router
 from catalog.service.auth import TokenMiddleware
 from catalog.service.cache import ResponseCache

@@ -43,7 +43,7 @@ def submit_and_follow(url: str, settings: dict, show_progress: bool = True) -> d
     """Submit `settings` (ingest's options) as a job, follow it to the end, return its summary."""
     from tqdm import tqdm
 
-    from catalog.ingest import progress_postfix
+    from catalog.jobs.ingest import progress_postfix
 
     token = os.environ.get(TOKEN_ENV)
     for key in ("model_path", "prompts_file"):  # the service resolves paths from its own directory

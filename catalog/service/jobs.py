@@ -1,6 +1,6 @@
 """Ingest jobs inside the service: a queue and one worker thread, so one job writes at a time.
 
-A job calls `catalog.ingest.ingest` exactly as `circuit-catalog ingest` does; batches are
+A job calls `catalog.jobs.ingest.ingest` exactly as `circuit-catalog ingest` does; batches are
 committed one by one, so a job survives what the CLI ingest survives. Stopping the service
 lets the batch being written commit and then stops the job (the run stays 'running'); the next
 start resumes every unfinished run with the settings recorded in its `runs.params`.
@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from catalog.errors import CatalogError
-from catalog.query_extra import NotFound, run_progress
+from catalog.read.browse import NotFound, run_progress
 
 log = logging.getLogger("circuit_catalog.service")
 
@@ -193,7 +193,7 @@ class JobQueue:
             self._run(job)
 
     def _run(self, job: Job) -> None:
-        from catalog.ingest import Interrupted, ingest  # imports torch lazily, on the first job
+        from catalog.jobs.ingest import Interrupted, ingest  # imports torch lazily, on the first job
 
         job.status, job.started_at = "running", time.time()
         self.busy, self.writes = True, self.writes + 1

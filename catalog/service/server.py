@@ -12,7 +12,7 @@ import signal
 from pathlib import Path
 
 from catalog.service.connection import ServiceCatalog
-from catalog.service.marker import remove_marker, write_marker
+from catalog.store.marker import remove_marker, write_marker
 
 
 def serve(db_path: str | Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,

@@ -16,7 +16,7 @@ import duckdb
 import pyarrow as pa
 
 from catalog.errors import CatalogError
-from catalog.output import render
+from catalog.formats.table import render
 from catalog.store import read_only_statements  # the `sql` command's rule
 
 SQL_FORMATS = {"json": "application/json", "csv": "text/csv",

@@ -1,0 +1,102 @@
+"""The command line: argument parsing and output only; every command calls one library function.
+
+Never imports torch or transformer_lens at module level: query commands must start fast.
+User mistakes (CatalogError) become one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from catalog.errors import CatalogError
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+class _CatalogGroup(click.Group):
+    """One error convention for every command: a user mistake, whether the catalog's own
+    (CatalogError) or click's (a bad option value, a missing option, an unknown command), prints
+    one line `error: ...` on stderr and exits with status 1, never a traceback or a usage block."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CatalogError as err:
+            click.echo(f"error: {_one_line(err)}", err=True)
+            sys.exit(1)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        import errno
+
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as err:  # no command at all: the help, as --help
+            click.echo(err.format_message())
+            sys.exit(0)
+        except click.ClickException as err:
+            where = f" (see `{err.ctx.command_path} --help`)" if getattr(err, "ctx", None) is not None else ""
+            click.echo(f"error: {_one_line(err.format_message())}{where}", err=True)
+            sys.exit(1)
+        except click.exceptions.Abort:  # Ctrl-C outside a command's own handling
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except OSError as err:
+            if err.errno != errno.EPIPE:  # the reader of a pipe went away (| head): stop quietly
+                raise
+            import os
+
+            sys.stdout = open(os.devnull, "w")
+            sys.exit(1)
+        # Without standalone mode click returns an Exit's code (--help, --version: 0) or the
+        # command's return value (None).
+        sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
+
+
+@click.group(cls=_CatalogGroup)
+@click.version_option(package_name="circuit-catalog")
+def main():
+    """circuit-catalog: which attention heads of a transformer talk to which, stored in DuckDB."""
+
+
+def _add_commands(module_name: str) -> None:
+    """Add the commands of a CLI module (each module lists its commands in COMMANDS)."""
+    import importlib
+
+    for command in importlib.import_module(module_name).COMMANDS:
+        main.add_command(command)
+
+
+for _module in ("catalog.cli.ingest", "catalog.cli.query", "catalog.cli.serve", "catalog.cli.intervene",
+                "catalog.cli.overview"):
+    _add_commands(_module)
+
+
+def entry() -> None:
+    """Console-script entry point: run the CLI, then leave without a noisy interpreter shutdown.
+
+    After a model has been loaded, DuckDB 2's nanobind bindings print a wall of benign
+    "nanobind: leaked instances" lines while Python tears down modules. Everything is
+    committed and closed by then, so the commands that ran a model exit directly.
+    """
+    import os
+
+    try:
+        main.main(prog_name="circuit-catalog")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    if isinstance(code, str):
+        click.echo(code, err=True)
+        code = 1
+    code = code or 0
+    if "torch" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -1,0 +1,1 @@
+"""Output formats: tables for the terminal, CSV and JSON (`table`), circuit drawings (`graph`)."""

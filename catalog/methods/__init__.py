@@ -1,0 +1,56 @@
+"""The tracing methods and their registry: a method's name (`runs.method`) -> one `Method`.
+
+Each method is a package here (`sad`: the 2024 method, SPEC.md; `accpp`: ACC++, ACCPP.md) and
+`shared` holds the code both use. A `Method` owns its settings dataclass, its batch analysis
+(named by module, so that torch is imported only when a job runs it), the tables it writes, what
+the read side needs to trace its runs and describe its heads, and its notes. Importing this
+module imports no torch: the read side, the CLI and the service ask it what a method is.
+
+Adding a method: a new package with its settings, its analysis and its `METHOD_FIELDS`, and one line in
+`REGISTRY` below (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from catalog.errors import CatalogError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str                  # runs.method
+    title: str                 # one line for choices and help
+    settings: type             # a frozen dataclass of catalog.settings options
+    analysis: str              # "module:function" making the batch analysis: (job context) -> (prompt ids -> tables)
+    tables: tuple[str, ...]    # the tables its batches write beside prompts and tokens
+    weight_unit: str           # runs.weight_unit of its edges: 'score' or 'attn_prob'
+    form: str                  # singular_vectors.form its directions are read from
+    trace: str                 # the read side's tracer: 'heads' (rooted at chosen heads) or 'seeded' (rooted at the output)
+    per_firing: str            # how a firing is described: 'signal' (firing_svs) or 'sides' (firing_sides)
+    notes: tuple[str, ...] = ()
+
+    def load_analysis(self):
+        module, _, function = self.analysis.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+def _registry() -> dict[str, Method]:
+    from catalog.methods import accpp, sad
+
+    methods = [Method(**package.METHOD_FIELDS) for package in (sad, accpp)]  # one line per method
+    return {m.name: m for m in methods}
+
+
+REGISTRY: dict[str, Method] = _registry()
+DEFAULT = "sad"
+NAMES = tuple(REGISTRY)
+
+
+def method(name: str | None) -> Method:
+    """The method of that name (None: the default, as runs written before methods were recorded)."""
+    found = REGISTRY.get(name or DEFAULT)
+    if found is None:
+        raise CatalogError(f"unknown method '{name}': use " + " or ".join(f"{m.name} ({m.title})" for m in REGISTRY.values()))
+    return found

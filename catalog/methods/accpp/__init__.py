@@ -1,0 +1,19 @@
+"""ACC++ (Franco, Tassis, Rohr & Crovella 2026), as ../shared/ACCPP.md states it.
+
+Stages, one module each: weights (per-head SVD of the plain QK form and the bias offsets) ->
+components (every residual component's output, from one forward pass) -> firing (a firing's
+atoms ranked by integrated gradients and selected greedily, batched over firings) -> seeds
+(the output's decomposition into seed components) -> circuit (the recursive circuit of a
+batch of prompts, layer by layer, as catalog rows).
+"""
+
+from catalog.methods.accpp.settings import AccppSettings
+
+METHOD_FIELDS = dict(
+    name="accpp", title="ACC++, ACCPP.md", settings=AccppSettings,
+    analysis="catalog.methods.accpp.circuit:batch_analysis",
+    tables=("firings", "firing_sides", "edges", "edge_svs", "roots", "seeds"),
+    weight_unit="attn_prob", form="plain", trace="seeded", per_firing="sides",
+    notes=("edge weights are shares of the downstream attention probability (attn_prob)",),
+)
+

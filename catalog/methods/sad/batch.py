@@ -1,0 +1,101 @@
+"""One batch of prompts through the model and the method: tokens in, catalog rows out.
+
+The forward pass caches the five activations of SPEC.md; then, layer by layer, firings,
+sparse signals and both sides' edges are computed for all prompts and heads at once, and
+returned as Arrow tables shaped like the catalog's tables (without run_id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from catalog.methods.sad.edges import SIDES, trace_side, upstream_outputs
+from catalog.methods.shared.tensors import pad_tokens, prompt_outputs, rows_of
+from catalog.schema.rows import concat, number_edges, table, take
+from catalog.methods.sad.signals import find_firings, sparse_signals
+
+
+@dataclass(frozen=True)
+class Settings:
+    attn_threshold: float = 0.5
+    sv_threshold: float = 1.0
+    edge_threshold: float = 0.7
+    append_constant: bool = True
+
+
+def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Settings, answer_ids=None,
+                  wrong_ids=None) -> dict:
+    """Rows of firings, firing_svs, edges, edge_svs and prompt_outputs for a batch of tokenized prompts,
+    and the singular_vectors its signals use that were not stored yet (rotary models; else None).
+
+    qk: the model's QK forms (catalog.methods.sad.forms.HeadForms, or catalog.methods.sad.rotary.RotaryForms for rotary
+    models), which give each layer's forms for its firings. Every tensor stays on the model's
+    device until its rows are converted for writing (`rows_of`)."""
+    pad_id = model.tokenizer.eos_token_id or model.tokenizer.pad_token_id or 0
+    logits, cache = model.run(pad_tokens(token_lists, pad_id), with_logits=True)
+    outputs_table = prompt_outputs(logits, end_pos, answer_ids or [None] * len(end_pos),
+                                   wrong_ids or [None] * len(end_pos), list(prompt_ids), model.tokenizer)
+    device = logits.device
+    end_pos = torch.as_tensor(end_pos, device=device)
+    prompt_ids = np.asarray(prompt_ids)
+    n_heads, adapter = model.n_heads, model.adapter
+    z = [cache[f"blocks.{layer}.attn.hook_z"].float() for layer in range(model.n_layers - 1)]
+    outputs = upstream_outputs(z, W_O.float()) if z else None
+    rows = {name: [] for name in ("firings", "firing_svs", "edges", "edge_svs")}
+    for layer in range(model.n_layers):
+        firings = find_firings(
+            cache[f"blocks.{layer}.attn.hook_pattern"].float(), cache[f"blocks.{layer}.attn.hook_attn_scores"].float(),
+            end_pos, settings.attn_threshold, adapter.score_scale,
+        )
+        if len(firings) == 0:
+            continue
+        offset = firings.dest - firings.src
+        forms, firings.form = qk.layer_forms(layer, firings.head, offset)
+        signals = sparse_signals(firings, cache[f"blocks.{layer}.ln1.hook_normalized"], forms, settings.sv_threshold)
+        key = {"prompt_id": prompt_ids[rows_of(firings.prompt)], "layer": np.full(len(firings), layer),
+               "head": rows_of(firings.head), "dest_pos": rows_of(firings.dest), "src_pos": rows_of(firings.src)}
+        pos_offset = rows_of(offset) if forms.pos_offset is not None else np.full(len(firings), np.nan)
+        rows["firings"].append(dict(key, attn_weight=rows_of(firings.attn_weight), score=rows_of(firings.score),
+                                    n_svs=rows_of(signals.n_svs), pos_offset=pos_offset))
+        selected = signals.selected()  # [firing, rank]: which ranks belong to each signal
+        f, rank = selected.nonzero(as_tuple=True)
+        sv = signals.order[f, rank]
+        rows["firing_svs"].append(dict(
+            take(key, rows_of(f)), rank=rows_of(rank), sv=rows_of(sv), contribution=rows_of(signals.contribution[f, sv]),
+            dest_proj=rows_of(signals.dest_proj[f, sv]), src_proj=rows_of(signals.src_proj[f, sv]),
+        ))
+        if layer == 0:
+            continue  # nothing is upstream of layer 0
+        scale = cache[f"blocks.{layer}.ln1.hook_scale"][..., 0].float()
+        upstream = outputs[:, :, : adapter.upstream_heads(layer)]
+        for side in SIDES:
+            result = trace_side(side, firings, signals, forms, upstream, scale, settings.append_constant,
+                                settings.edge_threshold)
+            f, up = result.is_edge.nonzero(as_tuple=True)
+            first_row = sum(len(part["prompt_id"]) for part in rows["edges"])
+            edge = dict(take(key, rows_of(f)), side=np.full(len(f), side), up_kind=np.full(len(f), "head"),
+                        up_layer=rows_of(up // n_heads), up_head=rows_of(up % n_heads))
+            rows["edges"].append(dict(edge, weight=rows_of(result.weight[f, up])))
+            # One row per (edge, direction of the firing's signal), in the signal's order.
+            e, rank = selected[f, : result.terms.shape[2]].nonzero(as_tuple=True)
+            rows["edge_svs"].append(dict(edge_row=first_row + rows_of(e), rank=rows_of(rank),
+                                         sv=rows_of(signals.order[f[e], rank]),
+                                         weight=rows_of(result.terms[f[e], up[e], rank])))
+    if rows["edges"]:
+        edges, edge_svs = number_edges(concat(rows["edges"]), concat(rows["edge_svs"]))
+        rows["edges"], rows["edge_svs"] = [edges], [edge_svs]
+    tables = {name: table(COLUMNS[name], parts) for name, parts in rows.items()}
+    return dict(tables, prompt_outputs=outputs_table, singular_vectors=qk.take_new(tables["firing_svs"]))
+
+
+COLUMNS = {
+    "firings": ["prompt_id", "layer", "head", "dest_pos", "src_pos", "attn_weight", "score", "n_svs", "pos_offset"],
+    "firing_svs": ["prompt_id", "layer", "head", "dest_pos", "src_pos", "rank", "sv", "contribution",
+                   "dest_proj", "src_proj"],
+    "edges": ["prompt_id", "edge_id", "layer", "head", "dest_pos", "src_pos", "side", "up_kind", "up_layer",
+              "up_head", "weight"],
+    "edge_svs": ["prompt_id", "edge_id", "rank", "sv", "weight"],
+}

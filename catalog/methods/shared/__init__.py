@@ -1,0 +1,1 @@
+"""What both methods use: the per-head SVD plumbing (`svd`) and a batch's tensors (`tensors`)."""

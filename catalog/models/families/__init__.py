@@ -1,0 +1,28 @@
+"""Model families the catalog reads, one module each (the way TransformerLens keeps one module
+per architecture). A family module names the Hugging Face `model_type`s it reads and builds a
+FamilyAdapter (catalog.models.families.base) for a loaded bridge; nothing else in the catalog knows a
+family by name."""
+
+from __future__ import annotations
+
+from catalog.errors import CatalogError
+from catalog.models.families import gpt2, gpt_neox, llama, qwen2
+from catalog.models.families.base import HOOK_SUFFIXES, FamilyAdapter, Rotary
+
+FAMILIES = (gpt2, gpt_neox, llama, qwen2)
+
+__all__ = ["FAMILIES", "HOOK_SUFFIXES", "FamilyAdapter", "Rotary", "families_read", "family_for"]
+
+
+def families_read() -> str:
+    """'GPT-2 (every size), GPT-NeoX / Pythia, Llama and Qwen2 / Qwen2.5', for messages."""
+    names = [family.DESCRIPTION for family in FAMILIES]
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def family_for(model_type: str, display: str):
+    """The family module reading Hugging Face `model_type`, or one CatalogError line naming those read."""
+    for family in FAMILIES:
+        if model_type in family.MODEL_TYPES:
+            return family
+    raise CatalogError(f"{display} is a model of type '{model_type}'; the catalog reads {families_read()} models")

@@ -1,0 +1,19 @@
+"""GPT-2, every size (small, medium, large, xl): learned absolute positions added to the residual
+stream, LayerNorm, QK biases, one key head per query head. The QK form of a head does not
+depend on positions: one bias-augmented SVD per head (SPEC.md)."""
+
+from catalog.errors import CatalogError
+from catalog.models.families.base import FamilyAdapter, from_bridge
+
+NAME = "gpt2"
+MODEL_TYPES = ("gpt2",)
+DESCRIPTION = "GPT-2 (every size)"
+
+
+def adapter(bridge) -> FamilyAdapter:
+    config = bridge.original_model.config
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) or not getattr(config, "scale_attn_weights", True):
+        # Every catalog score is hook_attn_scores times one scale per model.
+        raise CatalogError("this GPT-2 variant scales attention scores per layer (or not at all); "
+                           "the catalog reads GPT-2 models whose scores are divided by sqrt(d_head)")
+    return from_bridge(NAME, bridge, norm="LayerNorm", parallel_attn_mlp=False, rotary=None)

@@ -1,0 +1,376 @@
+"""The DuckDB catalog file: opening it, versioned migrations, and bulk writes.
+
+Reads for queries open the file read-only and import neither SQLAlchemy nor torch
+(query commands must start fast). Writes go through `Catalog`, which applies missing
+migrations on open, keeps the small metadata rows (models, runs) in SQLAlchemy Core, and
+moves bulk rows through DuckDB's own connection as Arrow tables, each batch in one
+transaction.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from catalog.errors import CatalogError
+
+from catalog.schema import LATEST_VERSION, Migration  # noqa: F401 (also the store's names)
+from catalog.schema import shipped_migrations as migrations
+
+
+def _connect(path: str | Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    path = Path(path)
+    if read_only and not path.exists():
+        raise CatalogError(f"no catalog at {path}: create one with `circuit-catalog ingest --db {path}`")
+    if path.exists() and path.is_dir():
+        raise CatalogError(f"{path} is a directory, not a catalog file")
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.Error as err:
+        message = str(err).splitlines()[0]
+        if "lock" in message.lower():
+            from catalog.store.marker import held_by_service  # a service leaves a note where it is
+
+            raise CatalogError(held_by_service(path)
+                               or f"{path} is in use by another process (an ingest still running?)") from None
+        raise CatalogError(f"{path} is not a readable DuckDB catalog ({message})") from None
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    """The highest applied migration, 0 for an empty database."""
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations'"
+    ).fetchall()[0][0]
+    if not exists:
+        return 0
+    return con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchall()[0][0]
+
+
+def apply_migrations(con: duckdb.DuckDBPyConnection, upto: int | None = None) -> list[int]:
+    """Apply the missing migrations (up to `upto`), each in its own transaction; return their versions."""
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)"
+    )
+    current = schema_version(con)
+    if current > LATEST_VERSION:
+        raise CatalogError(
+            f"the catalog has schema version {current}, newer than this circuit-catalog knows "
+            f"({LATEST_VERSION}): upgrade circuit-catalog"
+        )
+    applied = []
+    for migration in migrations():
+        if migration.version <= current or (upto is not None and migration.version > upto):
+            continue
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(migration.sql)
+            con.execute(
+                "INSERT INTO schema_migrations VALUES (?, ?, current_timestamp)",
+                [migration.version, migration.name],
+            )
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        applied.append(migration.version)
+    if applied:
+        # Write the migrations into the file at once: DuckDB 2 cannot replay from the write-ahead
+        # log a dropped table whose foreign key points at a table with a function default (models'
+        # current_timestamp) without downloading an extension, so a crash before the next
+        # checkpoint would leave an unopenable catalog offline.
+        con.execute("CHECKPOINT")
+    return applied
+
+
+def check_catalog_file(path: str | Path) -> None:
+    """An existing file must be a DuckDB database; a missing one is created later, once there is
+    something to store (a failed model load leaves no empty catalog behind)."""
+    if Path(path).exists():
+        try:
+            _connect(path, read_only=True).close()
+        except CatalogError:
+            # Open read-write in this very process (the service's ingest jobs): DuckDB refuses a
+            # read-only connection with another configuration, but then a read-write one succeeds.
+            _connect(path, read_only=False).close()
+
+
+def upgrade(path: str | Path) -> list[int]:
+    """Apply the missing migrations to an existing catalog file; return their versions."""
+    if not Path(path).exists():
+        raise CatalogError(f"no catalog at {path}")
+    con = _connect(path, read_only=False)
+    try:
+        return apply_migrations(con)
+    finally:
+        con.close()
+
+
+def open_readonly(path: str | Path) -> duckdb.DuckDBPyConnection:
+    """Open a catalog for reading; it must exist and be at the current schema version."""
+    con = _connect(path, read_only=True)
+    try:
+        version = schema_version(con)
+    except duckdb.Error as err:
+        raise CatalogError(f"{path} is not a readable DuckDB catalog ({err})") from None
+    if version == 0:
+        con.close()
+        raise CatalogError(f"{path} is a DuckDB file but not a circuit-catalog (no schema_migrations table)")
+    if version < LATEST_VERSION:
+        con.close()
+        raise CatalogError(
+            f"{path} has schema version {version}, older than {LATEST_VERSION}: "
+            f"upgrade it with `circuit-catalog migrate --db {path}`"
+        )
+    if version > LATEST_VERSION:
+        con.close()
+        raise CatalogError(f"{path} has schema version {version}, newer than this circuit-catalog: upgrade it")
+    return con
+
+
+class Catalog:
+    """A catalog opened for writing: migrated on open, metadata through SQLAlchemy, bulk through Arrow."""
+
+    def __init__(self, path: str | Path):
+        import sqlalchemy as sa  # only the write path pays for SQLAlchemy's import
+
+        self.path = Path(path)
+        self.con = _connect(self.path, read_only=False)
+        try:
+            apply_migrations(self.con)
+        except duckdb.Error as err:
+            self.con.close()
+            raise CatalogError(f"{self.path} could not be upgraded ({str(err).splitlines()[0]})") from None
+        from duckdb_engine import ConnectionWrapper
+
+        # One DuckDB connection serves both, so a SQLAlchemy statement and an Arrow insert can
+        # share a transaction: the pool hands out this very connection in duckdb-engine's wrapper.
+        self._sa = sa
+        self.engine = sa.create_engine(
+            "duckdb://", creator=lambda: ConnectionWrapper(self.con), poolclass=sa.pool.StaticPool
+        )
+        from catalog.schema import tables
+
+        self.models, self.runs = tables.models, tables.runs
+
+    def close(self) -> None:
+        self.engine.dispose()
+        self.con.close()
+        self.engine = self.con = None
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- metadata rows (SQLAlchemy Core) ---------------------------------------------------------
+
+    def _next_id(self, table, column: str) -> int:
+        sa = self._sa
+        with self.engine.connect() as conn:
+            return (conn.execute(sa.select(sa.func.coalesce(sa.func.max(table.c[column]), 0))).scalar()) + 1
+
+    def model_by_digest(self, digest: str) -> dict | None:
+        sa = self._sa
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(self.models).where(self.models.c.weights_digest == digest)).mappings().first()
+        return dict(row) if row else None
+
+    def model_by_id(self, model_id: int) -> dict | None:
+        sa = self._sa
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(self.models).where(self.models.c.model_id == model_id)).mappings().first()
+        return dict(row) if row else None
+
+    def add_model(self, row: dict, singular_vectors, family: dict) -> int:
+        """Insert a model, its model_families row and its singular vectors (an Arrow table without
+        model_id; None for a rotary model, whose forms come with its runs) in one transaction."""
+        model_id = self._next_id(self.models, "model_id")
+        with self.engine.begin() as conn:  # one transaction on the shared connection
+            conn.execute(self.models.insert().values(model_id=model_id, **row))
+            names = list(family)
+            self.con.execute(f"INSERT INTO model_families (model_id, {', '.join(names)}) VALUES "
+                             f"(?, {', '.join('?' for _ in names)})", [model_id, *family.values()])
+            if singular_vectors is not None:
+                self._append("singular_vectors", singular_vectors, model_id=model_id)
+        return model_id
+
+    def has_singular_vectors(self, model_id: int, form: str) -> bool:
+        return bool(self.con.execute("SELECT count(*) FROM singular_vectors WHERE model_id = ? AND form = ?",
+                                     [model_id, form]).fetchall()[0][0])
+
+    def add_singular_vectors(self, model_id: int, singular_vectors) -> None:
+        """Another form's singular vectors of a stored model (an Arrow table without model_id), in one transaction."""
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            self._append("singular_vectors", singular_vectors, model_id=model_id)
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+
+    def find_run(self, model_id: int, prompts_digest: str, settings: dict, method_settings: dict | None = None
+                 ) -> dict | None:
+        """The newest run of this model on these prompts with these result-changing settings
+        (columns of runs, and the method's own settings as stored in runs.settings)."""
+        import json
+
+        sa = self._sa
+        runs = self.runs
+        query = sa.select(runs).where(runs.c.model_id == model_id, runs.c.prompts_digest == prompts_digest)
+        for column, value in settings.items():
+            query = query.where(runs.c[column] == value)
+        if method_settings is not None:  # stored by SQLAlchemy's JSON type, i.e. json.dumps of the dict
+            query = query.where(sa.cast(runs.c.settings, sa.String) == json.dumps(method_settings))
+        with self.engine.connect() as conn:
+            row = conn.execute(query.order_by(runs.c.run_id.desc())).mappings().first()
+        return dict(row) if row else None
+
+    def create_run(self, row: dict, prompts, tokens) -> int:
+        """Insert a run with its prompts and tokens (Arrow tables without run_id) in one transaction."""
+        run_id = self._next_id(self.runs, "run_id")
+        values = dict(row, run_id=run_id, status="running", started_at=datetime.now())
+        with self.engine.begin() as conn:  # one transaction on the shared connection
+            conn.execute(self.runs.insert().values(**values))
+            self._append("prompts", prompts, run_id=run_id)
+            self._append("tokens", tokens, run_id=run_id)
+        return run_id
+
+    def finish_run(self, run_id: int) -> None:
+        sa = self._sa
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(self.runs).where(self.runs.c.run_id == run_id)
+                .values(status="finished", finished_at=datetime.now())
+            )
+
+    def committed_batches(self, run_id: int) -> set[int]:
+        rows = self.con.execute("SELECT batch FROM run_batches WHERE run_id = ?", [run_id]).fetchall()
+        return {r[0] for r in rows}
+
+    # -- bulk rows (Arrow, one transaction per batch) ---------------------------------------------
+
+    @contextmanager
+    def _registered(self, table: str, data):
+        """The Arrow table `data` as a view named after `table`, for one statement."""
+        name = f"_bulk_{table}"
+        self.con.register(name, data)
+        try:
+            yield name
+        finally:
+            try:
+                self.con.unregister(name)
+            except duckdb.Error:  # the transaction was aborted (interrupted): the rollback cleans up
+                pass
+
+    def _append(self, table: str, data, **constants: Any) -> None:
+        """INSERT ... SELECT from an Arrow table, matching columns by name; constants fill key columns."""
+        with self._registered(table, data) as name:
+            columns = list(constants) + list(data.column_names)
+            select = [f"${i + 1}" for i in range(len(constants))] + [f'"{c}"' for c in data.column_names]
+            self.con.execute(
+                f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(select)} FROM {name}",
+                list(constants.values()),
+            )
+
+    def _append_missing(self, table: str, data, keys: list[str], run_id: int) -> None:
+        """Append the rows of the run's model whose `keys` are not stored for that model yet."""
+        with self._registered(table, data) as name:
+            columns = ", ".join(f'"{c}"' for c in data.column_names)
+            match = " AND ".join(f'stored."{c}" IS NOT DISTINCT FROM {name}."{c}"' for c in keys)
+            self.con.execute(
+                f"INSERT INTO {table} (model_id, {columns}) "
+                f"SELECT (SELECT model_id FROM runs WHERE run_id = $1), {columns} FROM {name} "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {table} stored WHERE stored.model_id = "
+                f"(SELECT model_id FROM runs WHERE run_id = $1) AND {match})", [run_id])
+
+    def _update(self, table: str, data, keys: list[str], **constants: Any) -> None:
+        """UPDATE rows of `table` from an Arrow table, matched on `keys` and the constants."""
+        with self._registered(table, data) as name:
+            assignments = [f'"{c}" = {name}."{c}"' for c in data.column_names if c not in keys]
+            match = [f"{table}.{c} = ${i + 1}" for i, c in enumerate(constants)]
+            match += [f'{table}."{c}" = {name}."{c}"' for c in keys]
+            self.con.execute(f"UPDATE {table} SET {', '.join(assignments)} FROM {name} WHERE {' AND '.join(match)}",
+                             list(constants.values()))
+
+    # Batch tables that update rows written with the run instead of adding rows: name -> (table, keys).
+    UPDATES = {"prompt_outputs": ("prompts", ["prompt_id"])}
+    # Batch tables of the run's model rather than of the run (rotary models' per-offset directions
+    # first used by this batch): name -> the columns that identify one stored item; items already
+    # stored (by an earlier run, or a batch of this run that committed before an interruption) are skipped.
+    MODEL_ROWS = {"singular_vectors": ["form", "layer", "head", "pos_offset", "sv"]}
+
+    def write_batch(self, run_id: int, batch: int, first_prompt: int, last_prompt: int, tables: dict) -> None:
+        """Write one batch's rows and its run_batches record atomically: all of it or none of it."""
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            for table, data in tables.items():
+                if table in self.UPDATES and data.num_rows:
+                    target, keys = self.UPDATES[table]
+                    self._update(target, data, keys, run_id=run_id)
+                elif table in self.MODEL_ROWS:
+                    if data is not None and data.num_rows:
+                        self._append_missing(table, data, self.MODEL_ROWS[table], run_id)
+                elif data.num_rows:
+                    self._append(table, data, run_id=run_id)
+            self.con.execute(
+                "INSERT INTO run_batches VALUES (?, ?, ?, ?, ?, ?, current_timestamp)",
+                [run_id, batch, first_prompt, last_prompt, tables["firings"].num_rows, tables["edges"].num_rows],
+            )
+            self.con.execute("COMMIT")
+        except BaseException as err:
+            try:
+                self.con.execute("ROLLBACK")
+            except duckdb.TransactionException:
+                pass  # interrupted inside COMMIT: DuckDB has already ended the transaction
+            # Ctrl-C inside DuckDB surfaces as its own interrupt error; to the caller it is Ctrl-C.
+            if isinstance(err, duckdb.InterruptException) or "interrupted" in str(err).lower():
+                raise KeyboardInterrupt from None
+            raise
+
+
+_READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}
+
+
+def read_only_statements(con: duckdb.DuckDBPyConnection, sql: str) -> list:
+    """The parsed statement of `sql`; CatalogError, before anything runs, unless it is one SELECT,
+    EXPLAIN or PRAGMA (the rule of the `sql` command and of the service's SQL endpoint: one
+    statement per call, since one result is returned; a trailing `;` is fine)."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as err:
+        raise CatalogError(f"SQL error: {str(err).splitlines()[0]}") from None
+    if not statements:
+        raise CatalogError("no SQL statement given")
+    for statement in statements:
+        kind = statement.type.name
+        if kind not in _READ_ONLY_STATEMENTS:
+            raise CatalogError(f"refused: `sql` is read-only and this is a {kind} statement")
+    if len(statements) > 1:
+        raise CatalogError(f"`sql` runs one statement per call and this text has {len(statements)}; "
+                           "run them one at a time")
+    return statements
+
+
+def read_only_query(path: str | Path, sql: str):
+    """Run one read-only SQL statement against a catalog and return its rows as an Arrow table.
+
+    One statement per call (a trailing `;` is fine): text with several statements is refused with
+    CatalogError before anything runs, since only one result can be returned. Two guards keep the
+    catalog unchanged: statements other than SELECT/EXPLAIN/PRAGMA are refused, and the file is
+    opened read-only.
+    """
+    con = open_readonly(path)
+    try:
+        statements = read_only_statements(con, sql)
+        try:
+            return con.sql(statements[0].query).to_arrow_table()
+        except duckdb.Error as err:
+            raise CatalogError(f"SQL error: {str(err).splitlines()[0]}") from None
+    finally:
+        con.close()
