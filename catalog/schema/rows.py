@@ -21,6 +21,8 @@ TYPES = {
     "pos": pa.int16(), "total": pa.float64(), "n_seeds": pa.int32(), "seed_rank": pa.int16(),
     "seed_weight": pa.float64(), "logit_diff": pa.float32(), "answer_prob": pa.float32(),
     "top_token_id": pa.int32(), "top_token": pa.string(), "pos_offset": pa.int16(),
+    "projection": pa.float32(), "head_share": pa.float32(), "mlp_share": pa.float32(),
+    "attn_bias_share": pa.float32(), "embed_share": pa.float32(), "offset_share": pa.float32(),
 }
 
 # The order edges are numbered in within a prompt (the order migration 004 gave older catalogs).

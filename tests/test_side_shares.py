@@ -1,0 +1,55 @@
+"""The parts of a firing side's signal projection (catalog.methods.sad.shares) sum to the projection
+read from the model's own normalised residual, on every family: heads, MLPs, attention biases, the
+embedding and the bias row are all there is in x~ (table side_shares, docs/schema.md)."""
+
+import pytest
+import torch
+
+from catalog.methods.sad import shares
+from catalog.methods.sad.edges import upstream_outputs
+from catalog.methods.sad.forms import HeadForms
+from catalog.methods.sad.rotary import RotaryForms
+from catalog.methods.sad.signals import find_firings, sparse_signals
+from catalog.methods.shared.svd import decompose
+from catalog.methods.shared.tensors import pad_tokens
+from catalog.models.loading import load_model
+from catalog.prompts import ioi_prompts, tokenize_prompts
+from catalog.testing.families import FAMILY_NAMES, save_random_family
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def family_model(request, tmp_path_factory):
+    path = save_random_family(request.param, tmp_path_factory.mktemp(f"shares-{request.param}"))
+    return load_model(path=path)
+
+
+def test_parts_of_every_side_sum_to_its_signal_projection(family_model):
+    lm = family_model
+    items = ioi_prompts(4, 0, lm.tokenizer)
+    token_lists = tokenize_prompts(items, lm.tokenizer)
+    cache = lm.run(pad_tokens(token_lists, 0), hooks=lm.adapter.hooks + shares.HOOKS)
+    W_Q, b_Q, W_K, b_K, W_O = lm.attention_weights()
+    qk = (RotaryForms(W_Q, b_Q, W_K, b_K, lm.adapter.rotary) if lm.adapter.rotary is not None
+          else HeadForms(decompose(W_Q, b_Q, W_K, b_K)))
+    z = [cache[f"blocks.{layer}.attn.hook_z"].float() for layer in range(lm.n_layers - 1)]
+    residual = shares.residual_by_kind(cache, lm.n_layers, upstream_outputs(z, W_O.float()), lm.n_heads,
+                                       lm.output_weights()[0])
+    end_pos = torch.tensor([len(ids) - 1 for ids in token_lists])
+    checked = 0
+    for layer in range(lm.n_layers):
+        firings = find_firings(cache[f"blocks.{layer}.attn.hook_pattern"].float(),
+                               cache[f"blocks.{layer}.attn.hook_attn_scores"].float(), end_pos, 0.3,
+                               lm.adapter.score_scale)
+        forms, firings.form = qk.layer_forms(layer, firings.head, firings.dest - firings.src)
+        signals = sparse_signals(firings, cache[f"blocks.{layer}.ln1.hook_normalized"], forms, 1.0)
+        scale = cache[f"blocks.{layer}.ln1.hook_scale"][..., 0].float()
+        for side in ("query", "key"):
+            parts = shares.side_parts(side, firings, signals, forms, residual[layer], scale)
+            projection = shares.signal_projection(side, firings, signals, forms)
+            # float32: the error follows the magnitudes of the parts summed, not their net sum
+            magnitude = parts.abs().sum(1)
+            assert torch.all((parts.sum(1) - projection).abs() <= 1e-5 * magnitude + 1e-6)
+            if layer == 0:  # nothing is written before layer 0 but the embedding (and the bias row)
+                assert torch.all(parts[:, :3] == 0)
+            checked += len(firings)
+    assert checked > 100
