@@ -8,6 +8,10 @@ here from the checkpoint's tokenizer.json (tokenizers only, not transformers or 
 encode differently than the tokenizer transformers loads, the prompts' digest differs and the
 shortcut merely misses: the model is loaded and the run found (or made) as usual.
 
+A GGUF file (`--model-path FILE.gguf`) is one file holding the configuration, the weights and the
+tokenizer: its digest is the file's, and its tokenizer is not read here (building it from the
+file's metadata takes transformers), so the shortcut misses for it and the model is loaded.
+
 Never imports torch or transformers.
 """
 
@@ -39,18 +43,27 @@ def checkpoint_dir(model: str = "gpt2", model_path=None) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
+def is_gguf(model_path) -> bool:
+    """Whether --model-path names a GGUF file (config, weights and tokenizer in one file)."""
+    return model_path is not None and Path(model_path).suffix.lower() == ".gguf"
+
+
 def checkpoint_digest(model: str = "gpt2", model_path=None, dtype: str = "float32") -> str | None:
     """sha256 over the names and contents of the checkpoint's files (config, weights, tokenizer),
     or None when the files cannot be found. A model loaded in another dtype than float32 has
     other weights: its digest also covers the dtype's name."""
-    directory = checkpoint_dir(model, model_path)
-    if directory is None:
-        return None
-    names = sorted(set(CHECKPOINT_FILES) | {p.name for p in directory.glob("model-*.safetensors")})
+    if is_gguf(model_path):
+        files = [Path(model_path)] if Path(model_path).is_file() else []
+    else:
+        directory = checkpoint_dir(model, model_path)
+        if directory is None:
+            return None
+        names = sorted(set(CHECKPOINT_FILES) | {p.name for p in directory.glob("model-*.safetensors")})
+        files = [directory / name for name in names]
     digest = hashlib.sha256()
     found = False
-    for name in names:
-        path = directory / name
+    for path in files:
+        name = path.name
         if not path.is_file():
             continue
         found = True
@@ -85,7 +98,7 @@ class FileTokenizer:
 
 def file_tokenizer(model: str = "gpt2", model_path=None) -> FileTokenizer | None:
     """The checkpoint's tokenizer without transformers, or None when it has no tokenizer.json."""
-    directory = checkpoint_dir(model, model_path)
+    directory = None if is_gguf(model_path) else checkpoint_dir(model, model_path)
     if directory is None or not (directory / "tokenizer.json").is_file():
         return None
     try:

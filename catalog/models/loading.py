@@ -2,7 +2,8 @@
 
 The one place that knows how a model is found: `--model NAME` (the Hugging Face hub or its
 local cache, e.g. gpt2, EleutherAI/pythia-160m) or `--model-path DIR` (a checkpoint directory
-as `save_pretrained` writes it, loaded with no network access). Weight processing happens once,
+as `save_pretrained` writes it, or one GGUF file, dequantized to float32 by transformers; both loaded
+with no network access). Weight processing happens once,
 here, and is recorded; the model's family (catalog.models.families) is found from its config, before
 the weights are read.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from catalog.errors import CatalogError
+from catalog.models.checkpoint import is_gguf
 from catalog.models.families import FamilyAdapter
 
 PROCESSING = (
@@ -96,7 +98,16 @@ def load_model(name: str = "gpt2", path: str | Path | None = None, device: str =
     device = resolve_device(device)
     if dtype not in DTYPES:
         raise CatalogError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
-    if path is not None:
+    gguf = is_gguf(path)
+    if gguf:
+        path = Path(path)
+        if not path.is_file():
+            raise CatalogError(f"--model-path {path}: no such GGUF file")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        source, display = str(path), str(path)
+        _family_of_gguf(path, display)
+    elif path is not None:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise CatalogError(f"--model-path {path} is not a checkpoint directory (no config.json in it)")
@@ -129,7 +140,12 @@ def load_model(name: str = "gpt2", path: str | Path | None = None, device: str =
     hf_logging.disable_progress_bar()  # our own progress bar is the one that counts
 
     try:
-        bridge = TransformerBridge.boot_transformers(source, device=device, dtype=getattr(torch, dtype))
+        if gguf:
+            hf_model, tokenizer = _load_gguf(path, getattr(torch, dtype))
+            bridge = TransformerBridge.boot_transformers(source, hf_model=hf_model, tokenizer=tokenizer,
+                                                         device=device, dtype=getattr(torch, dtype))
+        else:
+            bridge = TransformerBridge.boot_transformers(source, device=device, dtype=getattr(torch, dtype))
     except Exception as err:  # hub, cache and file errors come in many types
         if path is not None:
             raise CatalogError(f"could not load the checkpoint in {path}: {_first_line(err)}") from None
@@ -146,9 +162,10 @@ def load_model(name: str = "gpt2", path: str | Path | None = None, device: str =
     # The bridge's own tokenizer would prepend a BOS to every text whatever the model; prompts are
     # tokenized by the checkpoint's own tokenizer, exactly as it encodes them (GPT-2's adds no
     # BOS, so SPEC.md positions count from the first word; Llama's adds one at position 0).
-    from transformers import AutoTokenizer
+    if not gguf:  # a GGUF file's tokenizer was built from its metadata above
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     return LoadedModel(
         bridge=bridge, tokenizer=tokenizer, name=display, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
         d_model=cfg.d_model, d_head=cfg.d_head, n_ctx=cfg.n_ctx, adapter=family.adapter(bridge),
@@ -174,7 +191,11 @@ def resolve_device(device: str) -> str:
 def check_family(model: str = "gpt2", path=None) -> None:
     """For a local checkpoint, CatalogError at once (before any slow load) unless its config names a
     family the catalog reads; hub models are checked when they load."""
-    if path is not None and (Path(path) / "config.json").is_file():
+    if is_gguf(path):
+        if not Path(path).is_file():
+            raise CatalogError(f"--model-path {path}: no such GGUF file")
+        _family_of_gguf(Path(path), str(path))
+    elif path is not None and (Path(path) / "config.json").is_file():
         _family_of_config(Path(path) / "config.json", str(path))
 
 
@@ -188,6 +209,33 @@ def _family_of_config(config_path: Path, display: str):
     except (OSError, ValueError) as err:
         raise CatalogError(f"could not read {config_path}: {_first_line(err)}") from None
     return family_for(str(model_type), display)
+
+
+def _family_of_gguf(path: Path, display: str):
+    """The family a GGUF file's `general.architecture` names (llama, qwen2, gpt2, ...: transformers
+    gives the model the same model_type), read from the header without the weights."""
+    from catalog.models.families import family_for
+
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields["general.architecture"]
+        architecture = bytes(field.parts[field.data[0]]).decode("utf-8")
+    except ImportError:
+        raise CatalogError("reading a GGUF file needs the gguf package (pip install gguf)") from None
+    except Exception as err:  # not a GGUF file, or one without an architecture
+        raise CatalogError(f"could not read the GGUF file {path}: {_first_line(err)}") from None
+    return family_for(architecture, display)
+
+
+def _load_gguf(path: Path, dtype):
+    """(Hugging Face model, tokenizer) of a GGUF file, both built from it by transformers; the
+    weights are dequantized (a Q4_1 file becomes a float32 model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model.eval(), tokenizer
 
 
 def _in_hub_cache(name: str) -> bool:

@@ -19,7 +19,7 @@ TYPES = {
     "up_attn": pa.float32(), "threshold": pa.float32(), "n_atoms": pa.int32(), "attn_after": pa.float32(),
     "capped": pa.bool_(), "root_id": pa.int16(), "seeding": pa.string(), "objective": pa.string(),
     "pos": pa.int16(), "total": pa.float64(), "n_seeds": pa.int32(), "seed_rank": pa.int16(),
-    "seed_weight": pa.float64(), "logit_diff": pa.float32(), "answer_prob": pa.float32(),
+    "logit_diff": pa.float32(), "answer_prob": pa.float32(),
     "top_token_id": pa.int32(), "top_token": pa.string(), "pos_offset": pa.int16(),
     "projection": pa.float32(), "head_share": pa.float32(), "mlp_share": pa.float32(),
     "attn_bias_share": pa.float32(), "embed_share": pa.float32(), "offset_share": pa.float32(),
