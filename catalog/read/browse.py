@@ -19,7 +19,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from catalog.errors import CatalogError
-from catalog.read.query import HEAD_TABLES, RUN_TABLES, check_role, fetch, require_tables, resolve_run, rows, same_form
+from catalog.read.fragments import same_form
+from catalog.read.runs import HEAD_TABLES, RUN_TABLES, check_role, fetch, require_tables, resolve_run, rows
 
 
 class NotFound(CatalogError):
