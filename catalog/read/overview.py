@@ -5,7 +5,7 @@ Like catalog.read.query, this module imports neither torch nor pandas. Heads com
 `layer` and `head` columns (no display name that a CSV reader could take for a number).
 
     >>> from catalog.store import open_readonly
-    >>> from catalog import query_overview
+    >>> from catalog.read import overview as query_overview
     >>> con = open_readonly("ioi.duckdb")
     >>> query_overview.heads(con).column_names     # a 2024-method (sad) run
     ['layer', 'head', 'n_firings', 'n_prompts', 'mean_attn', 'mean_score', 'mean_n_svs', 'roles', 'n_edges_in', 'n_edges_out']
