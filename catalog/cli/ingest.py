@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 
 from catalog.errors import CatalogError
-from catalog.formats.table import format_option, render
+from catalog.cli.output import format_option
+from catalog.formats.table import render
 
 _db = click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
                    help="The catalog file (DuckDB); created if missing.")

@@ -12,9 +12,11 @@ import click
 
 from catalog.read import overview as query_overview
 from catalog.cli.query import db_option
+from catalog import methods
 from catalog.errors import CatalogError
-from catalog.formats.table import format_option, render
-from catalog.read.query import resolve_run, rows
+from catalog.cli.output import format_option
+from catalog.formats.table import render
+from catalog.read.runs import resolve_run, rows
 from catalog.store import open_readonly
 
 
@@ -40,8 +42,8 @@ def heads(db_path, run_id, sort, fmt):
     with closing(open_readonly(db_path)) as con:
         run = resolve_run(con, run_id)
         table = query_overview.heads(con, run.run_id, sort=sort)
-        method, n_prompts = rows(con, "SELECT coalesce(method, 'sad'), (SELECT count(*) FROM prompts WHERE "
-                                      "run_id = $1) FROM runs WHERE run_id = $1", [run.run_id])[0]
+        method, n_prompts = rows(con, "SELECT coalesce(method, $2), (SELECT count(*) FROM prompts WHERE "
+                                      "run_id = $1) FROM runs WHERE run_id = $1", [run.run_id, methods.DEFAULT])[0]
     _note(f"run {run.run_id} ({method}, {run.status}, {n_prompts} prompts): {run.n_layers}x{run.n_heads} heads")
     click.echo(render(table, fmt))
 

@@ -14,8 +14,11 @@ import click
 
 from catalog.read import query
 from catalog.errors import CatalogError
-from catalog.formats.table import FORMATS, format_option, render
+from catalog.cli.output import TRACE_FORMATS, format_from_out, format_option
+from catalog.formats import TEXT_TABLE_FORMATS as FORMATS
+from catalog.formats.table import render
 from catalog.store import open_readonly
+from catalog.read.trace import DEFAULTS as TRACE_DEFAULTS
 from catalog.read.trace import trace as trace_circuit  # renamed: `trace` is the command below
 
 db_option = click.option("--db", "db_path", required=True, metavar="PATH", help="The catalog file (DuckDB).")
@@ -53,7 +56,7 @@ SVS_HELP = ("top_svs lists the singular directions of the downstream head that t
 
 def effect_options(command):
     """--effect, --min-effect X, --effect-mode: the measured effect of edges (`circuit-catalog intervene`)."""
-    command = click.option("--effect-mode", type=click.Choice(query.EFFECT_MODES), default="local",
+    command = click.option("--effect-mode", type=click.Choice(query.EFFECT_MODES), default=TRACE_DEFAULTS.effect_mode,
                            show_default=True, help="Which interventions the effect is read from.")(command)
     command = click.option("--min-effect", type=float, default=None, metavar="X",
                            help="Only rows whose mean effect (attention drop when ablated) is >= X; implies --effect.")(command)
@@ -157,8 +160,8 @@ ANY_ROLE = "any"
 @db_option
 @click.option("--root", "roots", multiple=True, metavar="L.H",
               help="Root head (repeatable, or comma-separated). Default: 9.6, 9.9, 10.0 (those the model has).")
-@click.option("--dest-role", default="end", show_default=True, help=f"Role of the roots' destination token ('{ANY_ROLE}': any).")
-@click.option("--src-role", default="IO", show_default=True, help=f"Role of the roots' source token ('{ANY_ROLE}': any).")
+@click.option("--dest-role", default=TRACE_DEFAULTS.dest_role, show_default=True, help=f"Role of the roots' destination token ('{ANY_ROLE}': any).")
+@click.option("--src-role", default=TRACE_DEFAULTS.src_role, show_default=True, help=f"Role of the roots' source token ('{ANY_ROLE}': any).")
 @click.option("--prompt", "prompt_id", type=int, default=None,
               help="Trace one prompt (nodes keep positions). Default: every prompt, aggregated by token role.")
 @run_option
@@ -174,7 +177,7 @@ ANY_ROLE = "any"
 @click.option("--top-k", type=click.IntRange(min=1), default=None, metavar="K",
               help="Prune: each node written to (a token node; ACC++: a firing or the output) keeps its K "
                    "strongest upstream edges (most prompts, then largest |mean weight|).")
-@format_option(FORMATS + ("graphml", "dot", "html", "png"))
+@format_option(TRACE_FORMATS)
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Output file (required for png; default stdout). Without --format, its extension picks the format.")
 def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, effect, min_effect, effect_mode,
@@ -200,7 +203,7 @@ def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, effect,
     Example: circuit-catalog trace --db ioi.duckdb --root 9.9 --top-k 3 --format png --out c.png
     """
     root_list = [part.strip() for text in roots for part in text.split(",") if part.strip()] or None
-    fmt = _format_from_out(fmt, out, FORMATS + ("graphml", "dot", "html", "png"))
+    fmt = format_from_out(fmt, out, TRACE_FORMATS)
     if fmt == "png" and out is None:
         raise CatalogError("--format png needs --out FILE.png")
     with _catalog(db_path) as con:
@@ -228,17 +231,6 @@ def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, effect,
     if text is not None:
         _emit(text, out)
     click.echo((f"wrote {out}: " if out is not None else "note: ") + graph.summary(), err=True)
-
-
-def _format_from_out(fmt: str, out: str | None, formats: tuple[str, ...]) -> str:
-    """Without --format, a file name's extension (c.png, c.html, c.graphml, ...) picks the format,
-    so that `--out c.png` never writes a text table into a file named .png."""
-    source = click.get_current_context().get_parameter_source("fmt")
-    suffix = Path(out).suffix.lower().lstrip(".") if out else ""
-    if source == click.core.ParameterSource.DEFAULT and suffix in formats and suffix != fmt:
-        click.echo(f"note: --format {suffix}, from the extension of --out {out}", err=True)
-        return suffix
-    return fmt
 
 
 @click.command()

@@ -29,9 +29,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from catalog import formats
 from catalog.errors import CatalogError
-
-GRAPH_FORMATS = ("graphml", "dot", "html", "png")
+from catalog.formats import GRAPH_FORMATS
 SIDE_COLOURS = {"query": "#1f77b4", "key": "#d62728", "reads": "#9a9a9a", "seed": "#2ca02c"}
 SIDE_DASHES = {"query": None, "key": (6, 3), "reads": (2, 3), "seed": None}
 LEGEND = {"query": "query side", "key": "key side", "reads": "token node -> its head", "seed": "seed -> output"}
@@ -105,8 +105,11 @@ def _svs_text(svs) -> str:
     return " ".join(f"{s['sv']}:{s['share']:.2f}" for s in svs or [] if s.get("share") is not None)
 
 
-def _is_acc(nodes: list[dict]) -> bool:
-    return any(n["kind"] not in ("head", "token") for n in nodes)
+def _head_blocks(nodes: list[dict]) -> bool:
+    """Whether the graph is of heads and their token nodes (a trace rooted at heads) rather than of
+    firings and components rooted at the output. Read from the nodes, not from the run's method:
+    a drawing is of whatever TraceGraph it is given, built from a run or not."""
+    return all(n["kind"] in ("head", "token") for n in nodes)
 
 
 def _node_lines(node: dict) -> list[str]:
@@ -174,7 +177,7 @@ def _place(nodes: list[dict], edges: list[dict]) -> tuple[dict[str, Shape], list
     by_name = {n["node"]: n for n in nodes}
     widths = {}
     rows_members: dict[float, list] = {}
-    if not _is_acc(nodes):
+    if _head_blocks(nodes):
         # 2024 method: a head and its token nodes form one block; blocks of a layer side by side.
         tokens_of: dict[str, list[str]] = {}
         for n in nodes:
@@ -612,6 +615,21 @@ pre {{ font-size: 12px; }}</style></head>
 
 def to_png(graph, path: str | Path) -> Path:
     """Draw the scene with matplotlib (Agg backend, no display needed) into a PNG file."""
+    path = Path(path)
+    _draw_png(graph, path)
+    return path
+
+
+def png_bytes(graph) -> bytes:
+    """The PNG file's bytes (to_png), for a download."""
+    import io
+
+    buffer = io.BytesIO()
+    _draw_png(graph, buffer)
+    return buffer.getvalue()
+
+
+def _draw_png(graph, target) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -654,10 +672,8 @@ def to_png(graph, path: str | Path) -> Path:
         ax.plot([x0, x0 + 24], [y, y], color=SIDE_COLOURS[side], lw=1.6,
                 linestyle=(0, SIDE_DASHES[side]) if SIDE_DASHES[side] else "-")
         ax.text(x0 + 30, y, LEGEND[side], va="center", fontsize=FONT_PX * pt)
-    path = Path(path)
-    fig.savefig(path, format="png", dpi=dpi)
+    fig.savefig(target, format="png", dpi=dpi)
     plt.close(fig)
-    return path
 
 
 def render_graph(graph, fmt: str, out: str | Path | None = None) -> str | None:
@@ -667,7 +683,6 @@ def render_graph(graph, fmt: str, out: str | Path | None = None) -> str | None:
             raise CatalogError("--format png needs --out FILE.png")
         to_png(graph, out)
         return None
-    writers = {"graphml": to_graphml, "dot": to_dot, "html": to_html}
-    if fmt not in writers:
+    if fmt not in GRAPH_FORMATS:
         raise CatalogError(f"unknown graph format '{fmt}' (choose from {', '.join(GRAPH_FORMATS)})")
-    return writers[fmt](graph)
+    return formats.get(fmt).render(graph)

@@ -1,6 +1,7 @@
 """Formatting query results (Arrow tables) for the terminal: table, csv or json.
 
-Shared by every CLI command that prints rows, as one click option, so the formats agree.
+Shared by every CLI command that prints rows (its --format option: catalog.cli.output) and the
+service's CSV, so the formats agree.
 
 - json: a list of objects; FLOAT (float32) values are written with the shortest decimal that
   reads back as the same float32 (`0.1`, not `0.10000000149011612`); DOUBLE values as Python
@@ -17,16 +18,7 @@ import io
 import json
 import math
 
-import click
-
-FORMATS = ("table", "csv", "json")
-
-
-def format_option(choices: tuple[str, ...] = FORMATS, default: str = "table"):
-    return click.option(
-        "--format", "fmt", type=click.Choice(choices), default=default, show_default=True,
-        help="Output format.",
-    )
+from catalog.formats import TEXT_TABLE_FORMATS as FORMATS  # table, csv, json: what a terminal shows
 
 
 def _cell(value) -> str:
@@ -120,18 +112,25 @@ def _csv_cell(value):
     return value
 
 
-def render(table, fmt: str = "table") -> str:
-    """Render an Arrow table (or anything with column_names and to_pylist) as text."""
+def render_json(table) -> str:
+    """A list of objects, one per row."""
+    return json.dumps([_jsonable(r) for r in _rows(table)], indent=2)
+
+
+def render_csv(table) -> str:
+    """One header line, then one line per row (no newline after the last)."""
     columns = list(table.column_names)
-    if fmt == "json":
-        return json.dumps([_jsonable(r) for r in _rows(table)], indent=2)
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(columns)
-        for row in _rows(table):
-            writer.writerow([_csv_cell(row[c]) for c in columns])
-        return buffer.getvalue().rstrip("\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in _rows(table):
+        writer.writerow([_csv_cell(row[c]) for c in columns])
+    return buffer.getvalue().rstrip("\n")
+
+
+def render_table(table) -> str:
+    """Aligned columns for reading, floats to 4 significant digits."""
+    columns = list(table.column_names)
     rows = table.to_pylist()
     cells = [[_cell(row[c]) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
@@ -141,3 +140,12 @@ def render(table, fmt: str = "table") -> str:
     if not rows:
         lines.append("(no rows)")
     return "\n".join(line.rstrip() for line in lines)
+
+
+def render(table, fmt: str = "table") -> str:
+    """Render an Arrow table (or anything with column_names and to_pylist) as text: table, csv or json."""
+    if fmt == "json":
+        return render_json(table)
+    if fmt == "csv":
+        return render_csv(table)
+    return render_table(table)

@@ -29,6 +29,10 @@ class Method:
     form: str                  # singular_vectors.form its directions are read from
     trace: str                 # the read side's tracer: 'heads' (rooted at chosen heads) or 'seeded' (rooted at the output)
     per_firing: str            # how a firing is described: 'signal' (firing_svs) or 'sides' (firing_sides)
+    label: str                 # its name in a sentence: '2024 method', 'ACC++'
+    upstream_kinds: tuple[str, ...]  # edges.up_kind values its edges come from (only 'head': layer 0 has no upstream)
+    partial_firings: str | None      # why a head's firings may be missing though it fires (None: every firing is stored)
+    run_settings: str          # where a run's settings are read back: 'thresholds' (runs' threshold columns) or 'settings' (runs.settings)
     notes: tuple[str, ...] = ()
 
     def load_analysis(self):

@@ -8,7 +8,7 @@ changes between schema versions (edges) are read with `SELECT *` so that every c
 installed version comes back.
 
     >>> from catalog.store import open_readonly
-    >>> from catalog import query_extra
+    >>> from catalog.read import browse as query_extra
     >>> con = open_readonly("ioi.duckdb")
     >>> query_extra.head_grid(con, dest_role="end").column_names      # doctest: +SKIP
     ['layer', 'head', 'n_firings', 'n_prompts', 'mean_n_svs']
@@ -19,7 +19,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from catalog.errors import CatalogError
-from catalog.read.query import HEAD_TABLES, RUN_TABLES, check_role, fetch, require_tables, resolve_run, rows, same_form
+from catalog.read.fragments import same_form
+from catalog.read.runs import HEAD_TABLES, RUN_TABLES, check_role, fetch, require_tables, resolve_run, rows
 
 
 class NotFound(CatalogError):

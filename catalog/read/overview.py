@@ -5,7 +5,7 @@ Like catalog.read.query, this module imports neither torch nor pandas. Heads com
 `layer` and `head` columns (no display name that a CSV reader could take for a number).
 
     >>> from catalog.store import open_readonly
-    >>> from catalog import query_overview
+    >>> from catalog.read import overview as query_overview
     >>> con = open_readonly("ioi.duckdb")
     >>> query_overview.heads(con).column_names     # a 2024-method (sad) run
     ['layer', 'head', 'n_firings', 'n_prompts', 'mean_attn', 'mean_score', 'mean_n_svs', 'roles', 'n_edges_in', 'n_edges_out']
@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from catalog import methods
 from catalog.errors import CatalogError
-from catalog.read.query import fetch, resolve_run, rows
+from catalog.read.runs import fetch, resolve_run, rows
 
 HEAD_SORTS = ("head", "firings", "edges_in", "edges_out")
 CHANGES = ("added", "removed", "changed", "same")
@@ -28,8 +29,9 @@ NO_ROLE = "other"  # how a token without a role is written in `roles`
 
 
 def run_method(con, run_id: int) -> str:
-    """'sad' or 'accpp' (runs.method)."""
-    return rows(con, "SELECT coalesce(method, 'sad') FROM runs WHERE run_id = ?", [run_id])[0][0]
+    """runs.method of the run ('sad' or 'accpp'; the registry's default for runs written before
+    methods were recorded)."""
+    return rows(con, "SELECT coalesce(method, ?) FROM runs WHERE run_id = ?", [methods.DEFAULT, run_id])[0][0]
 
 
 def heads(con, run_id: int | None = None, sort: str = "head", n_roles: int = 3) -> pa.Table:
@@ -48,8 +50,7 @@ def heads(con, run_id: int | None = None, sort: str = "head", n_roles: int = 3) 
     if sort not in HEAD_SORTS:
         raise CatalogError(f"unknown sort '{sort}' (sorts: {', '.join(HEAD_SORTS)})")
     run = resolve_run(con, run_id, ("models", "runs", "prompts", "tokens", "firings", "edges", "firing_roles"))
-    accpp = run_method(con, run.run_id) == "accpp"
-    if accpp:
+    if methods.method(run_method(con, run.run_id)).per_firing == "sides":  # atoms per side, no sparse signal
         size_cte = "size AS (SELECT layer, head, avg(n_atoms) AS mean_atoms FROM firing_sides WHERE run_id = $run GROUP BY ALL)"
         size_column = "s.mean_atoms"
     else:
@@ -256,10 +257,11 @@ def diff_notes(con, run_a: int, run_b: int) -> list[str]:
     notes, models, units = [], [], []
     for run_id in (pair.a, pair.b):
         method, model_id, unit, status, attn, sv, edge, settings = rows(con, """
-            SELECT coalesce(method, 'sad'), model_id, coalesce(weight_unit, 'score'), status,
+            SELECT coalesce(method, ?), model_id, coalesce(weight_unit, ?), status,
                    attn_threshold, sv_threshold, edge_threshold, settings::VARCHAR
-            FROM runs WHERE run_id = ?""", [run_id])[0]
-        what = f"attn_threshold {attn}, sv_threshold {sv}, edge_threshold {edge}" if method == "sad" else settings
+            FROM runs WHERE run_id = ?""", [methods.DEFAULT, methods.method(None).weight_unit, run_id])[0]
+        what = (f"attn_threshold {attn}, sv_threshold {sv}, edge_threshold {edge}"
+                if methods.method(method).run_settings == "thresholds" else settings)
         notes.append(f"run {run_id} ({status}): method {method}, model {model_id}, {what}")
         models.append(model_id)
         units.append(unit)

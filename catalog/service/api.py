@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from catalog.read import query
 from catalog.read import browse as query_extra
+from catalog import formats
 from catalog.errors import CatalogError
 from catalog.service import sql as sql_endpoint
 from catalog.service.jobs import IngestSettings
@@ -164,7 +165,7 @@ def edges_from(request: Request, head: str, side: str | None = None, role: str |
 
 # -- trace, firings, prompts ---------------------------------------------------------------------
 
-TRACE_DOWNLOADS = {"graphml": "application/graphml+xml", "dot": "text/vnd.graphviz"}
+TRACE_DOWNLOADS = formats.content_types(("graphml", "dot"))  # name -> content type
 
 
 class PruneParams:
@@ -187,11 +188,10 @@ def trace(request: Request, roots: list[str] | None = Query(None), dest_role: st
                               prompt_id=prompt_id, run_id=run_id, n_svs=n_svs, kinds=kind, **effects.values,
                               **prune.values)
     if format != "json":
-        from catalog.formats.graph import render_graph
-
+        download = formats.get(format)
         name = f"trace-run{graph.run_id}" + (f"-prompt{prompt_id}" if prompt_id is not None else "")
-        return Response(render_graph(graph, format), media_type=TRACE_DOWNLOADS[format],
-                        headers={"Content-Disposition": f'attachment; filename="{name}.{format}"'})
+        return Response(download.render(graph), media_type=download.content_type,
+                        headers={"Content-Disposition": f'attachment; filename="{name}.{download.extension}"'})
     return plain(graph.document(rows_of))
 
 

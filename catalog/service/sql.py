@@ -9,18 +9,16 @@ in a READ ONLY transaction, and DuckDB's external access is off for the whole in
 
 from __future__ import annotations
 
-import io
 import threading
 
 import duckdb
 import pyarrow as pa
 
+from catalog import formats
 from catalog.errors import CatalogError
-from catalog.formats.table import render
 from catalog.store import read_only_statements  # the `sql` command's rule
 
-SQL_FORMATS = {"json": "application/json", "csv": "text/csv",
-               "arrow": "application/vnd.apache.arrow.stream", "parquet": "application/vnd.apache.parquet"}
+SQL_FORMATS = formats.content_types(("json", "csv", "arrow", "parquet"))  # name -> content type
 
 
 class SqlTimeout(CatalogError):
@@ -58,16 +56,8 @@ def run_read_only(cursor, sql: str, max_rows: int, timeout_s: float) -> tuple[pa
 
 def encode(table: pa.Table, fmt: str) -> bytes:
     """CSV, Arrow IPC stream or Parquet bytes of a table (JSON is built by the route)."""
-    if fmt == "csv":  # the CLI's CSV: list cells space-separated (Arrow's CSV writer refuses lists)
-        return (render(table, "csv") + "\n").encode("utf-8")
-    sink = io.BytesIO()
-    if fmt == "arrow":
-        with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-    elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        pq.write_table(table, sink)
-    else:
+    if fmt not in SQL_FORMATS or fmt == "json":
         raise CatalogError(f"unknown format '{fmt}': use one of {', '.join(SQL_FORMATS)}")
-    return sink.getvalue()
+    body = formats.get(fmt).render(table)
+    # the CLI's CSV, ending in a newline as the terminal's does
+    return (body + "\n").encode("utf-8") if isinstance(body, str) else body

@@ -14,6 +14,8 @@ METHOD_FIELDS = dict(
     analysis="catalog.methods.accpp.circuit:batch_analysis",
     tables=("firings", "firing_sides", "edges", "edge_svs", "roots", "seeds"),
     weight_unit="attn_prob", form="plain", trace="seeded", per_firing="sides",
+    label="ACC++", upstream_kinds=("head", "mlp", "attn_bias", "embed", "offset"),
+    partial_firings="ACC++ decomposes only the firings its circuits reach", run_settings="settings",
     notes=("edge weights are shares of the downstream attention probability (attn_prob)",),
 )
 

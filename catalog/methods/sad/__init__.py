@@ -8,5 +8,6 @@ METHOD_FIELDS = dict(
     analysis="catalog.methods.sad.batch:batch_analysis",
     tables=("firings", "firing_svs", "edges", "edge_svs"),
     weight_unit="score", form="augmented", trace="heads", per_firing="signal",
+    label="2024 method", upstream_kinds=("head",), partial_firings=None, run_settings="thresholds",
     notes=("edge weights are parts of the attention score (score)",),
 )

@@ -1,4 +1,4 @@
-"""The stored ACC++ circuit of a run (ACCPP.md section 4), as a graph: one prompt, or combined.
+"""The seeded trace: the stored ACC++ circuit of a run (ACCPP.md section 4), as a graph: one prompt, or combined.
 
 An ACC++ run stores each prompt's circuit as rows: seeds (components that explain the output,
 linked to the prompt's root), the decomposed firings, and their edges. The graph is rebuilt by
@@ -22,7 +22,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 from catalog.errors import CatalogError
-from catalog.read.query import Run, check_kinds, fetch, rows
+from catalog.read.fragments import EFFECT, NO_SVS, edges_of_firing, effect_join, token_pos, top_svs
+from catalog.read.graph import TraceGraph
+from catalog.read.runs import Run, check_kinds, fetch, rows
 
 # Label of a token: its position for one prompt, its role (or "posN") over all prompts.
 _TOKEN = "CASE WHEN $one_prompt THEN CAST({t}.pos AS VARCHAR) ELSE coalesce({t}.role, 'pos' || {t}.pos) END"
@@ -37,20 +39,18 @@ WITH RECURSIVE reached(prompt_id, layer, head, dest_pos, src_pos) AS (
   UNION
     SELECT f.prompt_id, f.layer, f.head, f.dest_pos, f.src_pos
     FROM reached r
-    JOIN edges e ON e.run_id = $run AND e.prompt_id = r.prompt_id AND e.layer = r.layer AND e.head = r.head
-                AND e.dest_pos = r.dest_pos AND e.src_pos = r.src_pos
+    JOIN edges e ON {edge_of_reached}
     JOIN firings f ON f.run_id = $run AND f.prompt_id = e.prompt_id AND f.layer = e.up_layer
                   AND f.head = e.up_head AND f.src_pos = e.up_src_pos
-                  AND f.dest_pos = CASE WHEN e.side = 'query' THEN e.dest_pos ELSE e.src_pos END
+                  AND f.dest_pos = {token_pos}
     WHERE e.up_kind = 'head' AND NOT (e.side = 'key' AND e.up_src_pos > e.src_pos)
 ),
 graph_edges AS (   -- component -> firing, one row per stored edge of a reached firing
     SELECT e.prompt_id, e.edge_id, e.side, e.up_kind, e.up_layer, e.up_head, e.up_src_pos, e.up_attn,
-           CASE WHEN e.side = 'query' THEN e.dest_pos ELSE e.src_pos END AS up_pos,
+           {token_pos} AS up_pos,
            e.layer, e.head, e.dest_pos, e.src_pos, e.weight
     FROM reached r
-    JOIN edges e ON e.run_id = $run AND e.prompt_id = r.prompt_id AND e.layer = r.layer AND e.head = r.head
-                AND e.dest_pos = r.dest_pos AND e.src_pos = r.src_pos
+    JOIN edges e ON {edge_of_reached}
     WHERE NOT (e.up_kind = 'head' AND e.side = 'key' AND e.up_src_pos > e.src_pos)
       AND ($kinds IS NULL OR list_contains($kinds, e.up_kind))
   UNION ALL  -- seed -> root
@@ -80,7 +80,8 @@ SELECT * FROM labelled
 
 def _graph_rows(con, run: Run, prompt_id: int | None, kinds) -> pa.Table:
     sql = _GRAPH_SQL.format(tok_up=_TOKEN.format(t="tu"), tok_src=_TOKEN.format(t="ts"),
-                            tok_dest=_TOKEN.format(t="td"), tok_fsrc=_TOKEN.format(t="tf"))
+                            tok_dest=_TOKEN.format(t="td"), tok_fsrc=_TOKEN.format(t="tf"),
+                            edge_of_reached=edges_of_firing("e", "r"), token_pos=token_pos("e"))
     return fetch(con, sql, {"run": run.run_id, "prompt": prompt_id, "one_prompt": prompt_id is not None,
                             "kinds": kinds})
 
@@ -88,8 +89,7 @@ def _graph_rows(con, run: Run, prompt_id: int | None, kinds) -> pa.Table:
 _EDGES_SQL = """
 WITH sv_lists AS (
     SELECT l.source, l.target, l.side,
-           list({{'sv': CAST(s.sv AS INTEGER), 'share': CAST(s.weight / nullif(l.weight, 0) AS FLOAT)}}
-                ORDER BY s.rank)[1:$n_svs] AS top_svs
+           {top_svs} AS top_svs
     FROM _accpp_graph l JOIN edge_svs s ON s.run_id = $run AND s.prompt_id = l.prompt_id AND s.edge_id = l.edge_id
     WHERE $one_prompt
     GROUP BY ALL
@@ -99,7 +99,7 @@ SELECT g.source, g.target, g.side AS kind, g.side, any_value(g.up_kind) AS up_ki
        any_value(g.head) AS down_head, any_value(g.token) AS token,
        count(DISTINCT g.prompt_id) AS count, count(*) AS n_edges,
        sum(g.weight) / $n_graphs AS mean_weight,
-       coalesce(any_value(v.top_svs), []::STRUCT(sv INTEGER, share FLOAT)[]) AS top_svs
+       coalesce(any_value(v.top_svs), {no_svs}) AS top_svs
        {effect_column}
 FROM _accpp_graph g LEFT JOIN sv_lists v USING (source, target, side)
 {effect_join}
@@ -109,16 +109,19 @@ ORDER BY g.side = 'seed' DESC, mean_weight DESC, g.source, g.target
 """
 
 
-def accpp_trace(con, run: Run, prompt_id: int | None = None, n_svs: int = 3, kinds=None, effect: bool = False,
-                min_effect: float | None = None, effect_mode: str = "local"):
-    """The circuit of one prompt (prompt_id) or of every prompt combined, as a TraceGraph.
+def trace_seeded(con, run: Run, options) -> TraceGraph:
+    """The circuit of one prompt (options.prompt_id) or of every prompt combined, unpruned
+    (options: catalog.read.trace.TraceOptions; roots and roles do not apply).
 
     With `effect`, the edges' mean_effect (the downstream attention drop when ablated, from
     `interventions`; seed edges have none); `min_effect` keeps the edges (and seeds) whose
     mean_effect is at least that.
     """
-    from catalog.read.trace import TraceGraph
-
+    if options.roots:
+        raise CatalogError(f"run {run.run_id} is an {run.method_spec.label} run: its circuits are rooted at the "
+                           "model's output (seeds), so --root does not apply")
+    prompt_id, n_svs, kinds = options.prompt_id, options.n_svs, options.kinds
+    effect, min_effect, effect_mode = options.with_effect, options.min_effect, options.effect_mode
     kinds = check_kinds(kinds)
     if prompt_id is not None and not rows(
             con, "SELECT 1 FROM prompts WHERE run_id = ? AND prompt_id = ?", [run.run_id, int(prompt_id)]):
@@ -129,11 +132,11 @@ def accpp_trace(con, run: Run, prompt_id: int | None = None, n_svs: int = 3, kin
     con.register("_accpp_graph", graph)
     try:
         sql = _EDGES_SQL.format(
-            effect_column=", avg(iv.attn_before - iv.attn_after) AS mean_effect" if effect else "",
-            effect_join=("LEFT JOIN interventions iv ON iv.run_id = $run AND iv.prompt_id = g.prompt_id "
-                         "AND iv.edge_id = g.edge_id AND iv.mode = $effect_mode AND NOT iv.boost") if effect else "",
-            effect_filter=("HAVING $min_effect IS NULL OR g.side = 'seed' "
-                           "OR avg(iv.attn_before - iv.attn_after) >= $min_effect") if effect else "")
+            top_svs=top_svs("s.sv", "s.weight", "l.weight", "s.rank", "$n_svs"), no_svs=NO_SVS,
+            effect_column=f", avg({EFFECT}) AS mean_effect" if effect else "",
+            effect_join=effect_join("g", "$run") if effect else "",
+            effect_filter=(f"HAVING $min_effect IS NULL OR g.side = 'seed' OR avg({EFFECT}) >= $min_effect")
+            if effect else "")
         edges = fetch(con, sql, {"run": run.run_id, "n_svs": int(n_svs), "n_graphs": n_graphs,
                                  "one_prompt": prompt_id is not None, "min_effect": min_effect,
                                  "effect_mode": effect_mode})
