@@ -1,26 +1,42 @@
 """circuit-catalog: a DuckDB catalog of how the attention heads of a transformer talk to each other.
 
-Stages, one module each, in the order the data flows:
-model (with families/, one adapter per model family) -> decompose (per head) or rotary (per head
-and offset) -> forms -> prompts -> signals -> edges -> store -> ingest (the job) -> query -> cli.
-Only model, decompose, rotary, forms, signals, edges and ingest need torch; query and cli never
-import it.
+The library is the command line's twin: `catalog.ingest(db, ...)` is `circuit-catalog ingest`,
+`catalog.intervene(db, ...)` is `circuit-catalog intervene`, `catalog.edges_into(con, ...)` and
+`catalog.trace(con, ...)` are `edges --into` and `trace`, with the same option names and defaults (or a settings object: IngestSettings, InterveneSettings, and the methods' SadSettings,
+AccppSettings). They are imported on first use, so `import catalog` loads no torch.
+
+Layers, from the ground up: errors, heads, settings -> schema -> store -> models, prompts ->
+methods (the registry; sad, accpp, shared), interventions -> jobs -> read, formats -> cli, service.
 """
 
 __version__ = "0.1.0"
 
-# The read side's Python API (the query commands' twins, catalog.read.query), loaded when first
-# used. Kept apart from the jobs' names so that the two lists merge easily. `heads` is not here:
-# catalog.heads is the module of head names (use catalog.read.query.heads).
-_READ_API = {name: "catalog.read.query" for name in (
-    "edges_into", "edges_from", "head_summary", "head_document", "diff_runs", "trace", "TraceOptions",
-    "export_parquet", "sql",
-)}
+# The Python API, the commands' twins: name -> "module:attribute", imported when first asked for,
+# so that `import catalog` stays light (no torch). `heads` is not here: catalog.heads is the
+# module of head names (use catalog.read.query.heads).
+_LAZY = {
+    "ingest": "catalog.jobs.ingest:ingest",
+    "intervene": "catalog.jobs.intervene:intervene_run",
+    "IngestSettings": "catalog.jobs.settings:IngestSettings",
+    "InterveneSettings": "catalog.jobs.settings:InterveneSettings",
+    "SadSettings": "catalog.methods.sad.settings:SadSettings",
+    "AccppSettings": "catalog.methods.accpp.settings:AccppSettings",
+    **{name: f"catalog.read.query:{name}" for name in (
+        "edges_into", "edges_from", "head_summary", "head_document", "diff_runs", "trace", "TraceOptions",
+        "export_parquet", "sql")},
+}
+
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):
-    if name in _READ_API:
-        import importlib
+    if name not in _LAZY:
+        raise AttributeError(f"module 'catalog' has no attribute '{name}'")
+    import importlib
 
-        return getattr(importlib.import_module(_READ_API[name]), name)
-    raise AttributeError(f"module 'catalog' has no attribute '{name}'")
+    module, _, attribute = _LAZY[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -139,7 +139,7 @@ def test_contributions_of_every_firing_sum_to_the_hook_score(family_run):
     """All d_head contributions of every stored firing, from the catalog's own forms (per head, or
     per head and offset), sum to the score the model's hook reports."""
     from catalog.methods.sad.forms import HeadForms
-    from catalog.jobs.ingest import qk_forms
+    from catalog.methods.sad.batch import qk_forms
     from catalog.methods.sad.signals import augment
 
     family, _, lm, con, run_id = family_run
@@ -150,7 +150,7 @@ def test_contributions_of_every_firing_sum_to_the_hook_score(family_run):
                         ).to_arrow_table()
         qk = HeadForms(from_arrow(table, lm.n_layers, lm.n_heads))
     else:
-        qk = qk_forms(None, lm, None)  # rotary: built from the factors, needs no catalog
+        qk = qk_forms(lm)  # rotary: built from the factors, needs no catalog
     checked = 0
     for (prompt_id,) in con.execute("SELECT prompt_id FROM prompts WHERE run_id = ?", [run_id]).fetchall():
         ids = [t for (t,) in con.execute("SELECT token_id FROM tokens WHERE run_id = ? AND prompt_id = ? ORDER BY pos",
@@ -397,14 +397,14 @@ def test_rope_variants_give_the_scores_the_model_computes(family, rope, tmp_path
     """Every (head, destination, source) pair of a prompt, not only firings: the catalog's forms
     for the offset i - j give back the model's own attention score, for rope variants that change
     the frequencies (llama3, linear), scale the attention (yarn) or would change with length."""
-    from catalog.jobs.ingest import qk_forms
+    from catalog.methods.sad.batch import qk_forms
     from catalog.models.loading import load_model
     from catalog.methods.sad.signals import augment
 
     checkpoint = save_random_family(family, tmp_path / "model", rope_parameters=rope)
     assert json.loads((checkpoint / "config.json").read_text())["rope_parameters"]["rope_type"] == rope["rope_type"]
     lm = load_model(path=checkpoint)
-    qk = qk_forms(None, lm, None)
+    qk = qk_forms(lm)
     ids = lm.tokenizer("When Mary and John went to the store, John gave a drink to")["input_ids"]
     cache = lm.bridge.run_with_cache(torch.tensor([ids]))[1]
     dest, src = torch.tril_indices(len(ids), len(ids))

@@ -11,32 +11,39 @@ from pathlib import Path
 
 import click
 
+from catalog.cli.options import click_options
 from catalog.errors import CatalogError
 from catalog.cli.output import format_option
 from catalog.formats.table import render
+from catalog.jobs.settings import METHOD_OPTIONS_AFTER, MODEL_FIELDS, IngestSettings
+from catalog.methods import DEFAULT, REGISTRY, method
+from catalog.settings import fields_of, flag_of
 
 _db = click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
                    help="The catalog file (DuckDB); created if missing.")
 
 
-def _model_options(command):
-    command = click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
-                           show_default=True,
-                           help="The model's weights and activations (bfloat16: see the README's numbers).")(command)
-    command = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
-                           show_default=True, help="Where the model runs (auto: cuda when a GPU is usable).")(command)
-    command = click.option("--model-path", type=click.Path(path_type=Path), default=None,
-                           help="A local Hugging Face checkpoint directory (GPT-2, GPT-NeoX/Pythia, Llama, "
-                                "Qwen2; no network access).")(command)
-    return click.option("--model", default="gpt2", show_default=True,
-                        help="Model name on the Hugging Face hub (or in its local cache), e.g. gpt2-medium, "
-                             "EleutherAI/pythia-160m, Qwen/Qwen2.5-0.5B.")(command)
+_model_options = click_options(IngestSettings, MODEL_FIELDS)
+
+
+def _ingest_options(command):
+    """ingest's options in the command line's order: the job's up to the prompts, the default
+    method's, --method, every other method's (their help prefixed by the method's name), the rest."""
+    names = [f.name for f in fields_of(IngestSettings) if f.name != "method"]
+    split = names.index(METHOD_OPTIONS_AFTER) + 1
+    groups = [click_options(IngestSettings, names[:split]), click_options(method(DEFAULT).settings),
+              click_options(IngestSettings, ("method",))]
+    groups += [click_options(m.settings, help_prefix=m.name) for m in REGISTRY.values() if m.name != DEFAULT]
+    groups.append(click_options(IngestSettings, names[split:]))
+    for group in reversed(groups):
+        command = group(command)
+    return command
 
 
 @click.command()
 @_db
 @_model_options
-@click.option("--add-model", is_flag=True, help="Allow a second model in a catalog that already holds one.")
+@click_options(IngestSettings, ("add_model",))
 def decompose(db_path, model, model_path, device, dtype, add_model):
     """Store all singular triplets of every head's bias-augmented Omega~ (rotary models: their
     family only; their per-offset forms are stored by ingest as firings need them)."""
@@ -63,60 +70,25 @@ def decompose(db_path, model, model_path, device, dtype, add_model):
 @click.command()
 @click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
               help="The catalog file (DuckDB); created if missing. Not with --server.")
-@_model_options
-@click.option("--dataset", default="ioi", show_default=True, help="Built-in prompt set (ioi).")
-@click.option("--n-prompts", default=256, show_default=True, type=int, help="Prompts to generate.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompt generator.")
-@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
-              help='A JSONL file: {"text": ..., "roles": {"IO": 2, ..., "end": 18}} per line.')
-@click.option("--attn-threshold", default=0.5, show_default=True, type=float, help="Pattern weight of a firing.")
-@click.option("--sv-threshold", default=1.0, show_default=True, type=float,
-              help="Share of the score the sparse signal must exceed.")
-@click.option("--edge-threshold", default=0.7, show_default=True, type=float,
-              help="Share of a side's total the edges must carry.")
-@click.option("--append-constant/--no-append-constant", default=True, show_default=True,
-              help="Augment upstream outputs with a constant 1, as the reference implementation does.")
-@click.option("--method", type=click.Choice(["sad", "accpp"]), default="sad", show_default=True,
-              help="Tracing method: sad (2024, SPEC.md; the options above) or accpp (ACC++, ACCPP.md; the options below).")
-@click.option("--threshold", default="dynamic", show_default=True,
-              help="accpp: firing and greedy threshold, 'dynamic' = min(1, 2.5/(i+1)) at destination i, or a number.")
-@click.option("--ig-steps", default=64, show_default=True, type=int,
-              help="accpp: trapezoid intervals of the integrated gradients.")
-@click.option("--seeding", type=click.Choice(["linear", "prob", "none"]), default="linear", show_default=True,
-              help="accpp: root each prompt's circuit at the logit difference answer - wrong (linear), the "
-                   "log-probability of a token (prob), or decompose only --heads (none).")
-@click.option("--prob-target", type=click.Choice(["answer", "top1"]), default="answer", show_default=True,
-              help="accpp, --seeding prob: the token whose probability is explained.")
-@click.option("--tau", default=0.8, show_default=True, type=float,
-              help="accpp, --seeding prob: share of the objective the seeds must remove.")
-@click.option("--heads", default=None, metavar="L.H,...",
-              help="accpp: also decompose every firing of these heads (e.g. 9.9,9.6,10.0).")
-@click.option("--dest-roles", default=None, metavar="ROLE,...",
-              help="accpp, with --heads: only their firings whose destination token has one of these roles.")
-@click.option("--batch-size", default=16, show_default=True, type=int, help="Prompts per committed batch.")
-@click.option("--add-model", is_flag=True, help="Allow a second model in a catalog that already holds one.")
-@click.option("--new-run", is_flag=True, help="Ingest again even if the same run has already finished.")
+@_ingest_options
 @click.option("--server", metavar="URL", default=None,
               help="Submit to the `circuit-catalog serve` at URL and follow its progress (token: $CIRCUIT_CATALOG_TOKEN).")
-def ingest(db_path, model, model_path, device, dtype, dataset, n_prompts, seed, prompts_file, attn_threshold, sv_threshold,
-           edge_threshold, append_constant, method, threshold, ig_steps, seeding, prob_target, tau, heads,
-           dest_roles, batch_size, add_model, new_run, server):
+def ingest(db_path, server, **options):
     """Run prompts through the model; store firings, sparse signals and traced edges (resumable)."""
     from catalog.jobs.ingest import Interrupted
     from catalog.jobs.ingest import ingest as run_ingest
 
     if (db_path is None) == (server is None):
         raise CatalogError("give --db FILE, or --server URL to submit to a running `circuit-catalog serve`")
-    _check_method_options(method)
-    settings = dict(model=model, model_path=model_path, dataset=dataset, n_prompts=n_prompts, seed=seed,
-                    prompts_file=prompts_file, attn_threshold=attn_threshold, sv_threshold=sv_threshold,
-                    edge_threshold=edge_threshold, append_constant=append_constant, batch_size=batch_size,
-                    add_model=add_model, new_run=new_run)
-    if (device, dtype) != ("cpu", "float32"):
-        settings.update(device=device, dtype=dtype)
-    if method != "sad":  # the 2024 method's calls stay as they were (the service's job settings too)
-        settings.update(method=method, threshold=threshold, ig_steps=ig_steps, seeding=seeding,
-                        prob_target=prob_target, tau=tau, heads=heads, dest_roles=dest_roles)
+    chosen = method(options["method"])
+    _check_method_options(chosen.name)
+    settings = {f.name: options[f.name] for f in fields_of(IngestSettings)
+                if f.name not in ("method", "device", "dtype")}
+    if (options["device"], options["dtype"]) != ("cpu", "float32"):
+        settings.update(device=options["device"], dtype=options["dtype"])
+    if chosen.name != DEFAULT:  # the default method's calls stay as they were (the service's job settings too)
+        settings.update(method=chosen.name)
+    settings.update({f.name: options[f.name] for f in fields_of(chosen.settings)})
     try:
         if server is not None:  # the service holding the catalog runs the job; this only follows it
             from catalog.service.client import submit_and_follow
@@ -133,11 +105,7 @@ def ingest(db_path, model, model_path, device, dtype, dataset, n_prompts, seed, 
     if summary["already_finished"]:
         click.echo(f"run {summary['run_id']} with these prompts and settings is already finished "
                    "(--new-run to ingest again)")
-    if summary.get("method") == "accpp":
-        detail = f"{summary['firings']} firings decomposed, {summary['seeds']} seeds, {summary['edges']} edges"
-    else:
-        detail = (f"{summary['firings']} firings, mean signal size {summary['mean_signal_size']:.2f} "
-                  f"singular vectors, {summary['edges']} edges")
+    detail = method(summary.get("method")).summary_detail(summary)
     click.echo(summary_line(summary, detail))
 
 
@@ -153,21 +121,15 @@ def summary_line(summary: dict, detail: str) -> str:
     return f"run {run}: {prompts} prompts, {detail}, {seconds:.1f} s -> {summary['db']}"
 
 
-# Options that belong to one method only: given for the other, they would be ignored silently.
-METHOD_OPTIONS = {
-    "sad": ("attn_threshold", "sv_threshold", "edge_threshold", "append_constant"),
-    "accpp": ("threshold", "ig_steps", "seeding", "prob_target", "tau", "heads", "dest_roles"),
-}
-
-
-def _check_method_options(method: str) -> None:
-    """One error line for an option of the other method given on the command line."""
+def _check_method_options(chosen: str) -> None:
+    """One error line for an option of another method given on the command line: it would be
+    ignored silently."""
     ctx = click.get_current_context()
-    for owner, names in METHOD_OPTIONS.items():
-        for name in names:
-            if owner != method and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
-                flag = "--" + name.replace("_", "-")
-                raise CatalogError(f"{flag} applies to --method {owner}, not to --method {method}")
+    own = {f.name for f in fields_of(method(chosen).settings)}
+    for other in REGISTRY.values():
+        for f in fields_of(other.settings):
+            if f.name not in own and ctx.get_parameter_source(f.name) == click.core.ParameterSource.COMMANDLINE:
+                raise CatalogError(f"{flag_of(f)} applies to --method {other.name}, not to --method {chosen}")
 
 
 @click.command()

@@ -8,10 +8,14 @@ batches that are missing, so the finished catalog equals an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import catalog
 from catalog.errors import CatalogError
+from catalog.jobs.settings import IngestSettings
+from catalog.methods import REGISTRY, method
+from catalog.settings import build, fields_of, flag_of
 from catalog.store import Catalog, check_catalog_file
 
 
@@ -47,14 +51,6 @@ def decompose_model(cat: Catalog, model, add_model: bool = False, say=None) -> t
         say(f"decomposing the {model.n_layers * model.n_heads} heads of {model.name} ...")
     W_Q, b_Q, W_K, b_K, _ = model.attention_weights()
     return cat.add_model(row, to_arrow(decompose(W_Q, b_Q, W_K, b_K)), model.adapter.record()), True
-
-
-def store_plain_form(cat: Catalog, model_id: int, weights) -> None:
-    """ACC++'s singular vectors (form 'plain') beside the 2024 method's, once per model."""
-    from catalog.methods.shared.svd import Decomposition, to_arrow
-
-    if not cat.has_singular_vectors(model_id, "plain"):
-        cat.add_singular_vectors(model_id, to_arrow(Decomposition(sigma=weights.S, U=weights.U, V=weights.V), form="plain"))
 
 
 def load_prompts(dataset: str, n_prompts: int, seed: int, items, lm):
@@ -101,101 +97,54 @@ def _prompt_tables(items, token_lists, answers, wrongs, tokenizer):
     return prompts, tokens
 
 
-METHODS = ("sad", "accpp")
+def resolve_settings(settings: IngestSettings | None = None, method_settings=None, **keywords):
+    """(the job's settings, its method, the method's settings) from a settings object and/or the
+    command line's option names as keywords (keywords win); each checked, one CatalogError line."""
+    job_names = {f.name for f in dataclasses.fields(IngestSettings)}
+    job_values = dict(dataclasses.asdict(settings) if settings is not None else {},
+                      **{k: v for k, v in keywords.items() if k in job_names})
+    chosen = method(job_values.get("method"))
+    job = build(IngestSettings, job_values)
+    if method_settings is not None and not isinstance(method_settings, chosen.settings):
+        raise CatalogError(f"method_settings is a {type(method_settings).__name__}, not the "
+                           f"{chosen.settings.__name__} of --method {chosen.name}")
+    own = {f.name for f in dataclasses.fields(chosen.settings)}
+    values = dataclasses.asdict(method_settings) if method_settings is not None else {}
+    for name, value in keywords.items():
+        if name in own:
+            values[name] = value
+        elif name not in job_names:
+            owner = next((m for m in REGISTRY.values() if name in {f.name for f in fields_of(m.settings)}), None)
+            if owner is None:
+                raise CatalogError(f"unknown setting {name} (known: {', '.join(sorted(job_names | own))})")
+            flag = flag_of(next(f for f in fields_of(owner.settings) if f.name == name))
+            raise CatalogError(f"{flag} applies to --method {owner.name}, not to --method {chosen.name}")
+    return job, chosen, build(chosen.settings, values)
 
 
-def _check_settings(method, attn_threshold, sv_threshold, edge_threshold, batch_size, n_prompts, accpp):
-    if method not in METHODS:
-        raise CatalogError(f"unknown method '{method}': use sad (2024, the default) or accpp (ACC++)")
-    if batch_size < 1 or n_prompts < 1:
-        raise CatalogError("--batch-size and --n-prompts must be at least 1")
-    if method == "sad":
-        if not 0 < attn_threshold <= 1:
-            raise CatalogError(f"--attn-threshold must be in (0, 1], got {attn_threshold}")
-        if sv_threshold <= 0:
-            raise CatalogError(f"--sv-threshold must be positive, got {sv_threshold}")
-        if not 0 < edge_threshold <= 1:
-            raise CatalogError(f"--edge-threshold must be in (0, 1], got {edge_threshold}")
-        return
-    from catalog.methods.accpp.circuit import PROB_TARGETS, SEEDINGS
-
-    if accpp.threshold != "dynamic" and not 0 < float(accpp.threshold) <= 1:
-        raise CatalogError(f"--threshold must be 'dynamic' or a number in (0, 1], got {accpp.threshold}")
-    if accpp.ig_steps < 1:
-        raise CatalogError(f"--ig-steps must be at least 1, got {accpp.ig_steps}")
-    if accpp.seeding not in SEEDINGS:
-        raise CatalogError(f"--seeding must be one of {', '.join(SEEDINGS)}, not '{accpp.seeding}'")
-    if accpp.prob_target not in PROB_TARGETS:
-        raise CatalogError(f"--prob-target must be one of {', '.join(PROB_TARGETS)}, not '{accpp.prob_target}'")
-    if not 0 < accpp.tau <= 1:
-        raise CatalogError(f"--tau must be in (0, 1], got {accpp.tau}")
-    if accpp.seeding == "none" and not accpp.heads:
-        raise CatalogError("--seeding none decomposes nothing without --heads L.H,...")
-    if accpp.dest_roles and not accpp.heads:
-        raise CatalogError("--dest-roles applies to the firings of --heads; give --heads too")
-
-
-def accpp_settings(threshold="dynamic", ig_steps=64, seeding="linear", prob_target="answer", tau=0.8,
-                   heads=None, dest_roles=None):
-    """AccppSettings from user values: a threshold 'dynamic' or a number, heads "9.9,9.6" or a list."""
-    from catalog.methods.accpp.circuit import AccppSettings
-    from catalog.heads import parse_head
-
-    if isinstance(threshold, str) and threshold != "dynamic":
-        try:
-            threshold = float(threshold)
-        except ValueError:
-            raise CatalogError(f"--threshold must be 'dynamic' or a number, got '{threshold}'") from None
-    split = lambda value: [p.strip() for text in ([value] if isinstance(value, str) else value or [])
-                           for p in str(text).split(",") if p.strip()]
-    return AccppSettings(threshold=threshold, ig_steps=int(ig_steps), seeding=seeding, prob_target=prob_target,
-                         tau=float(tau), heads=tuple(parse_head(h) for h in split(heads)),
-                         dest_roles=tuple(split(dest_roles)))
-
-
-def _check_accpp_prompts(accpp, items, answers, wrongs, lm) -> None:
-    """What ACC++ needs of the prompts and the model, checked before anything is stored."""
-    from catalog.heads import parse_head
-
-    for layer, head in accpp.heads:
-        parse_head(f"{layer}.{head}", lm.n_layers, lm.n_heads)
-    for role in accpp.dest_roles:
-        if not any(role in p.roles for p in items):
-            raise CatalogError(f"--dest-roles: no prompt has a token with role '{role}'")
-    needs_wrong = accpp.seeding == "linear"
-    needs_answer = needs_wrong or (accpp.seeding == "prob" and accpp.prob_target == "answer")
-    for index, (answer, wrong) in enumerate(zip(answers, wrongs)):
-        if (needs_answer and answer is None) or (needs_wrong and wrong is None):
-            raise CatalogError(
-                f"prompt {index} has no {'answer' if answer is None else 'wrong'} token, which --seeding "
-                f"{accpp.seeding} needs: give \"answer\" and \"wrong\" in the JSONL (or IO and S1 roles)"
-            )
-
-
-def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi", n_prompts: int = 64,
-           seed: int = 0, prompts_file=None, method: str = "sad", attn_threshold: float = 0.5,
-           sv_threshold: float = 1.0, edge_threshold: float = 0.7, append_constant: bool = True,
-           threshold="dynamic", ig_steps: int = 64, seeding: str = "linear", prob_target: str = "answer",
-           tau: float = 0.8, heads=None, dest_roles=None, batch_size: int = 16,
-           add_model: bool = False, new_run: bool = False, device: str = "cpu", dtype: str = "float32",
-           show_progress: bool = False, on_batch=None, loaded_model=None) -> dict:
+def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=None, show_progress: bool = False,
+           on_batch=None, loaded_model=None, **keywords) -> dict:
     """Run (or resume) an ingest into the catalog at db_path; return a summary dict.
 
-    method 'sad' (the 2024 method, SPEC.md) uses attn/sv/edge_threshold and append_constant;
-    method 'accpp' (ACC++, ACCPP.md) uses threshold, ig_steps, seeding, prob_target, tau, heads
-    and dest_roles. A finished run with the same model, prompts and settings is not repeated (its
-    summary is returned, with "already_finished") unless new_run is given.
+    The twin of `circuit-catalog ingest`: `settings` (catalog.jobs.settings.IngestSettings) and/or
+    keywords named as its options (model, model_path, dataset, n_prompts=256, seed, prompts_file,
+    method="sad", batch_size, add_model, new_run, device, dtype) with the same defaults, and the
+    method's settings (catalog.methods: SadSettings, AccppSettings) as `method_settings` and/or
+    keywords (attn_threshold, ..., or threshold, ig_steps, seeding, ...). An option of another
+    method is refused, as on the command line. A finished run with the same model, prompts and
+    settings is not repeated (its summary is returned, with "already_finished") unless new_run.
 
     device ('cpu', 'cuda', 'auto') and dtype ('float32', 'bfloat16') are where and in what the model
     runs; a bfloat16 model has other weights (its digest differs), so its runs are another model's.
     on_batch(batch_index) is called after each committed batch (tests use it to interrupt).
     loaded_model lets a caller reuse a model it has already loaded.
     """
+    job, chosen, method_settings = resolve_settings(settings, method_settings, **keywords)
+    model, model_path, dataset, n_prompts, seed = job.model, job.model_path, job.dataset, job.n_prompts, job.seed
+    prompts_file, batch_size, device, dtype = job.prompts_file, job.batch_size, job.device, job.dtype
     from catalog.prompts import adds_bos, answer_tokens, prompts_digest, read_jsonl
 
     say = _status if show_progress else (lambda text: None)
-    accpp = accpp_settings(threshold, ig_steps, seeding, prob_target, tau, heads, dest_roles) if method == "accpp" else None
-    _check_settings(method, attn_threshold, sv_threshold, edge_threshold, batch_size, n_prompts, accpp)
     items = None
     if prompts_file is not None:
         items = read_jsonl(prompts_file)  # a bad file fails before the slow model load
@@ -204,28 +153,20 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
         raise CatalogError(f"unknown dataset '{dataset}': use --dataset ioi or --prompts FILE.jsonl")
     started = time.perf_counter()
     check_catalog_file(db_path)  # so does a file that is not a DuckDB database
-    from catalog.models.loading import DTYPES, check_family, resolve_device
+    from catalog.models.loading import check_family, resolve_device
 
     # So do a missing GPU and a family the catalog does not read.
     resolve_device(device)
     check_family(model, model_path)
-    if dtype not in DTYPES:
-        raise CatalogError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
-    # What identifies a run besides the model and the prompts: runs' columns and ACC++'s settings.
+    # What identifies a run besides the model and the prompts: runs' columns and the JSON settings.
     identity = {"dataset": dataset, "n_prompts": len(items) if items is not None else n_prompts,
-                "batch_size": batch_size, "method": method}
-    if accpp is None:
-        identity.update(attn_threshold=attn_threshold, sv_threshold=sv_threshold,
-                        edge_threshold=edge_threshold, append_constant=append_constant)
-        recorded = None
-    else:
-        recorded = accpp.record()
-        identity.update(attn_threshold=None, sv_threshold=None, edge_threshold=None, append_constant=None)
+                "batch_size": batch_size, "method": chosen.name, **method_settings.columns()}
+    recorded = method_settings.record()
     from catalog.models.checkpoint import checkpoint_digest
 
     # The digest of the files the model is loaded from (a caller's loaded model has no known files).
     files_digest = checkpoint_digest(model, model_path, dtype) if loaded_model is None else None
-    if not new_run and files_digest is not None:
+    if not job.new_run and files_digest is not None:
         # A finished run is recognised from the checkpoint's files, the prompts and the settings,
         # without loading the model (catalogs written before checkpoint digests were recorded
         # fall through to the load below, which recognises the run by the weights themselves).
@@ -242,22 +183,13 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
     # Prompts are tokenized and checked before the catalog is touched: bad prompts store nothing.
     items, token_lists = load_prompts(dataset, n_prompts, seed, items, lm)
     answers, wrongs = answer_tokens(items, token_lists, lm.tokenizer)
-    if accpp is not None:
-        if lm.adapter.family != "gpt2":
-            raise CatalogError(f"--method accpp reads GPT-2 models only so far; {lm.name} is a "
-                               f"{lm.adapter.family} model: use --method sad (the default)")
-        _check_accpp_prompts(accpp, items, answers, wrongs, lm)
+    if chosen.check_inputs is not None:
+        chosen.check_inputs(method_settings, lm, items, answers, wrongs)
     digest = prompts_digest(items)
     with Catalog(db_path) as cat:
-        model_id, _ = decompose_model(cat, lm, add_model=add_model, say=say)
-        if accpp is None:
-            from catalog.methods.sad.batch import Settings
-
-            settings = Settings(attn_threshold, sv_threshold, edge_threshold, append_constant)
-        else:
-            settings = accpp
+        model_id, _ = decompose_model(cat, lm, add_model=job.add_model, say=say)
         run = cat.find_run(model_id, digest, identity, recorded)
-        if run is not None and run["status"] == "finished" and not new_run:
+        if run is not None and run["status"] == "finished" and not job.new_run:
             return dict(summarize(cat.con, cat.path, run["run_id"], _run_seconds(run)), already_finished=True)
         if run is None or run["status"] == "finished":
             prompts, tokens = _prompt_tables(items, token_lists, answers, wrongs, lm.tokenizer)
@@ -268,14 +200,13 @@ def ingest(db_path, *, model: str = "gpt2", model_path=None, dataset: str = "ioi
                           checkpoint_digest=files_digest, device=device, dtype=dtype)
             row = dict(identity, model_id=model_id, seed=params["seed"], prompts_digest=digest,
                        params=params, package_version=catalog.__version__, settings=recorded,
-                       weight_unit="score" if accpp is None else "attn_prob", has_bos=adds_bos(lm.tokenizer))
+                       weight_unit=chosen.weight_unit, has_bos=adds_bos(lm.tokenizer))
             run_id, resumed = cat.create_run(row, prompts, tokens), False
         else:
             run_id, resumed = run["run_id"], True
         done = cat.committed_batches(run_id)
-        if accpp is not None:
-            say("preparing the ACC++ decomposition ...")
-        analyse = _analysis(cat, lm, model_id, settings, items, token_lists, answers, wrongs)
+        analyse = chosen.load_analysis()(_analysis_context(cat, lm, model_id, method_settings, items, token_lists,
+                                                           answers, wrongs, say))
         return _run_batches(cat, run_id, resumed, len(items), batch_size, analyse, done, show_progress,
                             on_batch, started)
 
@@ -323,48 +254,24 @@ def _finished_run(db_path, files_digest, model, model_path, dataset, n_prompts, 
     return None
 
 
-def _analysis(cat, lm, model_id, settings, items, token_lists, answers, wrongs):
-    """The method's batch function: prompt ids -> the batch's tables."""
-    from catalog.methods.sad.batch import Settings, analyse_batch
+def _analysis_context(cat, lm, model_id, method_settings, items, token_lists, answers, wrongs, say):
+    """What the method's batch analysis gets: the prompts, and the model's stored forms through
+    two callbacks (methods never open the store)."""
+    from catalog.methods.context import AnalysisContext
     from catalog.prompts import end_positions
 
-    end_pos = end_positions(items, token_lists, lm.tokenizer)
-    if isinstance(settings, Settings):
-        qk = qk_forms(cat, lm, model_id)
-        W_O = lm.attention_weights()[4]
-        return lambda ids: analyse_batch(lm, qk, W_O, [token_lists[i] for i in ids],
-                                         [end_pos[i] for i in ids], list(ids), settings,
-                                         [answers[i] for i in ids], [wrongs[i] for i in ids])
-    from catalog.methods.accpp import circuit
-    from catalog.methods.accpp.weights import accpp_weights
+    def stored_form(form: str):
+        return cat.con.sql(
+            "SELECT layer, head, sv, sigma, u, v FROM singular_vectors WHERE model_id = ? AND form = ? "
+            "AND pos_offset IS NULL", params=[model_id, form]).to_arrow_table()
 
-    weights = accpp_weights(*lm.attention_weights()[:4])
-    store_plain_form(cat, model_id, weights)
+    def store_form(form: str, make_table) -> None:
+        if not cat.has_singular_vectors(model_id, form):
+            cat.add_singular_vectors(model_id, make_table())
 
-    def analyse(ids):
-        prompts = circuit.BatchPrompts([token_lists[i] for i in ids], [end_pos[i] for i in ids], list(ids),
-                                       [answers[i] for i in ids], [wrongs[i] for i in ids],
-                                       [items[i].roles for i in ids])
-        return circuit.analyse_batch(lm, weights, prompts, settings)
-
-    return analyse
-
-
-def qk_forms(cat, lm, model_id: int):
-    """The QK forms the 2024 method reads: per head from the stored decomposition (learned
-    positions), or per (head, offset) computed from the factors as firings need them (rotary)."""
-    if lm.adapter.rotary is not None:
-        from catalog.methods.sad.rotary import RotaryForms
-
-        return RotaryForms(*lm.adapter.qk_factors(), lm.adapter.rotary, device=lm.device)
-    from catalog.methods.shared.svd import from_arrow
-    from catalog.methods.sad.forms import HeadForms
-
-    table = cat.con.sql(
-        "SELECT layer, head, sv, sigma, u, v FROM singular_vectors WHERE model_id = ? AND form = 'augmented' "
-        "AND pos_offset IS NULL", params=[model_id],
-    ).to_arrow_table()
-    return HeadForms(from_arrow(table, lm.n_layers, lm.n_heads), device=lm.device)
+    return AnalysisContext(model=lm, settings=method_settings, items=items, token_lists=token_lists,
+                           end_pos=end_positions(items, token_lists, lm.tokenizer), answers=answers,
+                           wrongs=wrongs, stored_form=stored_form, store_form=store_form, say=say)
 
 
 def progress_postfix(firings: int, edges: int) -> str:

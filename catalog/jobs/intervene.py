@@ -9,6 +9,7 @@ the same command resumes after an interruption and never stores a row twice.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,8 +18,8 @@ import numpy as np
 
 from catalog.errors import CatalogError
 from catalog.heads import parse_head
-
-MODES = ("local", "global")
+from catalog.jobs.settings import InterveneSettings
+from catalog.settings import build
 
 # The selected edges of a run, with their singular directions in selection order.
 _SELECT = """
@@ -43,12 +44,13 @@ ORDER BY c.prompt_id, c.edge_id
 """
 
 
-def intervene_run(db_path, *, run_id: int | None = None, mode: str = "local", boost: bool = False,
-                  top_edges: int | None = None, min_weight: float | None = None, prompt_id: int | None = None,
-                  heads=None, model: str | None = None, model_path=None, loaded_model=None,
-                  device: str = "cpu", batch_size: int = 16, max_rows: int = 256, say=None) -> dict:
+def intervene_run(db_path, *, settings: InterveneSettings | None = None, loaded_model=None, max_rows: int = 256,
+                  say=None, **keywords) -> dict:
     """Intervene on the selected edges of a finished run and store the results; return a summary.
 
+    The twin of `circuit-catalog intervene`: `settings` (catalog.jobs.settings.InterveneSettings)
+    and/or keywords named as its options (run_id, mode="local", boost, top_edges, min_weight,
+    prompt_id, heads, model, model_path, device="cpu", batch_size=16), with the same defaults.
     top_edges keeps the N heaviest edges of each prompt; min_weight the edges of at least that
     weight (in the run's weight unit); heads ("9.9,9.6" or a list) the edges into those
     downstream heads. The model is the run's own (its recorded --model-path or hub name) unless
@@ -58,15 +60,17 @@ def intervene_run(db_path, *, run_id: int | None = None, mode: str = "local", bo
     from catalog.models.loading import resolve_device
     from catalog.store import Catalog
 
-    device = resolve_device(device)  # a missing GPU is said before anything is read
-    if mode not in MODES:
-        raise CatalogError(f"--mode must be local or global, not '{mode}'")
+    given = dict(dataclasses.asdict(settings) if settings is not None else {}, **keywords)
+    chosen = build(InterveneSettings, given)
+    run_id, mode, boost, top_edges, min_weight = (chosen.run_id, chosen.mode, chosen.boost, chosen.top_edges,
+                                                  chosen.min_weight)
+    prompt_id, heads, model, model_path, batch_size = (chosen.prompt_id, chosen.heads, chosen.model,
+                                                       chosen.model_path, chosen.batch_size)
+    device = resolve_device(chosen.device)  # a missing GPU is said before anything is read
     if top_edges is not None and min_weight is not None:
         raise CatalogError("give at most one of --top-edges N and --min-weight W")
-    if top_edges is not None and top_edges < 1:
-        raise CatalogError(f"--top-edges must be at least 1, got {top_edges}")
-    if batch_size < 1 or max_rows < 1:
-        raise CatalogError("--batch-size must be at least 1")
+    if max_rows < 1:
+        raise CatalogError("max_rows must be at least 1")
     if not Path(db_path).is_file():
         raise CatalogError(f"no catalog at {db_path}: create one with `circuit-catalog ingest --db {db_path}`")
     started = time.perf_counter()

@@ -6,7 +6,8 @@ Each method is a package here (`sad`: the 2024 method, SPEC.md; `accpp`: ACC++, 
 the read side needs to trace its runs and describe its heads, and its notes. Importing this
 module imports no torch: the read side, the CLI and the service ask it what a method is.
 
-Adding a method: a new package with its settings, its analysis and its `METHOD_FIELDS`, and one line in
+Adding a method: a new package with its settings, its analysis (`batch_analysis(context)`, the
+context being catalog.methods.context.AnalysisContext) and its `METHOD_FIELDS`, and one line in
 `REGISTRY` below (docs/architecture.md).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Callable
 
 from catalog.errors import CatalogError
 
@@ -33,6 +35,10 @@ class Method:
     upstream_kinds: tuple[str, ...]  # edges.up_kind values its edges come from (only 'head': layer 0 has no upstream)
     partial_firings: str | None      # why a head's firings may be missing though it fires (None: every firing is stored)
     run_settings: str          # where a run's settings are read back: 'thresholds' (runs' threshold columns) or 'settings' (runs.settings)
+    summary_detail: Callable[[dict], str]  # the counts of an ingest's last line, from its summary
+    # (settings, model, items, answers, wrongs) -> None: what it needs of them, checked before
+    # anything is stored (one CatalogError line); None: it takes any model and prompts
+    check_inputs: Callable | None = None
     notes: tuple[str, ...] = ()
 
     def load_analysis(self):

@@ -24,6 +24,7 @@ from catalog.service.api import router
 from catalog.service.auth import TokenMiddleware
 from catalog.service.cache import ResponseCache
 from catalog.service.jobs import JobQueue
+from catalog.service.methods_api import router as methods_router
 from catalog.service.sql import SqlTimeout
 
 log = logging.getLogger("circuit_catalog.service")
@@ -65,6 +66,7 @@ def create_app(service, token: str | None = None, resume: bool = True, sql_timeo
     app.state.service = service
     app.state.sql_timeout_s = sql_timeout_s
     app.include_router(router)
+    app.include_router(methods_router)
 
     @app.exception_handler(CatalogError)
     async def catalog_error(request: Request, err: CatalogError):

@@ -23,13 +23,18 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from catalog.errors import CatalogError
+from catalog.methods import DEFAULT as DEFAULT_METHOD
+from catalog.methods import NAMES as METHOD_NAMES
+from catalog.methods import method
 from catalog.read.browse import NotFound, run_progress
 
 log = logging.getLogger("circuit_catalog.service")
 
 
 class IngestSettings(BaseModel):
-    """The options of `circuit-catalog ingest`, with the same names (underscores) and defaults."""
+    """The options of `circuit-catalog ingest`, with the same names (underscores) and defaults:
+    those of catalog.jobs.settings.IngestSettings and of every method's settings class (held to
+    them field by field by tests/test_settings.py), typed for JSON."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -39,7 +44,7 @@ class IngestSettings(BaseModel):
     n_prompts: int = Field(256, ge=1)
     seed: int = 0
     prompts_file: str | None = None
-    method: Literal["sad", "accpp"] = "sad"
+    method: Literal[METHOD_NAMES] = DEFAULT_METHOD
     # method 'sad' (the 2024 method)
     attn_threshold: float = 0.5
     sv_threshold: float = 1.0
@@ -215,7 +220,7 @@ class JobQueue:
         status, message = "failed", None
         try:
             save_job(cursor, job)
-            summary = ingest(self.catalog.path, **job.settings.model_dump(), on_batch=on_batch)
+            summary = ingest(self.catalog.path, **ingest_keywords(job.settings), on_batch=on_batch)
             job.summary = {k: v for k, v in summary.items() if k != "db"}
             job.run_id = summary["run_id"]
             status = "finished"
@@ -240,6 +245,17 @@ class JobQueue:
             # Last: a client that sees the job ended must also find the service no longer writing
             # (its next read may be kept by the response cache), and the job's row written.
             job.message, job.status = message, status
+
+
+def ingest_keywords(settings: IngestSettings) -> dict:
+    """The job's settings as `ingest` takes them: the job's own and its method's (a job's settings
+    hold every method's, and the others' are not its own)."""
+    from catalog.jobs.settings import IngestSettings as JobSettings
+    from catalog.settings import fields_of
+
+    values = settings.model_dump()
+    names = [f.name for f in fields_of(JobSettings)] + [f.name for f in fields_of(method(values["method"]).settings)]
+    return {name: values[name] for name in names}
 
 
 # -- the service_jobs table ------------------------------------------------------------------

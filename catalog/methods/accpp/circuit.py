@@ -16,40 +16,13 @@ import pyarrow as pa
 import torch
 
 from catalog.methods.accpp.components import HOOKS, component_kind, residual_components
-from catalog.methods.accpp.firing import SIDES, Firings, LayerDecomposer, dynamic_threshold
+from catalog.methods.accpp.firing import SIDES, Firings, LayerDecomposer, threshold_at
 from catalog.methods.accpp.seeds import linear_seeds, prob_seeds
-from catalog.methods.accpp.weights import AccppWeights
+from catalog.methods.accpp.settings import AccppSettings
+from catalog.methods.accpp.weights import AccppWeights, accpp_weights
 from catalog.methods.shared.tensors import pad_tokens, rows_of
 from catalog.methods.shared.tensors import prompt_outputs
 from catalog.schema.rows import concat, number_edges, table
-
-SEEDINGS = ("linear", "prob", "none")
-PROB_TARGETS = ("answer", "top1")
-
-
-@dataclass(frozen=True)
-class AccppSettings:
-    """Every setting of an ACC++ run that changes its results (recorded in runs.settings)."""
-
-    threshold: str | float = "dynamic"  # firing and greedy threshold: "dynamic" = min(1, 2.5 / (i + 1))
-    ig_steps: int = 64
-    seeding: str = "linear"
-    prob_target: str = "answer"         # prob seeding's support: the answer token, or the model's top-1
-    tau: float = 0.8
-    heads: tuple[tuple[int, int], ...] = ()  # decompose every firing of these heads too
-    dest_roles: tuple[str, ...] = ()    # ... only at destinations with these roles (empty: any)
-
-    def record(self) -> dict:
-        return {"threshold": self.threshold, "ig_steps": self.ig_steps, "seeding": self.seeding,
-                "prob_target": self.prob_target if self.seeding == "prob" else None,
-                "tau": self.tau if self.seeding == "prob" else None,
-                "heads": [f"{l}.{h}" for l, h in self.heads], "dest_roles": list(self.dest_roles)}
-
-    def threshold_at(self, dest: torch.Tensor) -> torch.Tensor:
-        if self.threshold == "dynamic":
-            return dynamic_threshold(dest)
-        return torch.full(dest.shape, float(self.threshold), dtype=torch.float64, device=dest.device)
-
 
 @dataclass
 class BatchPrompts:
@@ -61,6 +34,23 @@ class BatchPrompts:
     answer_ids: list[int | None]
     wrong_ids: list[int | None]
     role_positions: list[dict[str, int]] = field(default_factory=list)
+
+
+def batch_analysis(context):
+    """ACC++'s batch function for a job: prompt ids -> the batch's tables. Stores the model's
+    plain form (its singular vectors, read by the read side) once, before the first batch."""
+    from catalog.methods.shared.svd import Decomposition, to_arrow
+
+    context.say("preparing the ACC++ decomposition ...")
+    weights = accpp_weights(*context.model.attention_weights()[:4])
+    context.store_form("plain", lambda: to_arrow(Decomposition(sigma=weights.S, U=weights.U, V=weights.V),
+                                                 form="plain"))
+
+    def analyse(ids):
+        prompts = BatchPrompts(**context.prompts_of(ids), role_positions=[context.items[i].roles for i in ids])
+        return analyse_batch(context.model, weights, prompts, context.settings)
+
+    return analyse
 
 
 def analyse_batch(model, weights: AccppWeights, prompts: BatchPrompts, settings: AccppSettings) -> dict:
@@ -143,7 +133,7 @@ def _add_head_firings(res, prompts: BatchPrompts, settings, layer: int, head: in
     pattern = res.pattern[:, layer, head]  # [prompt, dest, src]
     n_pos, device = pattern.shape[-1], pattern.device
     dest = torch.arange(n_pos, device=device).view(1, -1, 1)
-    mask = (pattern.double() >= settings.threshold_at(dest)) & (dest >= 1)
+    mask = (pattern.double() >= threshold_at(settings.threshold, dest)) & (dest >= 1)
     mask &= dest <= torch.tensor(prompts.end_pos, device=device).view(-1, 1, 1)
     mask &= torch.arange(n_pos, device=device).view(1, 1, -1) <= dest
     if settings.dest_roles:
@@ -165,7 +155,7 @@ def _firings(res, layer: int, keys: set, settings) -> Firings:
                        torch.zeros(0, device=device), torch.zeros(0, device=device))
     b, h, i, j = torch.tensor(sorted(keys), device=device).T
     attn = res.pattern[b, layer, h, i, j]
-    threshold = settings.threshold_at(i)
+    threshold = threshold_at(settings.threshold, i)
     keep = (i >= 1) & (j <= i) & (attn.double() >= threshold)
     return Firings(b[keep], h[keep], i[keep], j[keep], attn[keep], threshold[keep])
 

@@ -31,6 +31,13 @@ PASSES = (32, 128, MAX_ATOMS + 1)
 CHUNK_ELEMENTS = 2**24  # bound on a chunk's atom tensor (firings x atoms)
 
 
+def threshold_at(threshold, dest: torch.Tensor) -> torch.Tensor:
+    """A run's firing threshold at each destination: 'dynamic' (below) or one number."""
+    if threshold == "dynamic":
+        return dynamic_threshold(dest)
+    return torch.full(dest.shape, float(threshold), dtype=torch.float64, device=dest.device)
+
+
 def dynamic_threshold(dest: torch.Tensor, scale: float = 2.5) -> torch.Tensor:
     """The default firing and greedy threshold min(1, 2.5 / (i + 1))."""
     return torch.clamp(scale / (dest.double() + 1), max=1.0)

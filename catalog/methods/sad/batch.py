@@ -7,26 +7,38 @@ returned as Arrow tables shaped like the catalog's tables (without run_id).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from catalog.methods.sad.edges import SIDES, trace_side, upstream_outputs
+from catalog.methods.sad.settings import SadSettings
 from catalog.methods.shared.tensors import pad_tokens, prompt_outputs, rows_of
 from catalog.schema.rows import concat, number_edges, table, take
 from catalog.methods.sad.signals import find_firings, sparse_signals
 
 
-@dataclass(frozen=True)
-class Settings:
-    attn_threshold: float = 0.5
-    sv_threshold: float = 1.0
-    edge_threshold: float = 0.7
-    append_constant: bool = True
+def batch_analysis(context):
+    """The 2024 method's batch function for a job: prompt ids -> the batch's tables."""
+    qk = qk_forms(context.model, context.stored_form)
+    W_O = context.model.attention_weights()[4]
+    return lambda ids: analyse_batch(context.model, qk, W_O, settings=context.settings, **context.prompts_of(ids))
 
 
-def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Settings, answer_ids=None,
+def qk_forms(model, stored_form=None):
+    """The QK forms the method reads: per head from the stored decomposition (learned positions;
+    stored_form('augmented') gives its rows), or per (head, offset) computed from the factors as
+    firings need them (rotary; nothing stored is read)."""
+    if model.adapter.rotary is not None:
+        from catalog.methods.sad.rotary import RotaryForms
+
+        return RotaryForms(*model.adapter.qk_factors(), model.adapter.rotary, device=model.device)
+    from catalog.methods.sad.forms import HeadForms
+    from catalog.methods.shared.svd import from_arrow
+
+    return HeadForms(from_arrow(stored_form("augmented"), model.n_layers, model.n_heads), device=model.device)
+
+
+def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: SadSettings, answer_ids=None,
                   wrong_ids=None) -> dict:
     """Rows of firings, firing_svs, edges, edge_svs and prompt_outputs for a batch of tokenized prompts,
     and the singular_vectors its signals use that were not stored yet (rotary models; else None).
