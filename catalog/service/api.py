@@ -229,8 +229,10 @@ def run_sql(request: Request, sql: str = Body(..., embed=True), format: str = Bo
             max_rows: int = Body(SQL_MAX_ROWS, embed=True, ge=1, le=SQL_MAX_ROWS)):
     if format not in sql_endpoint.SQL_FORMATS:
         raise CatalogError(f"format must be one of {', '.join(sql_endpoint.SQL_FORMATS)}, not '{format}'")
-    with _service(request).reader() as con:
-        table, truncated = sql_endpoint.run_read_only(con, sql, max_rows, request.app.state.sql_timeout_s)
+    service = _service(request)
+    with service.reader() as con:
+        table, truncated = sql_endpoint.run_read_only(con, sql, max_rows, request.app.state.sql_timeout_s,
+                                                      service.private_paths)
     headers = {"X-Truncated": "true" if truncated else "false", "X-Row-Count": str(table.num_rows)}
     if format == "json":
         return JSONResponse({"columns": table.column_names, "rows": rows_of(table), "n_rows": table.num_rows,

@@ -28,6 +28,12 @@ class ServiceCatalog:
         # ATTACH, COPY, INSTALL or LOAD from anyone. Writes to the catalog itself are unaffected,
         # and so are Arrow tables registered by the ingest and the trace.
         self.con.execute("SET enable_external_access = false")
+        # Then no statement can change a setting again (threads, memory_limit, ... for every later
+        # query and job): the SQL endpoint's statements run on cursors of this instance.
+        self.con.execute("SET lock_configuration = true")
+        from catalog.store.sql_guard import private_paths
+
+        self.private_paths = private_paths(self.path)
         self._lock = threading.Lock()
 
     def cursor(self):

@@ -1,10 +1,10 @@
 """`POST /api/v1/sql`: read-only SQL with a row limit and a time limit.
 
-The statement rules are those of the `sql` command (catalog.store): only SELECT, EXPLAIN and
-PRAGMA statements run (DESCRIBE, SHOW and WITH are SELECTs to DuckDB; PRAGMA assignments are
-SET statements and refused). The service's file is open read-write, so the statements also run
-in a READ ONLY transaction, and DuckDB's external access is off for the whole instance
-(connection.ServiceCatalog): files, ATTACH, COPY, INSTALL and LOAD are refused by DuckDB itself.
+The statement rule is the `sql` command's (catalog.store.sql_guard): a statement is judged by
+what it would do. The service's file is open read-write, so the statements also run in a READ
+ONLY transaction, and the whole instance has external access off and its configuration locked
+(connection.ServiceCatalog): files, ATTACH, COPY, INSTALL, LOAD and SET are refused by DuckDB
+itself. Answers and errors are scrubbed of the server's paths.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pyarrow as pa
 from catalog.errors import CatalogError
 from catalog.formats.table import render
 from catalog.store import read_only_statements  # the `sql` command's rule
+from catalog.store.sql_guard import scrub, scrub_table
 
 SQL_FORMATS = {"json": "application/json", "csv": "text/csv",
                "arrow": "application/vnd.apache.arrow.stream", "parquet": "application/vnd.apache.parquet"}
@@ -27,15 +28,19 @@ class SqlTimeout(CatalogError):
     """The query ran past the time limit and was interrupted."""
 
 
-def run_read_only(cursor, sql: str, max_rows: int, timeout_s: float) -> tuple[pa.Table, bool]:
-    """The statement's first max_rows rows, and whether more were left out (one statement per call)."""
-    (statement,) = read_only_statements(cursor, sql)
+def run_read_only(cursor, sql: str, max_rows: int, timeout_s: float, paths: list) -> tuple[pa.Table, bool]:
+    """The statement's first max_rows rows, and whether more were left out (one statement per call);
+    `paths`: (path, placeholder) pairs to scrub (sql_guard.private_paths)."""
+    try:
+        text = read_only_statements(cursor, sql)
+    except CatalogError as err:
+        raise CatalogError(scrub(str(err), paths)) from None
     timer = threading.Timer(timeout_s, cursor.interrupt)
     timer.start()
     try:
         cursor.execute("BEGIN TRANSACTION READ ONLY")
         # Streamed batch by batch, so a huge result stops at the row limit instead of being built.
-        reader = cursor.sql(statement.query).to_arrow_reader(min(max_rows + 1, 10_000))
+        reader = cursor.sql(text).to_arrow_reader(min(max_rows + 1, 10_000))
         batches, n = [], 0
         for batch in reader:
             batches.append(batch)
@@ -46,14 +51,14 @@ def run_read_only(cursor, sql: str, max_rows: int, timeout_s: float) -> tuple[pa
     except duckdb.InterruptException:
         raise SqlTimeout(f"the query ran longer than the time limit of {timeout_s:g} s and was stopped") from None
     except duckdb.Error as err:
-        raise CatalogError(f"SQL error: {str(err).splitlines()[0]}") from None
+        raise CatalogError(f"SQL error: {scrub(str(err).splitlines()[0], paths)}") from None
     finally:
         timer.cancel()
         try:
             cursor.execute("ROLLBACK")
         except duckdb.Error:
             pass
-    return table.slice(0, max_rows), table.num_rows > max_rows
+    return scrub_table(table.slice(0, max_rows), paths), table.num_rows > max_rows
 
 
 def encode(table: pa.Table, fmt: str) -> bytes:
