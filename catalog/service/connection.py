@@ -20,6 +20,18 @@ class ServiceCatalog:
 
     def __init__(self, db_path: str | Path):
         self.path = Path(db_path)
+        if self.path.exists():  # a damaged file refuses the start, rather than 500 on every request
+            from catalog.store import _connect, verify_blocks
+
+            con = _connect(self.path, read_only=True)
+            try:
+                verify_blocks(con, self.path)
+            finally:
+                con.close()
+        else:
+            from catalog.store import check_writable_folder
+
+            check_writable_folder(self.path)
         # Catalog creates a missing file and applies missing migrations; its connection keeps the
         # instance (and the file lock) alive for the service's lifetime.
         self._catalog = Catalog(self.path)

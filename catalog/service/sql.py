@@ -9,6 +9,7 @@ itself. Answers and errors are scrubbed of the server's paths.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 
@@ -26,6 +27,47 @@ SQL_FORMATS = {"json": "application/json", "csv": "text/csv",
 
 class SqlTimeout(CatalogError):
     """The query ran past the time limit and was interrupted."""
+
+
+class SqlBusy(CatalogError):
+    """Every query slot stayed taken for the time limit, or too many queries already wait."""
+
+
+class ResultTooLarge(CatalogError):
+    """The encoded answer is larger than MAX_RESULT_BYTES."""
+
+
+MAX_RESULT_BYTES = 32 * 1024 * 1024
+MAX_RUNNING = 2    # queries running at once: the rest of the thread pool stays for plain reads
+MAX_WAITING = 16   # queries waiting for a slot; beyond that a query is refused at once
+
+
+class SqlSlots:
+    """A fair (first come, first served) bound on concurrent queries. Waiting happens on the event
+    loop, not in a worker thread, so queued queries hold no thread that a plain read needs; a
+    query waits at most the time limit for its slot, then runs at most the time limit."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._slots: asyncio.Semaphore | None = None  # made on the event loop that uses it
+        self.waiting = 0
+
+    async def __aenter__(self):
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(MAX_RUNNING)
+        if self.waiting >= MAX_WAITING:
+            raise SqlBusy(f"{MAX_WAITING} queries are already waiting: try again later")
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise SqlBusy(f"no query slot became free within {self.timeout_s:g} s: try again later") from None
+        finally:
+            self.waiting -= 1
+        return self
+
+    async def __aexit__(self, *exc):
+        self._slots.release()
 
 
 def run_read_only(cursor, sql: str, max_rows: int, timeout_s: float, paths: list) -> tuple[pa.Table, bool]:
@@ -59,6 +101,13 @@ def run_read_only(cursor, sql: str, max_rows: int, timeout_s: float, paths: list
         except duckdb.Error:
             pass
     return scrub_table(table.slice(0, max_rows), paths), table.num_rows > max_rows
+
+
+def bounded(body: bytes) -> bytes:
+    if len(body) > MAX_RESULT_BYTES:
+        raise ResultTooLarge(f"the answer has {len(body)} bytes, more than the limit of {MAX_RESULT_BYTES}: "
+                             "ask for fewer rows (max_rows) or fewer columns")
+    return body
 
 
 def encode(table: pa.Table, fmt: str) -> bytes:

@@ -107,7 +107,7 @@ def verify_blocks(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()]
     try:
         for table in tables:
-            reader = con.execute(f'SELECT * FROM "{table}"').fetch_record_batch(100_000)
+            reader = con.sql(f'SELECT * FROM "{table}"').to_arrow_reader(100_000)
             for _ in reader:
                 pass
     except duckdb.Error as err:
