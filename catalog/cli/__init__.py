@@ -13,8 +13,16 @@ import click
 from catalog.errors import CatalogError
 
 
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+_FILE_SYSTEM_ERRORS = {28, 30, 13, 1, 5, 122}  # ENOSPC, EROFS, EACCES, EPERM, EIO, EDQUOT
 
 
 class _CatalogGroup(click.Group):
@@ -28,6 +36,26 @@ class _CatalogGroup(click.Group):
         except CatalogError as err:
             click.echo(f"error: {_one_line(err)}", err=True)
             sys.exit(1)
+        except OSError as err:
+            import errno
+
+            if err.errno not in _FILE_SYSTEM_ERRORS:
+                raise
+            # A disk that filled up or went read-only mid-command: batches already committed stay.
+            click.echo(f"error: {_one_line(err.strerror)}{' (' + str(err.filename) + ')' if err.filename else ''}; "
+                       "whatever was committed is kept (an ingest resumes when run again)", err=True)
+            sys.exit(1)
+        except Exception as err:
+            if not type(err).__module__.startswith(("duckdb", "_duckdb")):
+                raise
+            # DuckDB failing on the file itself (a damaged block, a full disk, an I/O error) once it
+            # was opened: one line; committed transactions are intact, the failed one rolled back.
+            click.echo(f"error: the catalog could not be read or written: {_first_line(err)}; "
+                       "whatever was committed is kept", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:  # Ctrl-C in a command without its own handling (a long `sql`)
+            click.echo("interrupted: nothing was changed", err=True)
+            sys.exit(130)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:

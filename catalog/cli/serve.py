@@ -18,11 +18,13 @@ from catalog.service import TOKEN_ENV
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
 @click.option("--token", default=None, envvar=TOKEN_ENV, show_envvar=True,
               help="Every request must carry it: `Authorization: Bearer T`, or open /?token=T once in a browser.")
+@click.option("--no-token", is_flag=True,
+              help="Serve without a token: anyone who can reach the port may read and submit jobs.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Resume the catalog's unfinished runs (an interrupted ingest) at startup.")
 @click.option("--sql-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Seconds a POST /api/v1/sql query may run before it is stopped.")
-def serve(db_path, host, port, token, resume, sql_timeout):
+def serve(db_path, host, port, token, no_token, resume, sql_timeout):
     """Serve the catalog: JSON API under /api/v1/, circuit explorer at /, ingest jobs.
 
     Reads see committed data while an ingest job writes. Ctrl-C or SIGTERM stops it cleanly:
@@ -31,8 +33,20 @@ def serve(db_path, host, port, token, resume, sql_timeout):
     Example:
 
         circuit-catalog serve --db demo.duckdb --port 8000 --token s3cret
+
+        circuit-catalog serve --db demo.duckdb --no-token   # loopback only, on purpose
     """
+    from catalog.errors import CatalogError
     from catalog.service.server import serve as run_server
+
+    if token and no_token:
+        raise CatalogError("give --token or --no-token, not both")
+    if not token and not no_token:
+        raise CatalogError(f"serve needs a token: --token T (or ${TOKEN_ENV}), or --no-token to serve "
+                           "without one on purpose")
+    if no_token:
+        click.echo("warning: serving without a token: any local process or user who can reach "
+                   f"{host}:{port} can read the catalog and submit ingest jobs", err=True)
 
     def ready(url):
         where = f"{url}/?token={token}" if token else f"{url}/"

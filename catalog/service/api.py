@@ -7,17 +7,20 @@ own cursor of the service's connection (committed data only).
 
 from __future__ import annotations
 
+import json
 import math
 from decimal import Decimal
 
 from fastapi import APIRouter, Body, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from catalog.read import query
 from catalog.read import browse as query_extra
 from catalog import formats
 from catalog.errors import CatalogError
 from catalog.service import sql as sql_endpoint
+from catalog.store import sql_guard
 from catalog.service.jobs import IngestSettings
 from catalog.read.trace import DEFAULT_DEST_ROLE, DEFAULT_SRC_ROLE, trace as trace_circuit
 
@@ -67,6 +70,8 @@ class EffectParams:
     """The measured-effect options of edges, head and trace (catalog.interventions' effects)."""
 
     def __init__(self, effect: bool = False, min_effect: float | None = None, effect_mode: str = "local"):
+        if min_effect is not None and not math.isfinite(min_effect):
+            raise CatalogError(f"min_effect must be a finite number, not {min_effect}")
         self.values = {"effect": effect, "min_effect": min_effect, "effect_mode": effect_mode}
 
 
@@ -204,7 +209,7 @@ def firing(request: Request, prompt_id: int, head: str, dest_pos: int, src_pos: 
 
 
 @router.get("/prompts", summary="The prompts of a run")
-def list_prompts(request: Request, run_id: int | None = None, limit: int = Query(1000, ge=1)):
+def list_prompts(request: Request, run_id: int | None = None, limit: int = Query(1000, ge=1, le=100_000)):
     with _service(request).reader() as con:
         return rows_of(query_extra.list_prompts(con, run_id=run_id, limit=limit))
 
@@ -225,15 +230,23 @@ def roles(request: Request, run_id: int | None = None):
 # -- SQL --------------------------------------------------------------------------------------
 
 @router.post("/sql", summary="Read-only SQL: JSON, CSV, Arrow IPC or Parquet")
-def run_sql(request: Request, sql: str = Body(..., embed=True), format: str = Body("json", embed=True),
-            max_rows: int = Body(SQL_MAX_ROWS, embed=True, ge=1, le=SQL_MAX_ROWS)):
+async def run_sql(request: Request, sql: str = Body(..., embed=True, max_length=sql_guard.MAX_SQL_CHARS),
+                  format: str = Body("json", embed=True),
+                  max_rows: int = Body(SQL_MAX_ROWS, embed=True, ge=1, le=SQL_MAX_ROWS)):
     if format not in sql_endpoint.SQL_FORMATS:
         raise CatalogError(f"format must be one of {', '.join(sql_endpoint.SQL_FORMATS)}, not '{format}'")
-    with _service(request).reader() as con:
-        table, truncated = sql_endpoint.run_read_only(con, sql, max_rows, request.app.state.sql_timeout_s)
+    service = _service(request)
+    async with request.app.state.sql_slots:  # fair and bounded; see sql.SqlSlots
+        return await run_in_threadpool(_answer_sql, service, sql, format, max_rows, request.app.state.sql_timeout_s)
+
+
+def _answer_sql(service, sql: str, format: str, max_rows: int, timeout_s: float):
+    with service.reader() as con:
+        table, truncated = sql_endpoint.run_read_only(con, sql, max_rows, timeout_s, service.private_paths)
     headers = {"X-Truncated": "true" if truncated else "false", "X-Row-Count": str(table.num_rows)}
     if format == "json":
-        return JSONResponse({"columns": table.column_names, "rows": rows_of(table), "n_rows": table.num_rows,
-                             "truncated": truncated}, headers=headers)
-    return Response(sql_endpoint.encode(table, format), media_type=sql_endpoint.SQL_FORMATS[format],
-                    headers=headers)
+        body = json.dumps({"columns": table.column_names, "rows": rows_of(table), "n_rows": table.num_rows,
+                           "truncated": truncated}).encode()
+        return Response(sql_endpoint.bounded(body), media_type="application/json", headers=headers)
+    return Response(sql_endpoint.bounded(sql_endpoint.encode(table, format)),
+                    media_type=sql_endpoint.SQL_FORMATS[format], headers=headers)

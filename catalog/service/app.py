@@ -8,6 +8,8 @@ is a 500 with the same body shape; its traceback goes to the server's log, not t
 from __future__ import annotations
 
 import logging
+
+import duckdb
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -24,8 +26,10 @@ from catalog.service.api import router
 from catalog.service.auth import TokenMiddleware
 from catalog.service.cache import ResponseCache
 from catalog.service.jobs import JobQueue
+from catalog.service.guard import RequestGuard
 from catalog.service.methods_api import router as methods_router
-from catalog.service.sql import SqlTimeout
+from catalog.service.sql import ResultTooLarge, SqlBusy, SqlSlots, SqlTimeout
+from catalog.store.sql_guard import scrub
 
 log = logging.getLogger("circuit_catalog.service")
 STATIC = resources.files("catalog.service") / "static"
@@ -43,7 +47,8 @@ def _validation_message(err: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def create_app(service, token: str | None = None, resume: bool = True, sql_timeout_s: float = 10.0) -> FastAPI:
+def create_app(service, token: str | None = None, resume: bool = True, sql_timeout_s: float = 10.0,
+               host: str = "127.0.0.1", allowed_dirs: list | None = None) -> FastAPI:
     """The app over an open ServiceCatalog; `resume` queues unfinished runs at startup."""
 
     @asynccontextmanager
@@ -65,13 +70,23 @@ def create_app(service, token: str | None = None, resume: bool = True, sql_timeo
                   docs_url=None, redoc_url=None)  # their pages load scripts from a CDN; /openapi.json stays
     app.state.service = service
     app.state.sql_timeout_s = sql_timeout_s
+    app.state.allowed_dirs = list(allowed_dirs or [])
+    app.state.sql_slots = SqlSlots(sql_timeout_s)
     app.include_router(router)
     app.include_router(methods_router)
 
     @app.exception_handler(CatalogError)
     async def catalog_error(request: Request, err: CatalogError):
-        status = 404 if isinstance(err, NotFound) else 408 if isinstance(err, SqlTimeout) else 400
+        status = 404 if isinstance(err, NotFound) else 408 if isinstance(err, SqlTimeout) \
+            else 503 if isinstance(err, SqlBusy) else 413 if isinstance(err, ResultTooLarge) else 400
         return _error(status, str(err))
+
+    @app.exception_handler(duckdb.ConversionException)
+    @app.exception_handler(duckdb.OutOfRangeException)
+    @app.exception_handler(duckdb.InvalidInputException)
+    async def bad_value(request: Request, err: duckdb.Error):  # a parameter DuckDB cannot take (a huge number)
+        return _error(400, "invalid request: a parameter is out of range ("
+                      + scrub(str(err).splitlines()[0], service.private_paths) + ")")
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError):
@@ -97,6 +112,7 @@ def create_app(service, token: str | None = None, resume: bool = True, sql_timeo
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     app.add_middleware(ResponseCache, jobs=service.jobs)
-    if token:  # added last, so outermost: no answer, cached or not, without the token
+    if token:  # added last but one, so outermost but one: no answer, cached or not, without the token
         app.add_middleware(TokenMiddleware, token=token)
+    app.add_middleware(RequestGuard, host=host)  # outermost: Host, Origin, JSON bodies, body size
     return app

@@ -17,7 +17,7 @@ COOKIE = "circuit_catalog_token"
 
 
 class TokenMiddleware:
-    """Pure ASGI middleware (no per-request task overhead): checks header, cookie or ?token=."""
+    """Pure ASGI middleware (no per-request task overhead): checks header or cookie; ?token= on / only."""
 
     def __init__(self, app: ASGIApp, token: str):
         self.app = app
@@ -39,7 +39,9 @@ class TokenMiddleware:
             response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
             await response(scope, receive, send)
             return
-        if self._ok(bearer) or self._ok(request.cookies.get(COOKIE)) or self._ok(from_query):
+        # The query string carries the token on the entry page only (above): anywhere else it
+        # would end up in logs, browser history and Referer headers.
+        if self._ok(bearer) or self._ok(request.cookies.get(COOKIE)):
             await self.app(scope, receive, send)
             return
         response = JSONResponse(

@@ -20,6 +20,18 @@ class ServiceCatalog:
 
     def __init__(self, db_path: str | Path):
         self.path = Path(db_path)
+        if self.path.exists():  # a damaged file refuses the start, rather than 500 on every request
+            from catalog.store import _connect, verify_blocks
+
+            con = _connect(self.path, read_only=True)
+            try:
+                verify_blocks(con, self.path)
+            finally:
+                con.close()
+        else:
+            from catalog.store import check_writable_folder
+
+            check_writable_folder(self.path)
         # Catalog creates a missing file and applies missing migrations; its connection keeps the
         # instance (and the file lock) alive for the service's lifetime.
         self._catalog = Catalog(self.path)
@@ -28,6 +40,12 @@ class ServiceCatalog:
         # ATTACH, COPY, INSTALL or LOAD from anyone. Writes to the catalog itself are unaffected,
         # and so are Arrow tables registered by the ingest and the trace.
         self.con.execute("SET enable_external_access = false")
+        # Then no statement can change a setting again (threads, memory_limit, ... for every later
+        # query and job): the SQL endpoint's statements run on cursors of this instance.
+        self.con.execute("SET lock_configuration = true")
+        from catalog.store.sql_guard import private_paths
+
+        self.private_paths = private_paths(self.path)
         self._lock = threading.Lock()
 
     def cursor(self):

@@ -16,7 +16,8 @@ from catalog.store.marker import remove_marker, write_marker
 
 
 def serve(db_path: str | Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          resume: bool = True, sql_timeout_s: float = 10.0, on_ready=None) -> list[int]:
+          resume: bool = True, sql_timeout_s: float = 10.0, on_ready=None,
+          allowed_dirs: list | None = None) -> list[int]:
     """Serve until stopped; return the signals that stopped it."""
     import uvicorn
 
@@ -28,7 +29,8 @@ def serve(db_path: str | Path, host: str = "127.0.0.1", port: int = 8000, token:
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     url = f"http://{host if ':' not in host else '[' + host + ']'}:{port}"
     try:
-        app = create_app(service, token=token, resume=resume, sql_timeout_s=sql_timeout_s)
+        app = create_app(service, token=token, resume=resume, sql_timeout_s=sql_timeout_s, host=host,
+                         allowed_dirs=allowed_dirs)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=30)
         server = uvicorn.Server(config)

@@ -9,6 +9,8 @@ transaction.
 
 from __future__ import annotations
 
+import errno
+import os
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -22,14 +24,37 @@ from catalog.schema import LATEST_VERSION, Migration  # noqa: F401 (also the sto
 from catalog.schema import shipped_migrations as migrations
 
 
-def _connect(path: str | Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+# On every connection: DuckDB must never fetch an extension (a file with SQLite's header made it
+# try to download the sqlite scanner). The same settings everywhere, because DuckDB refuses a
+# second connection to an open file with a different configuration in the same process.
+NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+# The user's SQL (`sql` command): no file access, no attached databases, no settings changed.
+USER_SQL = dict(NO_EXTENSIONS, enable_external_access=False, lock_configuration=True)
+
+
+def _connect(path: str | Path, read_only: bool, config: dict | None = None) -> duckdb.DuckDBPyConnection:
     path = Path(path)
     if read_only and not path.exists():
         raise CatalogError(f"no catalog at {path}: create one with `circuit-catalog ingest --db {path}`")
     if path.exists() and path.is_dir():
         raise CatalogError(f"{path} is a directory, not a catalog file")
+    foreign = foreign_file(path)
+    if foreign:
+        raise CatalogError(f"{path} is not a readable DuckDB catalog ({foreign})")
     try:
-        return duckdb.connect(str(path), read_only=read_only)
+        try:
+            return duckdb.connect(str(path), read_only=read_only, config=config or NO_EXTENSIONS)
+        except duckdb.ConnectionException as err:
+            if "different configuration" not in str(err) or config is not None:
+                raise
+            # The file is already open in this process with DuckDB's defaults (a notebook's own
+            # connection): join that instance, whose file was read already, and switch it off there.
+            con = duckdb.connect(str(path), read_only=read_only)
+            for name in NO_EXTENSIONS:
+                con.execute(f"SET {name} = false")
+            return con
+    except PermissionError:
+        raise CatalogError(f"{path} cannot be read: permission denied") from None
     except duckdb.Error as err:
         message = str(err).splitlines()[0]
         if "lock" in message.lower():
@@ -38,6 +63,55 @@ def _connect(path: str | Path, read_only: bool) -> duckdb.DuckDBPyConnection:
             raise CatalogError(held_by_service(path)
                                or f"{path} is in use by another process (an ingest still running?)") from None
         raise CatalogError(f"{path} is not a readable DuckDB catalog ({message})") from None
+
+
+DUCKDB_HEADER_BYTES = 3 * 4096  # the file header and two database headers, before the first block
+
+
+def foreign_file(path: Path) -> str | None:
+    """What an existing, non-empty file is when it is not a DuckDB database (DuckDB would try an
+    extension for a SQLite file, or answer with a path in the message); None when it may be one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        raise CatalogError(f"{path} cannot be read: permission denied") from None
+    except OSError as err:
+        raise CatalogError(f"{path} cannot be read: {err.strerror}") from None
+    if not head:
+        return None  # an empty file: DuckDB makes a database of it
+    if head.startswith(b"SQLite format 3"):
+        return "it is a SQLite database"
+    if len(head) < 12 or head[8:12] != b"DUCK":
+        return "its first bytes are not DuckDB's: a different or damaged file"
+    return None
+
+
+def check_not_truncated(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """A file shorter than the blocks its own header counts has lost its end (a cut copy, a full disk)."""
+    block_size, total_blocks = con.execute(
+        "SELECT block_size, total_blocks FROM pragma_database_size()").fetchall()[0]
+    expected = DUCKDB_HEADER_BYTES + block_size * total_blocks
+    size = path.stat().st_size
+    if size < expected:
+        raise CatalogError(f"{path} is truncated: {size} bytes where its header counts {expected}")
+
+
+def verify_blocks(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Read every stored block once (DuckDB checks each block's checksum as it reads it): a damaged
+    catalog is found now rather than as failing answers later. Costs one read of the file."""
+    check_not_truncated(con, path)
+    tables = [r[0] for r in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()]
+    try:
+        for table in tables:
+            reader = con.sql(f'SELECT * FROM "{table}"').to_arrow_reader(100_000)
+            for _ in reader:
+                pass
+    except duckdb.Error as err:
+        raise CatalogError(f"{path} is damaged ({str(err).splitlines()[0]})") from None
 
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:
@@ -87,16 +161,50 @@ def apply_migrations(con: duckdb.DuckDBPyConnection, upto: int | None = None) ->
     return applied
 
 
+MIN_FREE_BYTES = 64 * 1024 * 1024  # below this an ingest would fail in its first batches
+
+
+def check_writable_folder(path: Path) -> None:
+    """The catalog's folder takes new files (DuckDB writes its write-ahead log beside the catalog)
+    and has room: said in one line before a model is loaded, not as a traceback mid-ingest."""
+    import shutil
+    import tempfile
+
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CatalogError(f"cannot create {path}: the folder {folder} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.probe-") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+        free = shutil.disk_usage(folder).free
+    except OSError as err:
+        reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+                  errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(err.errno, err.strerror)
+        raise CatalogError(f"cannot write the catalog {path}: {reason} in {folder}") from None
+    if free < MIN_FREE_BYTES:
+        raise CatalogError(f"cannot write the catalog {path}: only {free // (1024 * 1024)} MB free in {folder} "
+                           f"(at least {MIN_FREE_BYTES // (1024 * 1024)} MB needed)")
+
+
 def check_catalog_file(path: str | Path) -> None:
-    """An existing file must be a DuckDB database; a missing one is created later, once there is
-    something to store (a failed model load leaves no empty catalog behind)."""
-    if Path(path).exists():
+    """Before a write: an existing file must be a DuckDB database, and its folder writable with room
+    to spare; a missing file is created later, once there is something to store (a failed model
+    load leaves no empty catalog behind)."""
+    path = Path(path)
+    if path.exists():
         try:
-            _connect(path, read_only=True).close()
+            con = _connect(path, read_only=True)
         except CatalogError:
             # Open read-write in this very process (the service's ingest jobs): DuckDB refuses a
             # read-only connection with another configuration, but then a read-write one succeeds.
-            _connect(path, read_only=False).close()
+            con = _connect(path, read_only=False)
+        try:
+            check_not_truncated(con, path)
+        finally:
+            con.close()
+    check_writable_folder(path)
 
 
 def upgrade(path: str | Path) -> list[int]:
@@ -110,12 +218,17 @@ def upgrade(path: str | Path) -> list[int]:
         con.close()
 
 
-def open_readonly(path: str | Path) -> duckdb.DuckDBPyConnection:
+def open_readonly(path: str | Path, config: dict | None = None) -> duckdb.DuckDBPyConnection:
     """Open a catalog for reading; it must exist and be at the current schema version."""
-    con = _connect(path, read_only=True)
+    con = _connect(path, read_only=True, config=config)
     try:
+        check_not_truncated(con, Path(path))
         version = schema_version(con)
+    except CatalogError:
+        con.close()
+        raise
     except duckdb.Error as err:
+        con.close()
         raise CatalogError(f"{path} is not a readable DuckDB catalog ({err})") from None
     if version == 0:
         con.close()
@@ -334,43 +447,35 @@ class Catalog:
             raise
 
 
-_READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}
+def read_only_statements(con: duckdb.DuckDBPyConnection, sql: str) -> str:
+    """The text of the one statement of `sql` if it only reads; CatalogError before anything runs
+    otherwise. The rule of the `sql` command and of the service's SQL endpoint (store.sql_guard)."""
+    from catalog.store.sql_guard import check_read_only
 
-
-def read_only_statements(con: duckdb.DuckDBPyConnection, sql: str) -> list:
-    """The parsed statement of `sql`; CatalogError, before anything runs, unless it is one SELECT,
-    EXPLAIN or PRAGMA (the rule of the `sql` command and of the service's SQL endpoint: one
-    statement per call, since one result is returned; a trailing `;` is fine)."""
-    try:
-        statements = con.extract_statements(sql)
-    except duckdb.Error as err:
-        raise CatalogError(f"SQL error: {str(err).splitlines()[0]}") from None
-    if not statements:
-        raise CatalogError("no SQL statement given")
-    for statement in statements:
-        kind = statement.type.name
-        if kind not in _READ_ONLY_STATEMENTS:
-            raise CatalogError(f"refused: `sql` is read-only and this is a {kind} statement")
-    if len(statements) > 1:
-        raise CatalogError(f"`sql` runs one statement per call and this text has {len(statements)}; "
-                           "run them one at a time")
-    return statements
+    return check_read_only(con, sql)
 
 
 def read_only_query(path: str | Path, sql: str):
     """Run one read-only SQL statement against a catalog and return its rows as an Arrow table.
 
-    One statement per call (a trailing `;` is fine): text with several statements is refused with
-    CatalogError before anything runs, since only one result can be returned. Two guards keep the
-    catalog unchanged: statements other than SELECT/EXPLAIN/PRAGMA are refused, and the file is
-    opened read-only.
+    Read-only by construction: the file is opened read-only with external access off and the
+    configuration locked (USER_SQL), and the statement is judged by what it would do
+    (store.sql_guard). Paths of this machine are scrubbed from the answer and from errors.
     """
-    con = open_readonly(path)
+    from catalog.store.sql_guard import private_paths, scrub, scrub_table
+
+    paths = private_paths(path)
     try:
-        statements = read_only_statements(con, sql)
+        con = open_readonly(path, config=USER_SQL)
+    except CatalogError as err:
+        raise CatalogError(scrub(str(err), paths)) from None
+    try:
+        text = read_only_statements(con, sql)
         try:
-            return con.sql(statements[0].query).to_arrow_table()
+            return scrub_table(con.sql(text).to_arrow_table(), paths)
         except duckdb.Error as err:
-            raise CatalogError(f"SQL error: {str(err).splitlines()[0]}") from None
+            raise CatalogError(f"SQL error: {scrub(str(err).splitlines()[0], paths)}") from None
+    except CatalogError as err:
+        raise CatalogError(scrub(str(err), paths)) from None
     finally:
         con.close()

@@ -32,7 +32,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-c", "from catalog.cli import entry; entry()", "serve", "--db", str(db_path),
-                   "--port", str(self.port), *(["--token", token] if token else []), *args]
+                   "--port", str(self.port), *(["--token", token] if token else ["--no-token"]), *args]
         self.log_path = Path(log_path or f"{db_path}.serve-{self.port}.log")
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
