@@ -18,9 +18,7 @@ LATEST_RUN, OLDER_RUN = 2, 1
 
 def fetch_dicts(db: Path, sql: str, params: list | None = None) -> list[dict]:
     """Rows of a direct SQL query (the tests' independent view of what is stored)."""
-    from catalog.store import NO_EXTENSIONS  # the catalog's own settings: DuckDB shares one instance per file
-
-    with duckdb.connect(str(db), read_only=True, config=NO_EXTENSIONS) as con:
+    with duckdb.connect(str(db), read_only=True) as con:  # a plain connection, as a notebook's
         cursor = con.execute(sql, params or [])
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]

@@ -284,8 +284,9 @@ def test_top_and_min_effect_say_what_they_left_out(catalog_db, con):
     head = busiest_heads(catalog_db)[0]
     full = query.edges_into(con, head)
     top = query.edges_into(con, head, top=1)
-    assert query.result_notes(full) == []
+    left_out = lambda table: [n for n in query.result_notes(table) if "(side_shares)" not in n]  # noqa: E731
+    assert left_out(full) == []
     if full.num_rows > 1:
-        assert query.result_notes(top) == [f"showing the first 1 of {full.num_rows} rows (top 1)"]
+        assert left_out(top) == [f"showing the first 1 of {full.num_rows} rows (top 1)"]
         result = invoke("edges", "--db", catalog_db, "--into", head, "--top", "1", "--format", "csv")
         assert f"note: showing the first 1 of {full.num_rows} rows" in result.stderr

@@ -53,3 +53,50 @@ def test_parts_of_every_side_sum_to_its_signal_projection(family_model):
                 assert torch.all(parts[:, :3] == 0)
             checked += len(firings)
     assert checked > 100
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_stored_side_shares_sum_to_one_and_project_the_stored_signal(family, tmp_path):
+    """Ingest writes two side_shares rows per firing; their shares sum to one, and the stored
+    projection equals sum_k s_k sqrt(sigma_k) (x~ . u_k) recomputed in SQL from firing_svs and the
+    stored singular values (joined on pos_offset for a rotary model)."""
+    import duckdb
+
+    from catalog.jobs.ingest import ingest
+
+    path = save_random_family(family, tmp_path / "model")
+    db = tmp_path / "c.duckdb"
+    ingest(db, model_path=path, n_prompts=6, batch_size=3)
+    con = duckdb.connect(str(db), read_only=True)
+    n_firings = con.execute("SELECT count(*) FROM firings").fetchone()[0]
+    rows = con.execute("""
+        SELECT s.side, s.projection, s.head_share + s.mlp_share + s.attn_bias_share + s.embed_share + s.offset_share,
+               (SELECT sum(sign(fs.dest_proj) * sqrt(sv.sigma)
+                           * CASE WHEN s.side = 'query' THEN fs.dest_proj ELSE fs.src_proj END)
+                FROM firing_svs fs JOIN firings f USING (run_id, prompt_id, layer, head, dest_pos, src_pos)
+                JOIN runs r USING (run_id)
+                JOIN singular_vectors sv ON sv.model_id = r.model_id AND sv.form = 'augmented'
+                     AND sv.layer = fs.layer AND sv.head = fs.head AND sv.sv = fs.sv
+                     AND sv.pos_offset IS NOT DISTINCT FROM f.pos_offset
+                WHERE fs.run_id = s.run_id AND fs.prompt_id = s.prompt_id AND fs.layer = s.layer
+                  AND fs.head = s.head AND fs.dest_pos = s.dest_pos AND fs.src_pos = s.src_pos)
+        FROM side_shares s""").fetchall()
+    busiest = con.execute("SELECT layer, head FROM firings WHERE layer > 0 GROUP BY ALL ORDER BY count(*) DESC, layer, head "
+                          "LIMIT 1").fetchone()
+    medians = dict(con.execute("SELECT side, median(head_share) FROM side_shares WHERE layer = ? AND head = ? "
+                               "GROUP BY side", list(busiest)).fetchall())
+    con.close()
+    assert n_firings > 20 and len(rows) == 2 * n_firings
+    for side, projection, share_sum, recomputed in rows:
+        assert share_sum == pytest.approx(1.0, abs=1e-4)
+        assert projection == pytest.approx(recomputed, rel=1e-4, abs=1e-5)
+
+    # `edges --into` says what the heads carry of each side (independent medians above)
+    from catalog.read import query
+    from catalog.store import open_readonly
+
+    with open_readonly(db) as con:
+        notes = query.result_notes(query.edges_into(con, f"{busiest[0]}.{busiest[1]}"))
+    note = [n for n in notes if "(side_shares)" in n]
+    assert len(note) == 1
+    assert f"{medians['query']:.0%} of the query side" in note[0] and f"{medians['key']:.0%} of the key side" in note[0]

@@ -37,8 +37,6 @@ class _CatalogGroup(click.Group):
             click.echo(f"error: {_one_line(err)}", err=True)
             sys.exit(1)
         except OSError as err:
-            import errno
-
             if err.errno not in _FILE_SYSTEM_ERRORS:
                 raise
             # A disk that filled up or went read-only mid-command: batches already committed stay.

@@ -11,7 +11,7 @@ import pyarrow as pa
 from catalog.read.fragments import (EFFECT, NO_SVS, component_name, edge_token_join, effect_join, head_name_sql,
                                     top_svs)
 from catalog.read.runs import (EDGE_TABLES, Run, check_effect_mode, check_kinds, check_role, check_side, fetch,
-                               head_name, resolve_run, rows, run_info, with_notes)
+                               has_table, head_name, resolve_run, rows, run_info, with_notes)
 
 
 def _edge_table(con, run: Run, fixed: str, layer_head: tuple[int, int], group: list[str], display: str,
@@ -89,7 +89,26 @@ def _edge_table(con, run: Run, fixed: str, layer_head: tuple[int, int], group: l
         notes.append(f"showing the first {table.num_rows} of {n_kept} rows (top {top})")
     if not table.num_rows:
         notes.append(_why_empty(con, run, head_column, layer_head, side, role, kinds, effect, min_effect))
+    elif head_column == "upstream":
+        notes.extend(head_share_notes(con, run, layer_head, side))
     return with_notes(table, run_info(con, run), notes)
+
+
+def head_share_notes(con, run: Run, layer_head: tuple[int, int], side: str | None) -> list[str]:
+    """How much of the head's sides its upstream heads carry (table side_shares), for a method whose
+    edges are heads only: the rest (MLPs, the embedding, biases) is not in its edges, and a reader
+    of the edges should know how much that is. Nothing for runs without side_shares rows."""
+    if not has_table(con, "side_shares"):
+        return []
+    found = rows(con, """
+        SELECT side, median(head_share), median(mlp_share), count(*) FROM side_shares
+        WHERE run_id = ? AND layer = ? AND head = ? AND (? IS NULL OR side = ?) AND head_share IS NOT NULL
+        GROUP BY side ORDER BY side DESC""", [run.run_id, *layer_head, side, side])
+    if not found:
+        return []
+    parts = [f"{heads:.0%} of the {name} side (MLPs {mlps:.0%})" for name, heads, mlps, _ in found]
+    return [f"upstream heads carry a median {' and '.join(parts)} of {head_name(*layer_head)}'s sparse signals, "
+            f"over {found[0][3]} firings; the rest is the embedding and biases (side_shares)"]
 
 
 def _why_empty(con, run: Run, direction: str, layer_head: tuple[int, int], side, role, kinds, effect,

@@ -62,6 +62,11 @@ def rows(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -
     return con.execute(sql, params or []).fetchall()
 
 
+def has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    """Whether the catalog has this table (an older catalog opened read-only may lack a newer one)."""
+    return bool(rows(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name])[0][0])
+
+
 def require_tables(con: duckdb.DuckDBPyConnection, names: tuple[str, ...]) -> None:
     """CatalogError naming the missing tables or views, if any of `names` is absent."""
     present = {r[0] for r in rows(con, "SELECT table_name FROM information_schema.tables")}

@@ -10,7 +10,6 @@ itself. Answers and errors are scrubbed of the server's paths.
 from __future__ import annotations
 
 import asyncio
-import io
 import threading
 
 import duckdb

@@ -42,17 +42,17 @@ def _connect(path: str | Path, read_only: bool, config: dict | None = None) -> d
     if foreign:
         raise CatalogError(f"{path} is not a readable DuckDB catalog ({foreign})")
     try:
-        try:
-            return duckdb.connect(str(path), read_only=read_only, config=config or NO_EXTENSIONS)
-        except duckdb.ConnectionException as err:
-            if "different configuration" not in str(err) or config is not None:
-                raise
-            # The file is already open in this process with DuckDB's defaults (a notebook's own
-            # connection): join that instance, whose file was read already, and switch it off there.
-            con = duckdb.connect(str(path), read_only=read_only)
-            for name in NO_EXTENSIONS:
+        if config is not None:
+            return duckdb.connect(str(path), read_only=read_only, config=config)
+        # DuckDB's defaults at connect time, switched off right after: DuckDB keeps one instance per
+        # file in a process and refuses a second connection whose connect-time configuration differs,
+        # so a notebook's own duckdb.connect(path) beside the catalog's must keep working.
+        con = duckdb.connect(str(path), read_only=read_only)
+        for name in NO_EXTENSIONS:
+            # Already off in an instance opened before (a service's, whose configuration is locked).
+            if con.execute("SELECT current_setting(?)", [name]).fetchone()[0]:
                 con.execute(f"SET {name} = false")
-            return con
+        return con
     except PermissionError:
         raise CatalogError(f"{path} cannot be read: permission denied") from None
     except duckdb.Error as err:

@@ -13,7 +13,7 @@ def summary_detail(summary: dict) -> str:
 METHOD_FIELDS = dict(
     name="sad", title="2024, SPEC.md; the default", settings=SadSettings,
     analysis="catalog.methods.sad.batch:batch_analysis",
-    tables=("firings", "firing_svs", "edges", "edge_svs"),
+    tables=("firings", "firing_svs", "side_shares", "edges", "edge_svs"),
     weight_unit="score", form="augmented", trace="heads", per_firing="signal",
     label="2024 method", upstream_kinds=("head",), partial_firings=None, run_settings="thresholds",
     summary_detail=summary_detail,

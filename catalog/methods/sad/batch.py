@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from catalog.methods.sad import shares
 from catalog.methods.sad.edges import SIDES, trace_side, upstream_outputs
 from catalog.methods.sad.settings import SadSettings
 from catalog.methods.shared.tensors import pad_tokens, prompt_outputs, rows_of
@@ -47,7 +48,7 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Sa
     models), which give each layer's forms for its firings. Every tensor stays on the model's
     device until its rows are converted for writing (`rows_of`)."""
     pad_id = model.tokenizer.eos_token_id or model.tokenizer.pad_token_id or 0
-    logits, cache = model.run(pad_tokens(token_lists, pad_id), with_logits=True)
+    logits, cache = model.run(pad_tokens(token_lists, pad_id), model.adapter.hooks + shares.HOOKS, with_logits=True)
     outputs_table = prompt_outputs(logits, end_pos, answer_ids or [None] * len(end_pos),
                                    wrong_ids or [None] * len(end_pos), list(prompt_ids), model.tokenizer)
     device = logits.device
@@ -56,7 +57,8 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Sa
     n_heads, adapter = model.n_heads, model.adapter
     z = [cache[f"blocks.{layer}.attn.hook_z"].float() for layer in range(model.n_layers - 1)]
     outputs = upstream_outputs(z, W_O.float()) if z else None
-    rows = {name: [] for name in ("firings", "firing_svs", "edges", "edge_svs")}
+    residual = shares.residual_by_kind(cache, model.n_layers, outputs, n_heads, model.output_weights()[0])
+    rows = {name: [] for name in ("firings", "firing_svs", "side_shares", "edges", "edge_svs")}
     for layer in range(model.n_layers):
         firings = find_firings(
             cache[f"blocks.{layer}.attn.hook_pattern"].float(), cache[f"blocks.{layer}.attn.hook_attn_scores"].float(),
@@ -79,9 +81,11 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Sa
             take(key, rows_of(f)), rank=rows_of(rank), sv=rows_of(sv), contribution=rows_of(signals.contribution[f, sv]),
             dest_proj=rows_of(signals.dest_proj[f, sv]), src_proj=rows_of(signals.src_proj[f, sv]),
         ))
+        scale = cache[f"blocks.{layer}.ln1.hook_scale"][..., 0].float()
+        for side in SIDES:
+            rows["side_shares"].append(_side_shares(side, key, firings, signals, forms, residual[layer], scale))
         if layer == 0:
             continue  # nothing is upstream of layer 0
-        scale = cache[f"blocks.{layer}.ln1.hook_scale"][..., 0].float()
         upstream = outputs[:, :, : adapter.upstream_heads(layer)]
         for side in SIDES:
             result = trace_side(side, firings, signals, forms, upstream, scale, settings.append_constant,
@@ -103,7 +107,21 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Sa
     return dict(tables, prompt_outputs=outputs_table, singular_vectors=qk.take_new(tables["firing_svs"]))
 
 
+def _side_shares(side, key, firings, signals, forms, residual, scale) -> dict:
+    """One side_shares row per firing: the side's signal projection and each kind's share of it."""
+    parts = shares.side_parts(side, firings, signals, forms, residual, scale)  # [firing, kind]
+    total = parts.sum(dim=1, keepdim=True)
+    # An empty signal projects to 0: its shares are NULL (NaN here) rather than a division by 0.
+    share = torch.where(total != 0, parts / total, torch.full_like(parts, float("nan")))
+    row = dict(key, side=np.full(len(firings), side),
+               projection=rows_of(shares.signal_projection(side, firings, signals, forms)))
+    share = rows_of(share)
+    return dict(row, **{f"{kind}_share": share[:, k] for k, kind in enumerate(shares.KINDS)})
+
+
 COLUMNS = {
+    "side_shares": ["prompt_id", "layer", "head", "dest_pos", "src_pos", "side", "projection"]
+                   + [f"{kind}_share" for kind in shares.KINDS],
     "firings": ["prompt_id", "layer", "head", "dest_pos", "src_pos", "attn_weight", "score", "n_svs", "pos_offset"],
     "firing_svs": ["prompt_id", "layer", "head", "dest_pos", "src_pos", "rank", "sv", "contribution",
                    "dest_proj", "src_proj"],
