@@ -8,6 +8,18 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 ATTN_WEIGHTS = SHARED / "gpt2-small-attention" / "gpt2-small-attention.safetensors"
 REFERENCE = SHARED / "reference" / "ioi16-attn-real"
 
+# The fast unit tests of one layer each (`pytest -m unit`, well under a minute): settings and the
+# method registry, the schema's types, the import contracts, SQL fragments and the read-only SQL
+# rule, output formats, the catalog comparison script. Everything else builds a model or a catalog.
+UNIT_MODULES = {"test_settings", "test_registry", "test_schema_types", "test_architecture", "test_fragments",
+                "test_formats", "test_compare_catalogs", "test_sql_escapes"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in UNIT_MODULES:
+            item.add_marker(pytest.mark.unit)
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
