@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from catalog.errors import CatalogError
+from catalog.jobs.stopping import check_stop
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,7 @@ def ioi_prompts(n: int, seed: int, tokenizer, order: str = "mixed") -> list[Prom
     template_ids = sorted(TEMPLATES)
     prompts = []
     for i in range(n):
+        check_stop()  # a large n takes a while: a service's stop or cancel must not wait for it
         name_order = order if order != "mixed" else ("ABBA", "BABA")[i % 2]
         template_id = rng.choice(template_ids)
         io, s = rng.sample(words.names, 2)  # two distinct names
@@ -340,6 +342,7 @@ def tokenize_prompts(prompts, tokenizer, max_tokens: int | None = None, limit: s
     what sets max_tokens, for the error."""
     all_ids = []
     for index, prompt in enumerate(prompts):
+        check_stop()
         if not prompt.text:
             raise CatalogError(f"prompt {index}: the text is empty")
         ids = _ids(tokenizer, prompt.text)

@@ -62,11 +62,16 @@ def assert_same_run(a, b, run_a: int, run_b: int) -> None:
     con.close()
 
 
+def allow(directory) -> tuple[str, ...]:
+    """serve's option letting jobs name files in `directory` (the tiny checkpoint's)."""
+    return ("--allow-dir", str(directory))
+
+
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(tmp_path_factory, tiny_checkpoint):
     """A service with a token, on a catalog that starts empty."""
     db = tmp_path_factory.mktemp("jobs") / "jobs.duckdb"
-    with ServerProcess(db, token=TOKEN) as server, httpx.Client(
+    with ServerProcess(db, token=TOKEN, args=allow(tiny_checkpoint)) as server, httpx.Client(
             base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         yield server, client
         assert server.stop() == 0, server.log()
@@ -130,9 +135,8 @@ def test_reads_during_a_job_see_whole_batches_and_jobs_queue(service, tiny_check
     again = wait_for(client, submit(client, **settings)["job_id"], finished)
     assert again["run_id"] == done["run_id"] and "already finished" in again["message"]
     assert client.get("/api/v1/heads").headers["x-cache"] == "miss"
-    failed = wait_for(client, submit(client, **dict(settings, attn_threshold=3))["job_id"],
-                      lambda j: j["status"] == "failed")
-    assert "--attn-threshold" in failed["message"]
+    refused = client.post("/api/v1/runs", json=dict(settings, attn_threshold=3))  # checked when submitted
+    assert refused.status_code == 400 and "--attn-threshold" in refused.json()["error"]
     assert client.post("/api/v1/runs", json={"n_prompts": "lots"}).status_code == 422
     assert client.post("/api/v1/runs", json={"batchsize": 3}).status_code == 422
 
@@ -167,7 +171,7 @@ def test_killed_then_stopped_server_resumes_its_run_to_the_same_catalog(tiny_che
             status = con.execute("SELECT status FROM runs").fetchall()[0][0]
             return (status,) + con.execute(CONSISTENCY_SQL).fetchall()[0]
 
-    killed = ServerProcess(db)
+    killed = ServerProcess(db, args=allow(tiny_checkpoint))
     with httpx.Client(base_url=killed.url, timeout=60) as client:
         job = submit(client, **settings)
         wait_for(client, job["job_id"], lambda j: (j["progress"] or {}).get("prompts_done", 0) >= 4)
@@ -175,7 +179,7 @@ def test_killed_then_stopped_server_resumes_its_run_to_the_same_catalog(tiny_che
     status, firings, batch_firings, edges, batch_edges, batches_killed = committed()
     assert status == "running" and 2 <= batches_killed < 16 and (firings, edges) == (batch_firings, batch_edges)
 
-    stopped = ServerProcess(db)  # resumes on its own
+    stopped = ServerProcess(db, args=allow(tiny_checkpoint))  # resumes on its own
     with httpx.Client(base_url=stopped.url, timeout=60) as client:
         jobs = client.get("/api/v1/jobs").json()  # the killed job is kept, and said to be interrupted
         assert [(j["job_id"], j["reason"], j["status"]) for j in jobs][:1] == [(1, "submitted", "interrupted")]
@@ -188,7 +192,7 @@ def test_killed_then_stopped_server_resumes_its_run_to_the_same_catalog(tiny_che
     assert status == "running" and batches_killed < batches_stopped < 16, (batches_killed, batches_stopped)
     assert (firings, edges) == (batch_firings, batch_edges)
 
-    with ServerProcess(db, args=("--no-resume",)) as again, httpx.Client(base_url=again.url, timeout=60) as client:
+    with ServerProcess(db, args=("--no-resume", *allow(tiny_checkpoint))) as again, httpx.Client(base_url=again.url, timeout=60) as client:
         history = client.get("/api/v1/jobs").json()  # nothing started by itself; both earlier jobs kept
         assert [(j["job_id"], j["status"]) for j in history] == [(1, "interrupted"), (2, "interrupted")]
         assert client.get("/api/v1/runs/1").json()["status"] == "running"
@@ -212,7 +216,7 @@ def test_queued_jobs_survive_a_restart_under_their_own_ids(tiny_checkpoint, tmp_
     db = tmp_path / "queued.duckdb"
     long = dict(model_path=str(tiny_checkpoint), n_prompts=96, batch_size=2, seed=7)  # stopped long before its end
     short = dict(model_path=str(tiny_checkpoint), n_prompts=4, batch_size=2, seed=8)
-    first = ServerProcess(db)
+    first = ServerProcess(db, args=allow(tiny_checkpoint))
     with httpx.Client(base_url=first.url, timeout=60) as client:
         running, waiting = submit(client, **long), submit(client, **short)
         wait_for(client, running["job_id"], lambda j: j["prompts_by_job"] >= 2)
@@ -222,7 +226,7 @@ def test_queued_jobs_survive_a_restart_under_their_own_ids(tiny_checkpoint, tmp_
                              "ORDER BY job_id").fetchall()
     assert stored == [(1, "submitted", "interrupted", 7), (2, "submitted", "queued", 8)]
 
-    with ServerProcess(db, args=("--no-resume",)) as again, httpx.Client(base_url=again.url, timeout=60) as client:
+    with ServerProcess(db, args=("--no-resume", *allow(tiny_checkpoint))) as again, httpx.Client(base_url=again.url, timeout=60) as client:
         done = wait_for(client, waiting["job_id"], finished)
         assert done["job_id"] == 2 and done["settings"]["seed"] == 8 and done["prompts_by_job"] == 4
         assert client.get("/api/v1/jobs/1").json()["status"] == "interrupted"  # --no-resume: left alone
@@ -279,14 +283,14 @@ def test_a_restart_resumes_the_interrupted_run_and_starts_the_queued_job_once_ea
     job runs under its id, and each runs once (no second pass finding its run finished)."""
     db = tmp_path / "restart.duckdb"
     long = dict(model_path=str(tiny_checkpoint), n_prompts=64, batch_size=2, seed=7)
-    first = ServerProcess(db)
+    first = ServerProcess(db, args=allow(tiny_checkpoint))
     with httpx.Client(base_url=first.url, timeout=60) as client:
         running, waiting = submit(client, **long), submit(client, **dict(long, n_prompts=4, seed=8))
         wait_for(client, running["job_id"], lambda j: j["prompts_by_job"] >= 2)
     assert first.stop() == 0
     with duckdb.connect(str(db), read_only=True) as con:
         saved = con.execute("SELECT count(*) * 2 FROM run_batches").fetchall()[0][0]
-    with ServerProcess(db) as again, httpx.Client(base_url=again.url, timeout=60) as client:
+    with ServerProcess(db, args=allow(tiny_checkpoint)) as again, httpx.Client(base_url=again.url, timeout=60) as client:
         wait_for(client, 3, finished)
         wait_for(client, waiting["job_id"], finished)
         # One more job goes behind anything still queued: once it is done, nothing ran in between.

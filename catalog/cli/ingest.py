@@ -78,6 +78,10 @@ def ingest(db_path, server, **options):
     from catalog.jobs.ingest import Interrupted
     from catalog.jobs.ingest import ingest as run_ingest
 
+    import signal
+
+    # SIGTERM (a service manager, `kill`) stops the ingest as Ctrl-C does: committed batches kept, one line.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if (db_path is None) == (server is None):
         raise CatalogError("give --db FILE, or --server URL to submit to a running `circuit-catalog serve`")
     chosen = method(options["method"])
@@ -100,7 +104,8 @@ def ingest(db_path, server, **options):
         click.echo(str(err), err=True)
         sys.exit(130)
     except KeyboardInterrupt:  # before the first batch: nothing of this run was saved yet
-        click.echo("interrupted before any batch was saved", err=True)
+        click.echo("interrupted before this session saved a batch: the catalog holds what it held before; "
+                   "run the same command again to resume", err=True)
         sys.exit(130)
     if summary["already_finished"]:
         click.echo(f"run {summary['run_id']} with these prompts and settings is already finished "

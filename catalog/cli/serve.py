@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import click
 
 from catalog.service import TOKEN_ENV
+from catalog.service.validation import DEFAULT_MAX_PROMPTS
 
 
 @click.command()
@@ -24,7 +26,13 @@ from catalog.service import TOKEN_ENV
               help="Resume the catalog's unfinished runs (an interrupted ingest) at startup.")
 @click.option("--sql-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Seconds a POST /api/v1/sql query may run before it is stopped.")
-def serve(db_path, host, port, token, no_token, resume, sql_timeout):
+@click.option("--allow-dir", "allowed_dirs", multiple=True, metavar="DIR",
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A directory whose files (checkpoints, prompts files) submitted jobs may name; repeatable. "
+                   "Without one, jobs may name no file (hub models and the built-in prompts only).")
+@click.option("--max-prompts", default=DEFAULT_MAX_PROMPTS, show_default=True, type=click.IntRange(min=1),
+              help="The most prompts one submitted job may ask for.")
+def serve(db_path, host, port, token, no_token, resume, sql_timeout, allowed_dirs, max_prompts):
     """Serve the catalog: JSON API under /api/v1/, circuit explorer at /, ingest jobs.
 
     Reads see committed data while an ingest job writes. Ctrl-C or SIGTERM stops it cleanly:
@@ -54,9 +62,18 @@ def serve(db_path, host, port, token, no_token, resume, sql_timeout):
                    f"pid {os.getpid()})", err=True)
 
     stopped_by = run_server(db_path, host=host, port=port, token=token, resume=resume,
-                            sql_timeout_s=sql_timeout, on_ready=ready)
+                            sql_timeout_s=sql_timeout, on_ready=ready, allowed_dirs=list(allowed_dirs),
+                            max_prompts=max_prompts)
     names = ", ".join(signal.Signals(s).name for s in stopped_by)
     click.echo(f"stopped{' by ' + names if names else ''}: every committed batch is in {db_path}", err=True)
+    if any(thread.name == "ingest-worker" and thread.is_alive() for thread in threading.enumerate()):
+        # The worker was abandoned (see catalog.service.jobs): end now rather than let interpreter
+        # shutdown wait on, or tear down under, a thread still inside a long call.
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 COMMANDS = [serve]

@@ -14,6 +14,7 @@ import time
 import catalog
 from catalog.errors import CatalogError
 from catalog.jobs.settings import IngestSettings
+from catalog.jobs.stopping import check_stop
 from catalog.methods import REGISTRY, method
 from catalog.settings import build, fields_of, flag_of
 from catalog.store import Catalog, check_catalog_file
@@ -178,9 +179,11 @@ def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=N
     if lm is None:
         from catalog.models.loading import load_model
 
+        check_stop()  # the slow phases begin: a service's stop or cancel is honoured between them
         say(f"loading model {model_path or model} ...")
         lm = load_model(model, model_path, device=device, dtype=dtype)
     # Prompts are tokenized and checked before the catalog is touched: bad prompts store nothing.
+    check_stop()
     items, token_lists = load_prompts(dataset, n_prompts, seed, items, lm)
     answers, wrongs = answer_tokens(items, token_lists, lm.tokenizer)
     if chosen.check_inputs is not None:
@@ -204,6 +207,7 @@ def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=N
             run_id, resumed = cat.create_run(row, prompts, tokens), False
         else:
             run_id, resumed = run["run_id"], True
+        check_stop()  # after the decomposition, before the batches (on_batch checks between them)
         done = cat.committed_batches(run_id)
         analyse = chosen.load_analysis()(_analysis_context(cat, lm, model_id, method_settings, items, token_lists,
                                                            answers, wrongs, say))

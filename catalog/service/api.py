@@ -21,7 +21,8 @@ from catalog import formats
 from catalog.errors import CatalogError
 from catalog.service import sql as sql_endpoint
 from catalog.store import sql_guard
-from catalog.service.jobs import IngestSettings
+from catalog.service.jobs import ACTIVE, IngestSettings
+from catalog.service.validation import check_job
 from catalog.read.trace import DEFAULT_DEST_ROLE, DEFAULT_SRC_ROLE, trace as trace_circuit
 
 router = APIRouter(prefix="/api/v1")
@@ -98,6 +99,7 @@ def get_run(request: Request, run_id: int):
 @router.post("/runs", status_code=202, summary="Submit an ingest job (the options of `circuit-catalog ingest`)")
 def submit_run(request: Request, settings: IngestSettings = Body(default_factory=IngestSettings)):
     service = _service(request)
+    _check_job(request, settings)
     job = service.jobs.submit(settings)
     with service.reader() as con:
         return service.jobs.describe(job, con)
@@ -107,7 +109,28 @@ def submit_run(request: Request, settings: IngestSettings = Body(default_factory
 def resume_run(request: Request, run_id: int):
     service = _service(request)
     with service.reader() as con:
-        return service.jobs.describe(service.jobs.resume(con, run_id), con)
+        return service.jobs.describe(service.jobs.resume(con, run_id, check=lambda s: _check_job(request, s)), con)
+
+
+@router.delete("/runs/{run_id}", status_code=202, summary="Cancel the queued or running ingest job of a run")
+def cancel_run(request: Request, run_id: int):
+    jobs = _service(request).jobs
+    job = jobs.for_run(run_id)
+    if job is None or job.status not in ACTIVE:
+        raise CatalogError(f"no queued or running ingest job works on run {run_id}")
+    return _cancel(request, job.job_id)
+
+
+def _check_job(request: Request, settings: IngestSettings) -> None:
+    state = request.app.state
+    check_job(settings, state.allowed_dirs, state.max_prompts)
+
+
+def _cancel(request: Request, job_id: int):
+    service = _service(request)
+    job = service.jobs.cancel(job_id)
+    with service.reader() as con:
+        return service.jobs.describe(job, con)
 
 
 @router.get("/jobs", summary="Ingest jobs of this service")
@@ -122,6 +145,12 @@ def get_job(request: Request, job_id: int):
     service = _service(request)
     with service.reader() as con:
         return service.jobs.describe(service.jobs.get(job_id), con)
+
+
+@router.delete("/jobs/{job_id}", status_code=202,
+               summary="Cancel an ingest job: a queued one at once, a running one at its next stop check")
+def cancel_job(request: Request, job_id: int):
+    return _cancel(request, job_id)
 
 
 # -- heads and edges ------------------------------------------------------------------------

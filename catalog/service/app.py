@@ -27,6 +27,7 @@ from catalog.service.auth import TokenMiddleware
 from catalog.service.cache import ResponseCache
 from catalog.service.jobs import JobQueue
 from catalog.service.guard import RequestGuard
+from catalog.service.validation import DEFAULT_MAX_PROMPTS
 from catalog.service.methods_api import router as methods_router
 from catalog.service.sql import ResultTooLarge, SqlBusy, SqlSlots, SqlTimeout
 from catalog.store.sql_guard import scrub
@@ -48,8 +49,10 @@ def _validation_message(err: RequestValidationError) -> str:
 
 
 def create_app(service, token: str | None = None, resume: bool = True, sql_timeout_s: float = 10.0,
-               host: str = "127.0.0.1", allowed_dirs: list | None = None) -> FastAPI:
-    """The app over an open ServiceCatalog; `resume` queues unfinished runs at startup."""
+               host: str = "127.0.0.1", allowed_dirs: list | None = None,
+               max_prompts: int = DEFAULT_MAX_PROMPTS) -> FastAPI:
+    """The app over an open ServiceCatalog; `resume` queues unfinished runs at startup. Submitted
+    jobs may name files only inside `allowed_dirs` and ask for at most `max_prompts` prompts."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,7 +64,8 @@ def create_app(service, token: str | None = None, resume: bool = True, sql_timeo
         for job in service.jobs.start_queued():
             log.warning("starting job %s, queued before the service last stopped", job.job_id)
         yield
-        # Shutdown (Ctrl-C, SIGTERM): the batch being written commits, then the job stops.
+        # Shutdown (Ctrl-C, SIGTERM): the batch being written commits, or the job's next stop check
+        # stops it; a worker stuck in one long call is abandoned after a bounded wait (jobs.stop).
         service.jobs.stop()
 
     service.jobs = JobQueue(service)
@@ -71,6 +75,7 @@ def create_app(service, token: str | None = None, resume: bool = True, sql_timeo
     app.state.service = service
     app.state.sql_timeout_s = sql_timeout_s
     app.state.allowed_dirs = list(allowed_dirs or [])
+    app.state.max_prompts = max_prompts
     app.state.sql_slots = SqlSlots(sql_timeout_s)
     app.include_router(router)
     app.include_router(methods_router)

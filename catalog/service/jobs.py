@@ -65,7 +65,11 @@ class IngestSettings(BaseModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 
-JobStatus = Literal["queued", "running", "finished", "failed", "interrupted"]
+JobStatus = Literal["queued", "running", "finished", "failed", "interrupted", "cancelled"]
+ACTIVE = ("queued", "running")
+# How long a stopping service waits for its worker: a batch commits or a stop check comes in far
+# less; a worker still busy after this is inside one long call (a model load) and is abandoned.
+WORKER_JOIN_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Job:
     finished_at: float | None = None
     prompts_by_job: int = 0            # prompts this job committed (a resumed run had some already)
     summary: dict | None = None
+    cancel_requested: bool = False     # DELETE while it runs: it stops at its next stop check
 
 
 class JobQueue:
@@ -104,7 +109,7 @@ class JobQueue:
                     save_job(cursor, job)
                 elif job.status == "queued":
                     self._restored.append(job)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: cancel() looks its job up with get()
         self._stop = threading.Event()
         # For the response cache: `writes` changes whenever a job may have written, `busy` while
         # one runs (cache.ResponseCache serves a stored answer only while neither has changed).
@@ -123,6 +128,24 @@ class JobQueue:
         with self.catalog.reader() as cursor:
             save_job(cursor, job)
         self._queue.put(job)
+        return job
+
+    def cancel(self, job_id: int) -> Job:
+        """A queued job is cancelled at once; a running one stops at its next stop check (between
+        batches, in prompt generation, before the model load) and is then 'cancelled'. What it
+        committed stays: the same settings submitted again resume its run."""
+        with self._lock:
+            job = self.get(job_id)
+            if job.status == "queued":
+                job.status, job.finished_at = "cancelled", time.time()
+                job.message = "cancelled before it started"
+            elif job.status == "running":
+                job.cancel_requested = True
+            else:
+                raise CatalogError(f"ingest job {job_id} has already ended ({job.status}): nothing to cancel")
+        if job.status == "cancelled":
+            with self.catalog.reader() as cursor:
+                save_job(cursor, job)
         return job
 
     def start_queued(self) -> list[Job]:
@@ -168,9 +191,11 @@ class JobQueue:
     def resume_unfinished(self, cursor) -> list[Job]:
         """Queue a job for every run whose status is still 'running' (an interrupted ingest)."""
         found = cursor.execute("SELECT run_id, params FROM runs WHERE status = 'running' ORDER BY run_id").fetchall()
-        return [self.submit(settings_from_params(params), reason="resume") for _, params in found]
+        # A run whose last job was cancelled stays as it is until someone submits it again.
+        return [self.submit(settings_from_params(params), reason="resume") for run_id, params in found
+                if getattr(self.for_run(run_id), "status", None) != "cancelled"]
 
-    def resume(self, cursor, run_id: int) -> Job:
+    def resume(self, cursor, run_id: int, check=None) -> Job:
         found = cursor.execute("SELECT status, params FROM runs WHERE run_id = ?", [run_id]).fetchall()
         if not found:
             raise NotFound(f"no run {run_id} in the catalog")
@@ -178,27 +203,47 @@ class JobQueue:
         if status == "finished":
             raise CatalogError(f"run {run_id} is already finished")
         busy = self.for_run(run_id)
-        if busy is not None and busy.status in ("queued", "running"):
+        if busy is not None and busy.status in ACTIVE:
             return busy
-        return self.submit(settings_from_params(params), reason="resume")
+        settings = settings_from_params(params)
+        if check is not None:  # a client asked: the run's settings pass the submission's checks
+            check(settings)
+        return self.submit(settings, reason="resume")
 
     # -- the worker ------------------------------------------------------------------------
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop after the batch being written commits; queued jobs are not started."""
+    def stop(self, timeout: float = WORKER_JOIN_TIMEOUT_S) -> bool:
+        """Stop after the batch being written commits (or at the job's next stop check); queued
+        jobs are not started. Returns whether the worker ended within `timeout`: if not, it is
+        abandoned (a daemon thread, ended with the process) and the caller must not close the
+        connection it may still be using."""
         self._stop.set()
         self._queue.put(None)
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            running = [job.job_id for job in self.all() if job.status == "running"]
+            log.warning("abandoned the ingest worker (job %s) after waiting %.0f s for it to stop; "
+                        "committed batches are kept and the run resumes on the next start",
+                        ", ".join(map(str, running)) or "none", timeout)
+            return False
+        return True
+
+    @property
+    def worker_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _work(self) -> None:
         while True:
             job = self._queue.get()
             if job is None or self._stop.is_set():
                 return
+            if job.status != "queued":  # cancelled while it waited
+                continue
             self._run(job)
 
     def _run(self, job: Job) -> None:
         from catalog.jobs.ingest import Interrupted, ingest  # imports torch lazily, on the first job
+        from catalog.jobs.stopping import StopRequested, check_stop, stop_when
 
         job.status, job.started_at = "running", time.time()
         self.busy, self.writes = True, self.writes + 1
@@ -214,20 +259,27 @@ class JobQueue:
             job.prompts_by_job += n
             save_job(cursor, job)
             self.writes += 1
-            if self._stop.is_set():
-                raise KeyboardInterrupt  # ingest turns this into Interrupted, naming what is saved
+            check_stop()  # a KeyboardInterrupt: ingest turns it into Interrupted, naming what is saved
 
         status, message = "failed", None
         try:
             save_job(cursor, job)
-            summary = ingest(self.catalog.path, **ingest_keywords(job.settings), on_batch=on_batch)
+            with stop_when(lambda: self._stop.is_set() or job.cancel_requested):
+                summary = ingest(self.catalog.path, **ingest_keywords(job.settings), on_batch=on_batch)
             job.summary = {k: v for k, v in summary.items() if k != "db"}
             job.run_id = summary["run_id"]
             status = "finished"
             if summary.get("already_finished"):
                 message = f"run {summary['run_id']} with these prompts and settings is already finished"
-        except Interrupted as err:
-            status, message = "interrupted", str(err)
+        except (Interrupted, StopRequested) as err:
+            if job.cancel_requested:
+                # Not the Interrupted line: it names the catalog's path on the server.
+                status, message = "cancelled", ("cancelled; its committed batches are kept, and submitting the "
+                                                 "same settings again resumes its run")
+            elif isinstance(err, Interrupted):
+                status, message = "interrupted", str(err)
+            else:
+                status, message = "interrupted", "the service stopped before this job committed a batch"
         except CatalogError as err:
             message = str(err)
         except Exception as err:  # a bug, not the user's input: keep the service up, log the traceback

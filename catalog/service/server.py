@@ -17,7 +17,7 @@ from catalog.store.marker import remove_marker, write_marker
 
 def serve(db_path: str | Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           resume: bool = True, sql_timeout_s: float = 10.0, on_ready=None,
-          allowed_dirs: list | None = None) -> list[int]:
+          allowed_dirs: list | None = None, max_prompts: int | None = None) -> list[int]:
     """Serve until stopped; return the signals that stopped it."""
     import uvicorn
 
@@ -29,8 +29,9 @@ def serve(db_path: str | Path, host: str = "127.0.0.1", port: int = 8000, token:
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     url = f"http://{host if ':' not in host else '[' + host + ']'}:{port}"
     try:
+        limits = {"max_prompts": max_prompts} if max_prompts is not None else {}
         app = create_app(service, token=token, resume=resume, sql_timeout_s=sql_timeout_s, host=host,
-                         allowed_dirs=allowed_dirs)
+                         allowed_dirs=allowed_dirs, **limits)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=30)
         server = uvicorn.Server(config)
@@ -40,7 +41,11 @@ def serve(db_path: str | Path, host: str = "127.0.0.1", port: int = 8000, token:
         server.run()
     finally:
         remove_marker(db_path)
-        service.close()
+        jobs = getattr(service, "jobs", None)
+        # An abandoned worker may still be inside DuckDB on its cursor: closing the connection under
+        # it could crash or hang; the process ends instead (committed transactions are on disk).
+        if jobs is None or not jobs.worker_alive:
+            service.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return stopped_by
