@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from catalog.errors import CatalogError
-from catalog.jobs.stopping import check_stop
+from catalog.stopping import check_stop
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,8 @@ def main(argv=None) -> int:
         "trace (same roots, one prompt)": [f"/api/v1/trace?prompt_id={p}" for p in range(8)],
     }
     results = {}
-    with ServerProcess(db, args=("--no-resume",)) as server:  # no job until the second phase
+    # no job until the second phase; its job reads the checkpoint in the workdir
+    with ServerProcess(db, args=("--no-resume", "--allow-dir", str(args.workdir))) as server:
         for phase, fresh in (("no job, computed", True), ("no job, kept answers", False)):
             for name, paths in endpoints.items():
                 n = args.requests if name.startswith("edges") else max(20, args.requests // 4)

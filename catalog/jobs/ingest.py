@@ -14,7 +14,7 @@ import time
 import catalog
 from catalog.errors import CatalogError
 from catalog.jobs.settings import IngestSettings
-from catalog.jobs.stopping import check_stop
+from catalog.stopping import check_stop
 from catalog.methods import REGISTRY, method
 from catalog.settings import build, fields_of, flag_of
 from catalog.store import Catalog, check_catalog_file

@@ -243,7 +243,7 @@ class JobQueue:
 
     def _run(self, job: Job) -> None:
         from catalog.jobs.ingest import Interrupted, ingest  # imports torch lazily, on the first job
-        from catalog.jobs.stopping import StopRequested, check_stop, stop_when
+        from catalog.stopping import StopRequested, check_stop, stop_when
 
         job.status, job.started_at = "running", time.time()
         self.busy, self.writes = True, self.writes + 1
