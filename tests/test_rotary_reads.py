@@ -276,3 +276,24 @@ def test_gpt2_outputs_keep_their_shape(catalog_db):
     assert all(set(d) == {"sv", "share"} for row in table.to_pylist() for d in row["top_svs"])
     assert tables["spectrum"].column_names == ["sv", "sigma", "pos_offset"]
     assert tables["top_svs"].column_names[0] == "sv"
+
+
+def test_edges_from_filters_the_downstream_firings_roles(catalog_db):
+    roles = token_roles(catalog_db, LATEST_RUN)
+    layer, head, dest_role, src_role = _busiest_firing_pair(catalog_db, LATEST_RUN)
+    feeders = Counter()
+    for e in fetch_dicts(catalog_db, "SELECT * FROM edges WHERE run_id = ? AND up_kind = 'head'", [LATEST_RUN]):
+        if roles[(e["prompt_id"], e["dest_pos"])] == dest_role and roles[(e["prompt_id"], e["src_pos"])] == src_role:
+            feeders[(e["up_layer"], e["up_head"])] += 1
+    (up_layer, up_head), _ = feeders.most_common(1)[0]
+    expected = Counter()
+    for e in fetch_dicts(catalog_db, "SELECT * FROM edges WHERE run_id = ? AND up_kind = 'head' AND up_layer = ? "
+                                     "AND up_head = ?", [LATEST_RUN, up_layer, up_head]):
+        if roles[(e["prompt_id"], e["dest_pos"])] == dest_role and roles[(e["prompt_id"], e["src_pos"])] == src_role:
+            expected[(f"L{e['layer']}H{e['head']}", e["side"])] += 1
+    with _connect(catalog_db) as con:
+        table = query.edges_from(con, f"{up_layer}.{up_head}", dest_role=dest_role, src_role=src_role)
+    got = Counter()
+    for row in table.to_pylist():
+        got[(row["downstream"], row["side"])] += row["n_firings"]
+    assert got == expected

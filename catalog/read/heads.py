@@ -137,7 +137,7 @@ def _spectrum_notes(con, p: dict, spectrum: pa.Table) -> list[str]:
             "(rows with stored = false: not in the catalog, sigma unknown)"
             if n_stored < d_head else f"stored sparse signals use all {d_head} of its singular vectors")
     return [f"rotary model: the spectrum of the form at offset {offset}, the offset this head fires at most; "
-            + kept + (f" (showing {shown})" if shown < n_stored else "")]
+            + kept + (f" (showing the first {shown} stored)" if shown < n_stored else "")]
 
 
 def head_notes(run: "Run", name: str, tables: dict) -> list[str]:
