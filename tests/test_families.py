@@ -343,12 +343,17 @@ def test_query_layer_joins_each_firing_to_its_own_form(family_run):
         assert spectrum_notes == []
     else:
         d_head = lm_d_head(con)
-        kept = (f"only the {stored} of its {d_head} singular vectors that stored sparse signals use are kept"
+        kept = (f"only the {stored} of its {d_head} singular vectors that stored sparse signals use are kept "
+                "(rows with stored = false: not in the catalog, sigma unknown)"
                 if stored < d_head else f"stored sparse signals use all {d_head} of its singular vectors")
         assert spectrum_notes == [f"spectrum: rotary model: the spectrum of the form at offset {mode_offset}, the "
                                   f"offset this head fires at most; {kept}"]
-        assert summary["spectrum"].num_rows == stored
-    assert summary["top_svs"].num_rows == len(set(summary["top_svs"].column("sv").to_pylist()))
+        # every sv up to the last stored one is a row; the stored ones are marked
+        assert sum(summary["spectrum"].column("stored").to_pylist()) == stored
+    # a rotary run's directions are (pos_offset, sv): one row each
+    keys = [c for c in ("pos_offset", "sv") if c in summary["top_svs"].column_names]
+    assert (offset is not None) == (keys == ["pos_offset", "sv"])
+    assert summary["top_svs"].num_rows == len(set(zip(*(summary["top_svs"].column(k).to_pylist() for k in keys))))
 
 
 def test_a_rope_that_switches_with_length_is_read_up_to_its_switch(tmp_path):

@@ -131,6 +131,9 @@ def test_edges_into_and_from_equal_the_query_functions(served, reference, catalo
     got = client.get(f"/api/v1/edges_into/{head}", params={"effect": "true", "kind": "head"}).json()
     assert_same_rows(got, rows(query.edges_into(reference, head, effect=True, kind=["head"])))
     assert "mean_effect" in got[0]
+    # by the firing's own roles (what feeds the head's firings from one role to another)
+    got = client.get(f"/api/v1/edges_into/{head}", params={"dest_role": "end", "src_role": "IO"}).json()
+    assert_same_rows(got, rows(query.edges_into(reference, head, dest_role="end", src_role="IO")))
 
 
 def test_head_summary_and_grid(served, reference, catalog_db):
@@ -230,6 +233,8 @@ def test_answers_are_kept_until_something_writes(served):
     ("/api/v1/edges_into/2.1", {"top": "many"}, 422, "top"),
     ("/api/v1/trace", {"roots": "2.1", "format": "svg"}, 400, "format"),
     ("/api/v1/trace", {"roots": "2.1", "prompt_id": 500}, 400, "no prompt 500"),
+    ("/api/v1/trace", {"dest_role": "S1", "src_role": "end"}, 400, "--root"),  # no roots from the data
+    ("/api/v1/edges_into/2.1", {"dest_role": "hero"}, 400, "role 'hero'"),
     ("/api/v1/runs/77", {}, 404, "no run 77"),
     ("/api/v1/prompts/500", {}, 404, "no prompt 500"),
     ("/api/v1/firings/0/2.1/0/0", {}, 404, "no firing"),

@@ -84,8 +84,8 @@ def python_graph_edges(db, reached, one_prompt: bool, run_id=LATEST_RUN):
             continue
         pos = e["dest_pos"] if e["side"] == "query" else e["src_pos"]
         token = pos if one_prompt else roles[(e["prompt_id"], pos)]
-        if token is None:  # no role: matched across prompts by position, never left out
-            token = f"pos{pos}"
+        if token is None:  # no role: one group "other", never matched by position across prompts
+            token = "other"
         target = f"L{e['layer']}H{e['head']}@{token}"
         w = writes[(f"L{e['up_layer']}H{e['up_head']}", target, e["side"])]
         w["prompts"].add(e["prompt_id"])
@@ -242,7 +242,7 @@ def test_default_roots_skip_heads_a_small_model_lacks():
 
 
 @pytest.mark.parametrize("args", [
-    [],                                     # the 3-layer model has none of 9.6, 9.9, 10.0
+    ["--dest-role", "IO", "--src-role", "end"],  # no root given, and no head fires forward to pick one
     ["--root", "9.12"],
     ["--root", "x.y"],
     ["--root", "2.1", "--dest-role", "nobody"],

@@ -51,7 +51,8 @@ def _notes(run: dict | None, notes: list[str]) -> None:
 
 
 SVS_HELP = ("top_svs lists the singular directions of the downstream head that the edges write through, "
-            "largest first, as {sv, share} (table: sv:share): " + query.SHARE_MEANING + ".")
+            "largest first, as {sv, share} (table: sv:share): " + query.SHARE_MEANING + "; on a rotary model "
+            "{pos_offset, sv, share} (table: d3:sv0:share), the same sv at two offsets being two directions.")
 
 
 def effect_options(command):
@@ -71,13 +72,17 @@ def effect_options(command):
 @click.option("--from", "from_head", metavar="L.H", help="Which heads, sides and token roles does this head feed?")
 @click.option("--side", type=click.Choice(query.SIDES), help="Only edges on this side of the downstream head.")
 @click.option("--role", help="Only edges whose token (the one the upstream head writes to) has this role.")
+@click.option("--dest-role", default=None,
+              help="Only edges into firings whose own destination token has this role (as trace's --dest-role).")
+@click.option("--src-role", default=None,
+              help="Only edges into firings whose own source token has this role (as trace's --src-role).")
 @run_option
 @click.option("--top", type=click.IntRange(min=1), help="Keep the first N rows.")
 @click.option("--kind", "kinds", metavar="KIND,...",
               help="ACC++ runs: only upstream components of these kinds (head, mlp, attn_bias, embed, offset).")
 @effect_options
 @format_option()
-def edges(db_path, into_head, from_head, side, role, run_id, top, kinds, effect, min_effect, effect_mode, fmt):
+def edges(db_path, into_head, from_head, side, role, dest_role, src_role, run_id, top, kinds, effect, min_effect, effect_mode, fmt):
     """Upstream heads of --into HEAD, or downstream heads of --from HEAD, with counts and weights.
 
     One row per head (and side; and token role for --from): its display name (upstream or
@@ -96,10 +101,10 @@ def edges(db_path, into_head, from_head, side, role, run_id, top, kinds, effect,
     with _catalog(db_path) as con:
         if into_head is not None:
             table = query.edges_into(con, into_head, side=side, role=role, run_id=run_id, top=top, kind=kinds,
-                                     effect=effect, min_effect=min_effect, effect_mode=effect_mode)
+                                     dest_role=dest_role, src_role=src_role, effect=effect, min_effect=min_effect, effect_mode=effect_mode)
         else:
             table = query.edges_from(con, from_head, side=side, role=role, run_id=run_id, top=top,
-                                     effect=effect, min_effect=min_effect, effect_mode=effect_mode)
+                                     dest_role=dest_role, src_role=src_role, effect=effect, min_effect=min_effect, effect_mode=effect_mode)
     _notes(query.result_run(table), query.result_notes(table))
     click.echo(render(table, fmt))
 
@@ -159,7 +164,9 @@ ANY_ROLE = "any"
 @click.command()
 @db_option
 @click.option("--root", "roots", multiple=True, metavar="L.H",
-              help="Root head (repeatable, or comma-separated). Default: 9.6, 9.9, 10.0 (those the model has).")
+              help="Root head (repeatable, or comma-separated). Default: GPT-2's 9.6, 9.9, 10.0 where the "
+                   "model has them and they fire between the roles; else the 3 heads firing between the "
+                   "roles in most prompts (a note names them).")
 @click.option("--dest-role", default=TRACE_DEFAULTS.dest_role, show_default=True, help=f"Role of the roots' destination token ('{ANY_ROLE}': any).")
 @click.option("--src-role", default=TRACE_DEFAULTS.src_role, show_default=True, help=f"Role of the roots' source token ('{ANY_ROLE}': any).")
 @click.option("--prompt", "prompt_id", type=int, default=None,
@@ -189,8 +196,8 @@ def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, effect,
     --root and the roles do not apply, and without --prompt the prompts' circuits are combined.
 
     Nodes are heads L9H9 and token nodes L9H9@role (L9H9@pos with --prompt; over all prompts a
-    token without a role is L9H9@posN, so no edge is left out); an edge goes from an upstream
-    head to the token node it writes to, labelled with side, count (prompts; firings with
+    token without a role is L9H9@other, never matched by position across prompts); an edge goes
+    from an upstream head to the token node it writes to, labelled with side, count (prompts; firings with
     --prompt), mean weight and singular directions. Every edge row also has up_kind, up_layer,
     up_head, down_layer, down_head (integers) and token.
 

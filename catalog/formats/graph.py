@@ -32,6 +32,7 @@ from pathlib import Path
 from catalog import formats
 from catalog.errors import CatalogError
 from catalog.formats import GRAPH_FORMATS
+from catalog.formats.table import direction_name
 SIDE_COLOURS = {"query": "#1f77b4", "key": "#d62728", "reads": "#9a9a9a", "seed": "#2ca02c"}
 SIDE_DASHES = {"query": None, "key": (6, 3), "reads": (2, 3), "seed": None}
 LEGEND = {"query": "query side", "key": "key side", "reads": "token node -> its head", "seed": "seed -> output"}
@@ -39,6 +40,9 @@ HEAD_KINDS = ("head", "firing")  # heads are circles; firings, token nodes and c
 TOP_SVS_FORMAT = ("JSON list of {\"sv\": int, \"share\": float}, largest first: sv = a singular direction of the "
                   "downstream head's QK matrix; share = that direction's part of the edge weight (its term divided "
                   "by the whole weight), signed, and above 1 when other directions' terms are negative")
+# Added to it for a rotary model's graph (GPT-2's files stay as they were).
+TOP_SVS_OFFSET_FORMAT = ("; each item also has \"pos_offset\": the direction is sv of the form at that offset "
+                         "(the same sv at two offsets is two directions)")
 
 ROW_HEIGHT = 170.0     # pixels between two layer rows
 TOKEN_DROP = 56.0      # a token node sits this far below its head
@@ -102,7 +106,7 @@ def _strength(edge: dict) -> float:
 
 
 def _svs_text(svs) -> str:
-    return " ".join(f"{s['sv']}:{s['share']:.2f}" for s in svs or [] if s.get("share") is not None)
+    return " ".join(f"{direction_name(s)}:{s['share']:.2f}" for s in svs or [] if s.get("share") is not None)
 
 
 def _head_blocks(nodes: list[dict]) -> bool:
@@ -461,11 +465,13 @@ def to_networkx(graph):
     import networkx as nx
 
     g = nx.MultiDiGraph()
+    nodes, edges = graph.nodes.to_pylist(), graph.edges.to_pylist()
+    per_offset = any(s.get("pos_offset") is not None for e in edges for s in e.get("top_svs") or [])
     meta = {"run_id": graph.run_id, "prompt_id": graph.prompt_id, "roots": " ".join(graph.roots),
-            "dest_role": graph.dest_role, "src_role": graph.src_role, "top_svs_format": TOP_SVS_FORMAT,
+            "dest_role": graph.dest_role, "src_role": graph.src_role,
+            "top_svs_format": TOP_SVS_FORMAT + (TOP_SVS_OFFSET_FORMAT if per_offset else ""),
             "notes": "\n".join(graph.notes)}
     g.graph.update({k: v for k, v in meta.items() if v is not None and v != ""})
-    nodes, edges = graph.nodes.to_pylist(), graph.edges.to_pylist()
     placed = _place(nodes, edges)[0] if nodes else {}   # the drawings' places, without routing the edges
     for node in graph.nodes.to_pylist():
         attrs = {k: v for k, v in node.items() if k != "node" and v is not None}
@@ -475,7 +481,8 @@ def to_networkx(graph):
         g.add_node(node["node"], **attrs)
     for edge in graph.edges.to_pylist():
         attrs = {k: v for k, v in edge.items() if k not in ("source", "target", "top_svs") and v is not None}
-        attrs["top_svs"] = json.dumps([{"sv": s["sv"], "share": _short(s["share"])} for s in edge["top_svs"] or []])
+        attrs["top_svs"] = json.dumps([{**({"pos_offset": s["pos_offset"]} if s.get("pos_offset") is not None else {}),
+                                        "sv": s["sv"], "share": _short(s["share"])} for s in edge["top_svs"] or []])
         g.add_edge(edge["source"], edge["target"], key=f"{edge['kind']}:{edge['side']}", **attrs)
     return g
 

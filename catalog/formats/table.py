@@ -31,10 +31,21 @@ def _cell(value) -> str:
     if isinstance(value, dict):
         if set(value) == {"sv", "share"}:  # a singular direction and its share of an edge weight
             return f"{value['sv']}:{value['share']:.2f}" if value["share"] is not None else f"{value['sv']}:"
+        if set(value) == {"pos_offset", "sv", "share"}:  # the same, of a rotary form: named d<offset>:sv<index>
+            name = direction_name(value)
+            return f"{name}:{value['share']:.2f}" if value["share"] is not None else f"{name}:"
         return " ".join(f"{key}={_cell(item)}" for key, item in value.items())
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_cell(v) for v in value) + "]"
     return str(value)
+
+
+def direction_name(direction: dict) -> str:
+    """A singular direction's name in text: its index ("3"), or on a rotary model its form's offset
+    and index ("d3:sv0"), since the same index is a different direction at each offset."""
+    if direction.get("pos_offset") is None:
+        return str(direction["sv"])
+    return f"d{direction['pos_offset']}:sv{direction['sv']}"
 
 
 def float32_text(value: float) -> str:

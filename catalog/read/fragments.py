@@ -13,10 +13,36 @@ def token_pos(edge: str = "e") -> str:
     return f"CASE WHEN {edge}.side = 'query' THEN {edge}.dest_pos ELSE {edge}.src_pos END"
 
 
+# How a token without a role is written where prompts are aggregated (trace over all prompts, the
+# heads overview): one group for them all. Their positions are never matched across prompts,
+# since the same position is a different word in each template.
+NO_ROLE = "other"
+
+
+def aggregated_token(token: str = "t") -> str:
+    """SQL for a token's label over all prompts: its role, or NO_ROLE for a token without one."""
+    return f"coalesce({token}.role, '{NO_ROLE}')"
+
+
 def edge_token_join(edge: str = "e", token: str = "t", how: str = "LEFT JOIN") -> str:
     """Join each edge to the token its upstream component writes to (for its role)."""
     return (f"{how} tokens {token} ON {token}.run_id = {edge}.run_id AND {token}.prompt_id = {edge}.prompt_id "
             f"AND {token}.pos = {token_pos(edge)}")
+
+
+def firing_roles_join(edge: str = "e", dest: str = "fd", src: str = "fs") -> str:
+    """Join each edge to the destination (`dest`) and source (`src`) tokens of the firing it feeds,
+    for that firing's own roles (as firing_roles' dest_role and src_role)."""
+    return (f"LEFT JOIN tokens {dest} ON {dest}.run_id = {edge}.run_id AND {dest}.prompt_id = {edge}.prompt_id "
+            f"AND {dest}.pos = {edge}.dest_pos "
+            f"LEFT JOIN tokens {src} ON {src}.run_id = {edge}.run_id AND {src}.prompt_id = {edge}.prompt_id "
+            f"AND {src}.pos = {edge}.src_pos")
+
+
+def firing_roles_filter(dest: str = "fd", src: str = "fs") -> str:
+    """The condition keeping edges whose firing goes from role $dest_role to $src_role (NULL: any)."""
+    return (f"AND ($dest_role IS NULL OR {dest}.role = $dest_role) "
+            f"AND ($src_role IS NULL OR {src}.role = $src_role)")
 
 
 def edges_of_firing(edge: str, firing: str) -> str:
@@ -47,13 +73,29 @@ SHARE_MEANING = ("share = that singular direction's part of the edge weight (its
                  "whole weight); signed, and above 1 when other directions' terms are negative")
 SVS_TYPE = "STRUCT(sv INTEGER, share FLOAT)[]"
 NO_SVS = f"[]::{SVS_TYPE}"
+# A rotary model's direction is named by its form's offset too: sv 0 at offset 3 and sv 0 at
+# offset 5 are different directions (docs/rotary.md), so they are never summed together.
+OFFSET_SVS_TYPE = "STRUCT(pos_offset INTEGER, sv INTEGER, share FLOAT)[]"
+NO_OFFSET_SVS = f"[]::{OFFSET_SVS_TYPE}"
 
 
-def top_svs(sv: str, weight: str, total: str, order: str, n: str) -> str:
-    """SQL aggregating directions `sv` with weights `weight` (of the edge's `total`) into the first
-    `n` {sv, share} structs, ordered by `order`."""
-    return (f"list({{'sv': CAST({sv} AS INTEGER), 'share': CAST({weight} / nullif({total}, 0) AS FLOAT)}} "
+def no_svs(per_offset: bool) -> str:
+    """SQL for an empty direction list of the run's kind (with pos_offset for a rotary form)."""
+    return NO_OFFSET_SVS if per_offset else NO_SVS
+
+
+def top_svs(sv: str, weight: str, total: str, order: str, n: str, offset: str | None = None) -> str:
+    """SQL aggregating directions `sv` (of the form at `offset`, for a rotary run) with weights
+    `weight` (of the edge's `total`) into the first `n` {[pos_offset,] sv, share} structs, ordered
+    by `order`."""
+    named = f"'pos_offset': CAST({offset} AS INTEGER), " if offset is not None else ""
+    return (f"list({{{named}'sv': CAST({sv} AS INTEGER), 'share': CAST({weight} / nullif({total}, 0) AS FLOAT)}} "
             f"ORDER BY {order})[1:{n}]")
+
+
+def firing_offset(firing: str) -> str:
+    """SQL for the offset of a firing (or of an edge's firing): the form its directions belong to."""
+    return f"({firing}.dest_pos - {firing}.src_pos)"
 
 
 # The measured effect of an edge (issue 9): how much the downstream attention drops when the

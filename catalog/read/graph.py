@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from catalog.errors import CatalogError
+from catalog.read.fragments import NO_ROLE
 
 
 @dataclass
@@ -41,12 +42,12 @@ class TraceGraph:
         """One line: what was traced and drawn."""
         kinds = self.edges.column("kind").to_pylist() if self.edges.num_rows else []
         tokens = self.edges.column("token").to_pylist() if "token" in self.edges.column_names else []
-        unnamed = sum(1 for k, t in zip(kinds, tokens) if k == "writes" and t and t.startswith("pos")
+        unnamed = sum(1 for k, t in zip(kinds, tokens) if k == "writes" and t == NO_ROLE
                       and self.prompt_id is None)
         firings = {f for f in zip(*(self.firings.column(c).to_pylist() for c in self.firings.column_names))
                    if f[1] is not None}
         return (f"{len(firings)} firings reached: {self.nodes.num_rows} nodes, {self.edges.num_rows} edges"
-                + (f" ({unnamed} of them at tokens without a role, as posN nodes)" if unnamed else "")
+                + (f" ({unnamed} of them at tokens without a role, grouped as '{NO_ROLE}' across prompts)" if unnamed else "")
                 + ("; " + "; ".join(n for n in self.notes if n.startswith("pruned")) if any(
                     n.startswith("pruned") for n in self.notes) else ""))
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 from catalog.read.edges import edges_from, edges_into
-from catalog.read.fragments import SIGMA_OVER_FORMS, same_form, sigma_over_forms
-from catalog.read.runs import (HEAD_TABLES, Run, fetch, head_name, resolve_run, result_notes, result_run, run_info,
-                               with_notes)
+from catalog.read.fragments import SIGMA_OVER_FORMS, firing_offset, same_form, sigma_over_forms
+from catalog.read.runs import (HEAD_TABLES, Run, fetch, head_name, per_offset_forms, resolve_run, result_notes,
+                               result_run, run_info, with_notes)
 
 
 def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effect: bool = False,
@@ -20,12 +20,14 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
     """Everything about one head, as named tables (in display order).
 
     spectrum     its top singular values (sv, sigma, pos_offset) in the run's model (rotary models:
-                 the spectrum at the offset the head fires at most)
+                 the spectrum at the offset the head fires at most, every sv up to the last shown,
+                 with `stored`: false (sigma NULL) for the directions the catalog does not keep)
     activity     n_firings, n_prompts (of n_prompts_run), mean attention, score and signal size
     role_pairs   dest_role -> src_role of its firings, with counts
     signal_size  histogram of n_svs (the sparse signal's size); ACC++: of atoms zeroed per side
     top_svs      its singular vectors by the number of firings whose signal uses them (ACC++: whose
-                 edges go through them, with their total attention drop)
+                 edges go through them, with their total attention drop); rotary models: by
+                 (pos_offset, sv), each with its own form's sigma, never pooled over offsets
     upstream     its main upstream heads (edges_into; with their measured effect if `effect`)
     downstream   the heads it feeds most (edges_from; the same)
 
@@ -36,13 +38,9 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
     p = {"run": run.run_id, "model": run.model_id, "layer": layer, "head": head_index, "top": int(top),
          "form": run.sv_form}
     this_head = "run_id = $run AND layer = $layer AND head = $head"
+    per_offset = per_offset_forms(con, run)
     tables = {
-        # A rotary model has one spectrum per offset: the one of the offset this head fires at most.
-        "spectrum": fetch(con, f"""
-            SELECT sv, sigma, pos_offset FROM singular_vectors
-            WHERE model_id = $model AND form = $form AND layer = $layer AND head = $head
-              AND pos_offset IS NOT DISTINCT FROM (SELECT mode(pos_offset) FROM firings WHERE {this_head})
-            ORDER BY sv LIMIT $top""", p),
+        "spectrum": _spectrum(con, p, this_head, per_offset),
         "activity": fetch(con, f"""
             SELECT count(*) AS n_firings, count(DISTINCT prompt_id) AS n_prompts,
                    (SELECT count(*) FROM prompts WHERE run_id = $run) AS n_prompts_run,
@@ -65,6 +63,16 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
             WHERE f.run_id = $run AND f.layer = $layer AND f.head = $head
             GROUP BY f.sv ORDER BY n_firings DESC, f.sv LIMIT $top""", p),
     }
+    if per_offset:  # one form per offset: a direction is (pos_offset, sv), its sigma that form's own
+        tables["top_svs"] = fetch(con, f"""
+            SELECT f.pos_offset, f.sv, any_value(s.sigma) AS sigma, count(*) AS n_firings,
+                   count(*) / (SELECT count(*) FROM firings WHERE {this_head}) AS share_of_firings,
+                   avg(f.contribution) AS mean_contribution
+            FROM (SELECT *, {firing_offset("x")} AS pos_offset FROM firing_svs x
+                  WHERE x.run_id = $run AND x.layer = $layer AND x.head = $head) f
+            LEFT JOIN singular_vectors s ON s.model_id = $model AND s.form = $form AND s.layer = f.layer
+                 AND s.head = f.head AND s.sv = f.sv AND s.pos_offset = f.pos_offset
+            GROUP BY f.pos_offset, f.sv ORDER BY n_firings DESC, f.pos_offset, f.sv LIMIT $top""", p)
     tables["spectrum"] = with_notes(tables["spectrum"], run_info(con, run), _spectrum_notes(con, p, tables["spectrum"]))
     if run.method_spec.per_firing == "sides":  # no sparse signal per firing: atoms per side, and the edges' directions
         tables["signal_size"] = fetch(con, f"""
@@ -87,6 +95,30 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
     return tables
 
 
+def _spectrum(con, p: dict, this_head: str, per_offset: bool) -> pa.Table:
+    """The head's top singular values. A rotary model has one spectrum per offset: the one of the
+    offset this head fires at most, where only the directions some stored signal uses are kept;
+    there every sv from 0 to the last shown is a row, and `stored` says which are in the catalog
+    (sigma NULL where not), so that the gaps are not read as a continuous spectrum."""
+    if not per_offset:
+        return fetch(con, """
+            SELECT sv, sigma, pos_offset FROM singular_vectors
+            WHERE model_id = $model AND form = $form AND layer = $layer AND head = $head AND pos_offset IS NULL
+            ORDER BY sv LIMIT $top""", p)
+    return fetch(con, f"""
+        WITH offset_used AS (SELECT mode(pos_offset) AS pos_offset FROM firings WHERE {this_head}),
+        shown AS (
+            SELECT v.sv, v.sigma, v.pos_offset FROM singular_vectors v
+            WHERE v.model_id = $model AND v.form = $form AND v.layer = $layer AND v.head = $head
+              AND v.pos_offset = (SELECT pos_offset FROM offset_used)
+            ORDER BY v.sv LIMIT $top
+        )
+        SELECT CAST(r.sv AS SMALLINT) AS sv, s.sigma, (SELECT pos_offset FROM offset_used) AS pos_offset,
+               s.sv IS NOT NULL AS stored
+        FROM range(0, (SELECT coalesce(max(sv) + 1, 0) FROM shown)) r(sv) LEFT JOIN shown s ON s.sv = r.sv
+        ORDER BY r.sv""", p)
+
+
 def _spectrum_notes(con, p: dict, spectrum: pa.Table) -> list[str]:
     """What a rotary head's spectrum is (one form per offset; only the directions some stored
     signal uses are kept), so that its gaps in sv are not read as missing data. The offset is
@@ -101,10 +133,11 @@ def _spectrum_notes(con, p: dict, spectrum: pa.Table) -> list[str]:
         WHERE model_id = $model AND form = $form AND layer = $layer AND head = $head AND pos_offset = $offset""",
         dict(p, offset=offset)).to_pylist()[0].values()
     shown = min(n_stored, p["top"])
-    kept = (f"only the {n_stored} of its {d_head} singular vectors that stored sparse signals use are kept"
+    kept = (f"only the {n_stored} of its {d_head} singular vectors that stored sparse signals use are kept "
+            "(rows with stored = false: not in the catalog, sigma unknown)"
             if n_stored < d_head else f"stored sparse signals use all {d_head} of its singular vectors")
     return [f"rotary model: the spectrum of the form at offset {offset}, the offset this head fires at most; "
-            + kept + (f" (showing {shown})" if shown < n_stored else "")]
+            + kept + (f" (showing the first {shown} stored)" if shown < n_stored else "")]
 
 
 def head_notes(run: "Run", name: str, tables: dict) -> list[str]:

@@ -51,6 +51,15 @@ class Run:
         return parse_head(str(text), self.n_layers, self.n_heads)
 
 
+def per_offset_forms(con: duckdb.DuckDBPyConnection, run: Run) -> bool:
+    """Whether the run's form has one spectrum per offset (a rotary model's `sad` form): there a
+    singular direction is named by (pos_offset, sv), since the same sv is a different direction at
+    each offset."""
+    return bool(rows(con, """SELECT EXISTS (SELECT 1 FROM singular_vectors
+                                           WHERE model_id = ? AND form = ? AND pos_offset IS NOT NULL)""",
+                     [run.model_id, run.sv_form])[0][0])
+
+
 def database_path(con: duckdb.DuckDBPyConnection) -> str:
     """The file behind a connection, for error messages."""
     found = rows(con, "SELECT path FROM duckdb_databases() WHERE database_name = current_database()")

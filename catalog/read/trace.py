@@ -32,7 +32,9 @@ __all__ = ["trace", "TraceOptions", "TraceGraph", "prune", "resolve_roots", "DEF
 class TraceOptions:
     """What to trace and how much of it to keep; the `trace` command's options, same names and defaults.
 
-    roots        root heads ("9.9"; None: 9.6, 9.9, 10.0, those the model has); 'heads' runs only
+    roots        root heads ("9.9"; None: GPT-2's 9.6, 9.9, 10.0 where the model has them and they fire
+                 between the roles, else the 3 heads firing between the roles in most prompts,
+                 named in a note; none such is an error); 'heads' runs only
     dest_role    role of the roots' destination token (None: any token); 'heads' runs only
     src_role     role of the roots' source token (None: any token); 'heads' runs only
     prompt_id    trace one prompt (nodes keep positions); None aggregates over every prompt

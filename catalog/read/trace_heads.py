@@ -8,9 +8,9 @@ those whose destination is that firing's destination token. Firings whose source
 paths lead to it: the recursive CTE uses UNION on the firing key, and it terminates because every
 step goes to a strictly lower layer (up_layer < layer).
 
-The graph has head nodes "L.H" and token nodes "L.H@role" (aggregated over prompts; an edge
-whose token has no role is left out, it cannot be matched across prompts) or "L.H@pos" (one
-prompt, `prompt_id=N`). Its edges: "writes" from an upstream head to the downstream head's
+The graph has head nodes "L.H" and token nodes "L.H@role" (aggregated over prompts; the tokens
+without a role are one node "L.H@other": a position is a different word in each template, so
+positions are never matched across prompts) or "L.H@pos" (one prompt, `prompt_id=N`). Its edges: "writes" from an upstream head to the downstream head's
 token node (side, count, mean weight, singular directions), and "reads" from a token node to
 its head.
 """
@@ -21,10 +21,10 @@ import pyarrow as pa
 
 from catalog.errors import CatalogError
 from catalog.heads import parse_head
-from catalog.read.fragments import (EFFECT, NO_SVS, edge_token_join, edges_of_firing, effect_match, head_name_sql,
-                                    token_pos, top_svs)
+from catalog.read.fragments import (EFFECT, aggregated_token, edge_token_join, edges_of_firing, effect_match,
+                                    firing_offset, head_name_sql, no_svs, token_pos, top_svs)
 from catalog.read.graph import TraceGraph
-from catalog.read.runs import Run, check_role, fetch, head_name, rows
+from catalog.read.runs import Run, check_role, fetch, head_name, per_offset_forms, rows
 
 # The IOI name movers (Wang et al. 2022), traced from `end` to `IO` unless told otherwise.
 DEFAULT_ROOTS = ("9.6", "9.9", "10.0")
@@ -48,6 +48,52 @@ def resolve_roots(run: Run, roots: list[str] | None) -> tuple[list[tuple[int, in
         raise CatalogError(f"the model has none of the default roots "
                            f"{', '.join(head_name(*parse_head(t)) for t in DEFAULT_ROOTS)}: pass --root L.H")
     return found, notes
+
+
+# How many roots a trace without --root takes from the data, where GPT-2's do not apply.
+N_DATA_ROOTS = 3
+
+
+def _firings_between(con, run: Run, heads: list[tuple[int, int]] | None, dest_role, src_role, prompt_id) -> list:
+    """(layer, head, n_prompts, n_firings) of the heads (all if `heads` is None) that fire from
+    dest_role to src_role (None: any token), most prompts first."""
+    only = "" if heads is None else "AND (" + " OR ".join(
+        f"(f.layer = {int(l)} AND f.head = {int(h)})" for l, h in heads) + ")"
+    return rows(con, f"""
+        SELECT f.layer, f.head, count(DISTINCT f.prompt_id) AS n_prompts, count(*) AS n_firings FROM firings f
+        JOIN tokens d ON d.run_id = f.run_id AND d.prompt_id = f.prompt_id AND d.pos = f.dest_pos
+        JOIN tokens s ON s.run_id = f.run_id AND s.prompt_id = f.prompt_id AND s.pos = f.src_pos
+        WHERE f.run_id = ? {only} AND (?::INTEGER IS NULL OR f.prompt_id = ?)
+          AND (?::VARCHAR IS NULL OR d.role = ?) AND (?::VARCHAR IS NULL OR s.role = ?)
+        GROUP BY f.layer, f.head ORDER BY n_prompts DESC, n_firings DESC, f.layer DESC, f.head""",
+                [run.run_id, prompt_id, prompt_id, dest_role, dest_role, src_role, src_role])
+
+
+def roots_for(con, run: Run, roots: list[str] | None, dest_role: str | None, src_role: str | None,
+              prompt_id: int | None = None) -> tuple[list[tuple[int, int]], list[str]]:
+    """The root heads of a trace: those given; else GPT-2's name movers (DEFAULT_ROOTS) where the
+    model has them and one of them fires between the roles; else the N_DATA_ROOTS heads that fire
+    between the roles in most prompts, named with their counts in a note. No head firing between
+    the roles is an error (one line asking for --root)."""
+    if roots:
+        return resolve_roots(run, roots)
+    roles = f"from {dest_role or 'any token'} to {src_role or 'any token'}"
+    where = f"run {run.run_id}" + (f", prompt {prompt_id}" if prompt_id is not None else "")
+    defaults = ", ".join(head_name(*parse_head(t)) for t in DEFAULT_ROOTS)
+    try:
+        found, notes = resolve_roots(run, None)
+    except CatalogError:
+        found, notes, why = [], [], f"the model has none of GPT-2's default roots {defaults}"
+    else:
+        if _firings_between(con, run, found, dest_role, src_role, prompt_id):
+            return found, notes
+        why = f"GPT-2's default roots {defaults} have no firing {roles} in {where}"
+    busiest = _firings_between(con, run, None, dest_role, src_role, prompt_id)[:N_DATA_ROOTS]
+    if not busiest:
+        raise CatalogError(f"{why}, and no head fires {roles} there: pass --root L.H (or other --dest-role/--src-role)")
+    counts = ", ".join(f"{head_name(l, h)} ({p} prompts, {n} firings)" for l, h, p, n in busiest)
+    return [(l, h) for l, h, _, _ in busiest], [
+        f"no --root given and {why}: rooted at the {len(busiest)} heads that fire {roles} in most prompts: {counts}"]
 
 
 _REACHED_SQL = """
@@ -106,7 +152,8 @@ grouped AS (
 by_sv AS (
     -- Joined from the reached firings, not from `traced`: DuckDB would otherwise pre-aggregate
     -- all of edge_svs before the join (seconds on a large catalog).
-    SELECT e.up_layer, e.up_head, e.layer, e.head, {token} AS token, e.side, s.sv, sum(s.weight) AS sv_weight
+    SELECT e.up_layer, e.up_head, e.layer, e.head, {token} AS token, e.side, {sv_offset} AS pos_offset, s.sv,
+           sum(s.weight) AS sv_weight
     FROM {reached} r
     JOIN edges e ON {edge_of_reached}
     JOIN edge_svs s ON s.run_id = $run AND s.prompt_id = e.prompt_id AND s.edge_id = e.edge_id
@@ -152,8 +199,7 @@ ORDER BY sort_layer DESC, sort_head, sort_token, kind DESC, count DESC, mean_wei
 _EFFECT = f"(SELECT {EFFECT} FROM interventions iv WHERE {effect_match('e', '$run')})"
 # The fragments the templates above share with the other questions (catalog.read.fragments).
 _FRAGMENTS = dict(edge_of_reached=edges_of_firing("e", "r"), token_pos=token_pos("e"),
-                  token_join=edge_token_join("e", "t", "JOIN"), no_svs=NO_SVS,
-                  top_svs=top_svs("sv", "sv_weight", "total", "sv_weight DESC", "$n_svs"),
+                  token_join=edge_token_join("e", "t", "JOIN"),
                   up_name=head_name_sql("g.up_layer", "g.up_head"), down_name=head_name_sql("g.layer", "g.head"),
                   head=head_name_sql("layer", "head"))
 
@@ -164,10 +210,15 @@ def _traced_edges(con, run: Run, reached: pa.Table, prompt_id: int | None, n_svs
     con.register(view, reached)  # a connection-local view of an Arrow table: fine on a read-only file
     try:
         one_prompt = prompt_id is not None
+        per_offset = per_offset_forms(con, run)  # a rotary form: directions named by (pos_offset, sv)
         sql = _EDGES_SQL.format(
-            reached=view, **_FRAGMENTS,
-            # Over all prompts a token is its role, or "posN" for a token without one (never dropped).
-            token="t.pos" if one_prompt else "coalesce(t.role, 'pos' || t.pos)",
+            reached=view, **_FRAGMENTS, no_svs=no_svs(per_offset),
+            sv_offset=firing_offset("e") if per_offset else "NULL",
+            top_svs=top_svs("sv", "sv_weight", "total", "sv_weight DESC, pos_offset, sv", "$n_svs", "pos_offset")
+            if per_offset else top_svs("sv", "sv_weight", "total", "sv_weight DESC", "$n_svs"),
+            # Over all prompts a token is its role, or "other" for any token without one (never dropped,
+            # never matched by position across prompts).
+            token="t.pos" if one_prompt else aggregated_token("t"),
             # Over all prompts an edge counts the prompts it appears in; in one prompt, its firings.
             count="g.n_edges" if one_prompt else "g.n_prompts",
             reads_count="count(DISTINCT (dest_pos, src_pos))" if one_prompt else "count(DISTINCT prompt_id)",
@@ -192,8 +243,6 @@ def _nodes(con, run: Run, edges: pa.Table, roots: list[tuple[int, int]], prompt_
         if token is not None:  # a token node: its role (over all prompts) or position (one prompt)
             if prompt_id is not None:
                 row["pos"] = int(token)
-            elif token.startswith("pos") and token[3:].isdigit():  # a token without a role, by position
-                row["pos"] = int(token[3:])
             else:
                 row["role"] = token
 
@@ -256,14 +305,16 @@ def _root_notes(con, run: Run, reached: pa.Table, roots: list[tuple[int, int]], 
 
 def trace_heads(con, run: Run, options) -> TraceGraph:
     """The circuit behind the root heads (options: catalog.read.trace.TraceOptions), unpruned."""
-    root_heads, notes = resolve_roots(run, options.roots)
     dest_role, src_role, prompt_id = options.dest_role, options.src_role, options.prompt_id
+    if options.roots:  # given roots are checked first: a bad head is the first thing to hear of
+        resolve_roots(run, options.roots)
     check_role(con, run, dest_role)
     check_role(con, run, src_role)
     if prompt_id is not None and not rows(
             con, "SELECT 1 FROM prompts WHERE run_id = ? AND prompt_id = ?", [run.run_id, int(prompt_id)]):
         n = rows(con, "SELECT count(*) FROM prompts WHERE run_id = ?", [run.run_id])[0][0]
         raise CatalogError(f"run {run.run_id} has no prompt {prompt_id} (prompts 0..{n - 1})")
+    root_heads, notes = roots_for(con, run, options.roots, dest_role, src_role, prompt_id)
     reached = reached_firings(con, run, root_heads, dest_role, src_role, prompt_id)
     root_names = [head_name(l, h) for l, h in root_heads]
     fired = set(zip(reached.column("layer").to_pylist(), reached.column("head").to_pylist()))

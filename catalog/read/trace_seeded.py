@@ -8,7 +8,7 @@ side, the source on the key side), when that firing was decomposed. As in the re
 a key-side head slice that reads a token after the firing's source (up_src_pos > src_pos) is part
 of the firing's decomposition (the edges table) but no node of the graph.
 
-Nodes: the root; firings "L9H9@i>j" (positions; over all prompts, token roles or "posN"); leaves
+Nodes: the root; firings "L9H9@i>j" (positions; over all prompts, token roles or "other"); leaves
 "MLP L@t", "b_O L@t", "embed@t", "offset@t" (t the token written to; the offset node is shared by
 every downstream head, as in the reference). Edges: "seed" (component -> root, weight in the
 objective's unit) and "query" / "key" (component -> firing, attention-probability drop). Over
@@ -22,12 +22,13 @@ from __future__ import annotations
 import pyarrow as pa
 
 from catalog.errors import CatalogError
-from catalog.read.fragments import EFFECT, NO_SVS, edges_of_firing, effect_join, token_pos, top_svs
+from catalog.read.fragments import EFFECT, NO_SVS, aggregated_token, edges_of_firing, effect_join, token_pos, top_svs
 from catalog.read.graph import TraceGraph
 from catalog.read.runs import Run, check_kinds, fetch, rows
 
-# Label of a token: its position for one prompt, its role (or "posN") over all prompts.
-_TOKEN = "CASE WHEN $one_prompt THEN CAST({t}.pos AS VARCHAR) ELSE coalesce({t}.role, 'pos' || {t}.pos) END"
+# Label of a token: its position for one prompt, its role (or "other", never its position: the same
+# position is a different word in each template) over all prompts.
+_TOKEN = "CASE WHEN $one_prompt THEN CAST({t}.pos AS VARCHAR) ELSE " + aggregated_token("{t}") + " END"
 
 _GRAPH_SQL = """
 WITH RECURSIVE reached(prompt_id, layer, head, dest_pos, src_pos) AS (

@@ -180,20 +180,24 @@ def head_firings(request: Request, head: str, run_id: int | None = None, prompt_
 
 @router.get("/edges_into/{head}", summary="Upstream heads of a head (query.edges_into)")
 def edges_into(request: Request, head: str, side: str | None = None, role: str | None = None,
+               dest_role: str | None = None, src_role: str | None = None,
                run_id: int | None = None, top: int | None = Query(None, ge=1), n_svs: int = Query(3, ge=1),
                kind: list[str] | None = Query(None, description="component kinds: head, mlp, attn_bias, embed, offset"),
                effects: EffectParams = Depends()):
     with _service(request).reader() as con:
-        return rows_of(query.edges_into(con, head, side=side, role=role, run_id=run_id, top=top, n_svs=n_svs,
+        return rows_of(query.edges_into(con, head, side=side, role=role, dest_role=dest_role, src_role=src_role,
+                                        run_id=run_id, top=top, n_svs=n_svs,
                                         kind=kind, **effects.values))
 
 
 @router.get("/edges_from/{head}", summary="Downstream heads of a head (query.edges_from)")
 def edges_from(request: Request, head: str, side: str | None = None, role: str | None = None,
+               dest_role: str | None = None, src_role: str | None = None,
                run_id: int | None = None, top: int | None = Query(None, ge=1), n_svs: int = Query(3, ge=1),
                effects: EffectParams = Depends()):
     with _service(request).reader() as con:
-        return rows_of(query.edges_from(con, head, side=side, role=role, run_id=run_id, top=top, n_svs=n_svs,
+        return rows_of(query.edges_from(con, head, side=side, role=role, dest_role=dest_role, src_role=src_role,
+                                        run_id=run_id, top=top, n_svs=n_svs,
                                         **effects.values))
 
 

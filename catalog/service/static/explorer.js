@@ -25,7 +25,10 @@ function fmt(value) {
 }
 
 // A singular direction an edge writes through, {sv, share}, as "sv:share".
-const svText = s => `${s.sv}:${s.share === null ? "" : s.share.toFixed(2)}`;
+// A direction's name: its index, or on a rotary model its form's offset and index ("d3:sv0"),
+// since the same index is a different direction at each offset.
+const svName = s => (s.pos_offset === undefined || s.pos_offset === null) ? `${s.sv}` : `d${s.pos_offset}:sv${s.sv}`;
+const svText = s => `${svName(s)}:${s.share === null ? "" : s.share.toFixed(2)}`;
 
 async function api(path, params = {}) {
   const query = new URLSearchParams();
@@ -171,13 +174,15 @@ async function showHead(name) {
     </div>
     <div class="cols">
       <section><h3>Spectrum (top singular values)</h3><div id="spectrum">${
-        bars(head.spectrum, s => s.sv, s => s.sigma, s => `sv ${s.sv}: sigma ${fmt(s.sigma)}`)}</div></section>
+        bars(head.spectrum, s => s.sv, s => s.sigma ?? 0,
+             s => s.stored === false ? `sv ${s.sv}: not stored (no stored signal uses it)` : `sv ${s.sv}: sigma ${fmt(s.sigma)}`)}</div></section>
       <section><h3>Signal size (singular directions per firing)</h3><div id="signal-size">${
         bars(head.signal_size, s => s.n_svs, s => s.n_firings, s => `${s.n_svs} directions: ${s.n_firings} firings`)}</div></section>
       <section><h3>Firing roles</h3><div id="role-pairs">${table(head.role_pairs, ["dest_role", "src_role", "n_firings", "n_prompts"],
         {dest_role: noRole, src_role: noRole})}</div></section>
       <section><h3>Most used singular directions</h3><div id="top-svs">${
-        table(head.top_svs, ["sv", "sigma", "n_firings", "share_of_firings", "mean_contribution"])}</div></section>
+        table(head.top_svs, (head.top_svs.length && "pos_offset" in head.top_svs[0] ? ["pos_offset"] : [])
+          .concat(["sv", "sigma", "n_firings", "share_of_firings", "mean_contribution"]))}</div></section>
       <section><h3>Upstream heads (edges into ${esc(head.name)})</h3><div id="upstream">${
         table(head.upstream, ["upstream", "side", "n_prompts", "n_firings", "mean_weight", "top_svs"],
               {upstream: (u, row) => row.up_kind === "head" ? headLink(u) : esc(u)})}</div></section>
@@ -237,7 +242,7 @@ async function showCircuit(params) {
   view.innerHTML = `
     <h2>Circuit</h2>
     <div class="controls">
-      <label>root heads <input id="c-roots" value="${esc(roots)}" placeholder="default: 9.6, 9.9, 10.0" size="14"></label>
+      <label>root heads <input id="c-roots" value="${esc(roots)}" placeholder="default: from the data" size="14"></label>
       <label>destination role <select id="c-dest">${roleOptions(dest)}</select></label>
       <label>source role <select id="c-src">${roleOptions(src)}</select></label>
       <label>prompt <select id="c-prompt">${promptOptions}</select></label>
@@ -284,8 +289,8 @@ function drawCircuit(graph, columns) {
   // Column: the token a node belongs to (a token node's role or position; for ACC++ nodes the
   // token after "@", its destination before ">"). Tokens not among the columns get one.
   const columnOf = n => {
-    // (over all prompts, a token without a role is "posN")
-    const key = n.kind === "token" ? (graph.prompt_id !== null ? String(n.pos) : (n.role ?? `pos${n.pos}`))
+    // (over all prompts, the tokens without a role are one node, role "other")
+    const key = n.kind === "token" ? (graph.prompt_id !== null ? String(n.pos) : (n.role ?? "other"))
       : String(n.pos ?? "").split(">")[0];
     if (!(key in colIndex)) { colIndex[key] = columns.length; columns.push({key, label: key || "(output)"}); }
     return key;
