@@ -2,7 +2,6 @@
 the model's own patterns, what a sink does to firings and edges, and what is recorded."""
 
 import duckdb
-import numpy as np
 import pytest
 
 from catalog.jobs.ingest import ingest

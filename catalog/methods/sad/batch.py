@@ -106,8 +106,8 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Sa
                                 settings.edge_threshold)
             f, up = result.is_edge.nonzero(as_tuple=True)
             first_row = sum(len(part["prompt_id"]) for part in rows["edges"])
-            edge = dict(take(key, traced_rows[rows_of(f)]), side=np.full(len(f), side), up_kind=np.full(len(f), "head"),
-                        up_layer=rows_of(up // n_heads), up_head=rows_of(up % n_heads))
+            edge = dict(take(key, traced_rows[rows_of(f)]), side=np.full(len(f), side),
+                        up_kind=np.full(len(f), "head"), up_layer=rows_of(up // n_heads), up_head=rows_of(up % n_heads))
             rows["edges"].append(dict(edge, weight=rows_of(result.weight[f, up])))
             # One row per (edge, direction of the firing's signal), in the signal's order.
             e, rank = selected[f, : result.terms.shape[2]].nonzero(as_tuple=True)
