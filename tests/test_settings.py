@@ -20,7 +20,8 @@ ALL_SETTINGS = [IngestSettings, InterveneSettings, *(m.settings for m in REGISTR
 def test_defaults_are_the_documented_ones():
     assert defaults(IngestSettings)["n_prompts"] == 256  # the CLI's value won over Python's old 64
     assert defaults(SadSettings) == {"attn_threshold": 0.5, "sv_threshold": 1.0, "edge_threshold": 0.7,
-                                     "append_constant": True}
+                                     "append_constant": True, "sink_attention": 0.3, "sink_head_share": 0.15,
+                                     "sink_min_heads": 8, "keep_sinks": False}
     assert defaults(AccppSettings)["threshold"] == "dynamic" and defaults(AccppSettings)["ig_steps"] == 64
     assert defaults(InterveneSettings)["mode"] == "local"
 

@@ -42,7 +42,8 @@ def heads(con, run_id: int | None = None, sort: str = "head", n_roles: int = 3) 
     on the run's method: mean_n_svs (sad: singular vectors in a firing's sparse signal) or
     mean_atoms (accpp: atoms the greedy zeroed, per firing and side, from firing_sides); roles,
     its most frequent (dest_role->src_role) pairs, most firings first (a token without a role is
-    'other'); n_edges_in (edges into its firings) and n_edges_out (edges from it into later
+    'other'), firings to attention sinks left out unless the run kept sinks (`heads_notes`
+    says so); n_edges_in (edges into its firings) and n_edges_out (edges from it into later
     heads' firings). `sort`: head (layer, head), or firings, edges_in, edges_out (descending).
 
         >>> heads(con, sort="firings").slice(0, 5)   # doctest: +SKIP
@@ -71,7 +72,11 @@ def heads(con, run_id: int | None = None, sort: str = "head", n_roles: int = 3) 
     pairs AS (
         SELECT layer, head, coalesce(dest_role, '{NO_ROLE}') || '->' || coalesce(src_role, '{NO_ROLE}') AS pair,
                count(*) AS n
-        FROM firing_roles WHERE run_id = $run GROUP BY ALL
+        FROM firing_roles
+        -- A sink draws firings from most heads and would top every head's pairs (docs/schema.md,
+        -- "Attention sinks"); older runs (to_sink NULL) have no rule and keep every firing.
+        WHERE run_id = $run AND (to_sink IS NOT TRUE OR (SELECT keep_sinks FROM runs WHERE run_id = $run))
+        GROUP BY ALL
     ),
     roles AS (
         SELECT layer, head, list(pair ORDER BY n DESC, pair)[1:$n_roles] AS roles FROM pairs GROUP BY layer, head
@@ -94,6 +99,19 @@ def heads(con, run_id: int | None = None, sort: str = "head", n_roles: int = 3) 
     """
     return fetch(con, sql, {"run": run.run_id, "n_layers": run.n_layers, "n_heads": run.n_heads,
                             "n_roles": int(n_roles)})
+
+
+def heads_notes(con, run_id: int | None = None) -> list[str]:
+    """What a reader of `heads` must know: how many firings go to attention sinks and whether the
+    role pairs leave them out (none for runs without the sink rule or without sinks)."""
+    run = resolve_run(con, run_id, ("runs", "firings"))
+    n_sink, n_all, keep = rows(con, """
+        SELECT count(*) FILTER (f.to_sink), count(*), any_value(r.keep_sinks)
+        FROM firings f JOIN runs r USING (run_id) WHERE run_id = ?""", [run.run_id])[0]
+    if not n_sink:
+        return []
+    kept = "they are counted in roles and traced" if keep else "roles leave them out and they have no edges"
+    return [f"{n_sink:,} of {n_all:,} firings go to attention sinks (tokens.is_sink): {kept}"]
 
 
 # Prompts of two runs are matched by text (prompt ids are per run); a text that occurs several

@@ -23,6 +23,7 @@ TYPES = {
     "top_token_id": pa.int32(), "top_token": pa.string(), "pos_offset": pa.int16(),
     "projection": pa.float32(), "head_share": pa.float32(), "mlp_share": pa.float32(),
     "attn_bias_share": pa.float32(), "embed_share": pa.float32(), "offset_share": pa.float32(),
+    "to_sink": pa.bool_(), "is_sink": pa.bool_(),
 }
 
 # The order edges are numbered in within a prompt (the order migration 004 gave older catalogs).

@@ -46,4 +46,9 @@ runs = sa.Table(
     sa.Column("weight_unit", sa.String, server_default="score"),  # 'score' | 'attn_prob'
     sa.Column("settings", sa.JSON),
     sa.Column("has_bos", sa.Boolean, server_default=sa.false()),  # token 0 of every prompt is BOS
+    # The 2024 method's attention-sink rule (migration 009; NULL: the run applied none).
+    sa.Column("sink_attention", sa.Float),
+    sa.Column("sink_head_share", sa.Float),
+    sa.Column("sink_min_heads", sa.Integer),
+    sa.Column("keep_sinks", sa.Boolean),
 )

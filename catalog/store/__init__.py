@@ -417,7 +417,7 @@ class Catalog:
                              list(constants.values()))
 
     # Batch tables that update rows written with the run instead of adding rows: name -> (table, keys).
-    UPDATES = {"prompt_outputs": ("prompts", ["prompt_id"])}
+    UPDATES = {"prompt_outputs": ("prompts", ["prompt_id"]), "sink_tokens": ("tokens", ["prompt_id", "pos"])}
     # Batch tables of the run's model rather than of the run (rotary models' per-offset directions
     # first used by this batch): name -> the columns that identify one stored item; items already
     # stored (by an earlier run, or a batch of this run that committed before an interruption) are skipped.

@@ -15,7 +15,7 @@ from catalog.methods.sad.edges import SIDES, trace_side, upstream_outputs
 from catalog.methods.sad.settings import SadSettings
 from catalog.methods.shared.tensors import pad_tokens, prompt_outputs, rows_of
 from catalog.schema.rows import concat, number_edges, table, take
-from catalog.methods.sad.signals import find_firings, sparse_signals
+from catalog.methods.sad.signals import find_firings, find_sinks, sparse_signals, subset
 
 
 def batch_analysis(context):
@@ -59,6 +59,10 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Sa
     outputs = upstream_outputs(z, W_O.float()) if z else None
     residual = shares.residual_by_kind(cache, model.n_layers, outputs, n_heads, model.output_weights()[0])
     rows = {name: [] for name in ("firings", "firing_svs", "side_shares", "edges", "edge_svs")}
+    is_sink = find_sinks([cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.n_layers)],
+                         end_pos, settings.sink_attention, settings.sink_head_share,
+                         settings.sink_min_heads)  # [prompt, pos]
+    sink_tokens = _sink_tokens(is_sink, [len(tokens) for tokens in token_lists], prompt_ids)
     for layer in range(model.n_layers):
         firings = find_firings(
             cache[f"blocks.{layer}.attn.hook_pattern"].float(), cache[f"blocks.{layer}.attn.hook_attn_scores"].float(),
@@ -66,6 +70,7 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Sa
         )
         if len(firings) == 0:
             continue
+        to_sink = is_sink[firings.prompt, firings.src]
         offset = firings.dest - firings.src
         forms, firings.form = qk.layer_forms(layer, firings.head, offset)
         signals = sparse_signals(firings, cache[f"blocks.{layer}.ln1.hook_normalized"], forms, settings.sv_threshold)
@@ -73,7 +78,8 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Sa
                "head": rows_of(firings.head), "dest_pos": rows_of(firings.dest), "src_pos": rows_of(firings.src)}
         pos_offset = rows_of(offset) if forms.pos_offset is not None else np.full(len(firings), np.nan)
         rows["firings"].append(dict(key, attn_weight=rows_of(firings.attn_weight), score=rows_of(firings.score),
-                                    n_svs=rows_of(signals.n_svs), pos_offset=pos_offset))
+                                    n_svs=rows_of(signals.n_svs), pos_offset=pos_offset,
+                                    to_sink=rows_of(to_sink)))
         selected = signals.selected()  # [firing, rank]: which ranks belong to each signal
         f, rank = selected.nonzero(as_tuple=True)
         sv = signals.order[f, rank]
@@ -86,14 +92,22 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Sa
             rows["side_shares"].append(_side_shares(side, key, firings, signals, forms, residual[layer], scale))
         if layer == 0:
             continue  # nothing is upstream of layer 0
+        # Firings to a sink keep their rows above but get no edges unless keep_sinks: their edges
+        # would mostly say what writes the sink's key, the same in every prompt, and flood the
+        # catalog (SmolLM2: about half of all firings; README, "Attention sinks").
+        traced = torch.arange(len(firings), device=device) if settings.keep_sinks else (~to_sink).nonzero()[:, 0]
+        if len(traced) == 0:
+            continue
+        traced_rows = rows_of(traced)
+        firings, signals, selected = subset(firings, traced), subset(signals, traced), selected[traced]
         upstream = outputs[:, :, : adapter.upstream_heads(layer)]
         for side in SIDES:
             result = trace_side(side, firings, signals, forms, upstream, scale, settings.append_constant,
                                 settings.edge_threshold)
             f, up = result.is_edge.nonzero(as_tuple=True)
             first_row = sum(len(part["prompt_id"]) for part in rows["edges"])
-            edge = dict(take(key, rows_of(f)), side=np.full(len(f), side), up_kind=np.full(len(f), "head"),
-                        up_layer=rows_of(up // n_heads), up_head=rows_of(up % n_heads))
+            edge = dict(take(key, traced_rows[rows_of(f)]), side=np.full(len(f), side),
+                        up_kind=np.full(len(f), "head"), up_layer=rows_of(up // n_heads), up_head=rows_of(up % n_heads))
             rows["edges"].append(dict(edge, weight=rows_of(result.weight[f, up])))
             # One row per (edge, direction of the firing's signal), in the signal's order.
             e, rank = selected[f, : result.terms.shape[2]].nonzero(as_tuple=True)
@@ -104,7 +118,18 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Sa
         edges, edge_svs = number_edges(concat(rows["edges"]), concat(rows["edge_svs"]))
         rows["edges"], rows["edge_svs"] = [edges], [edge_svs]
     tables = {name: table(COLUMNS[name], parts) for name, parts in rows.items()}
-    return dict(tables, prompt_outputs=outputs_table, singular_vectors=qk.take_new(tables["firing_svs"]))
+    return dict(tables, prompt_outputs=outputs_table, sink_tokens=sink_tokens,
+                singular_vectors=qk.take_new(tables["firing_svs"]))
+
+
+def _sink_tokens(is_sink, n_tokens, prompt_ids):
+    """tokens.is_sink of every token of the batch's prompts (the padding left out), as rows that
+    update the run's tokens (catalog.store: UPDATES)."""
+    keep = torch.arange(is_sink.shape[1], device=is_sink.device).view(1, -1) < torch.as_tensor(
+        n_tokens, device=is_sink.device).view(-1, 1)
+    prompt, pos = keep.nonzero(as_tuple=True)
+    return table(["prompt_id", "pos", "is_sink"], [dict(prompt_id=prompt_ids[rows_of(prompt)], pos=rows_of(pos),
+                                                        is_sink=rows_of(is_sink[prompt, pos]))])
 
 
 def _side_shares(side, key, firings, signals, forms, residual, scale) -> dict:
@@ -122,7 +147,8 @@ def _side_shares(side, key, firings, signals, forms, residual, scale) -> dict:
 COLUMNS = {
     "side_shares": ["prompt_id", "layer", "head", "dest_pos", "src_pos", "side", "projection"]
                    + [f"{kind}_share" for kind in shares.KINDS],
-    "firings": ["prompt_id", "layer", "head", "dest_pos", "src_pos", "attn_weight", "score", "n_svs", "pos_offset"],
+    "firings": ["prompt_id", "layer", "head", "dest_pos", "src_pos", "attn_weight", "score", "n_svs", "pos_offset",
+                "to_sink"],
     "firing_svs": ["prompt_id", "layer", "head", "dest_pos", "src_pos", "rank", "sv", "contribution",
                    "dest_proj", "src_proj"],
     "edges": ["prompt_id", "edge_id", "layer", "head", "dest_pos", "src_pos", "side", "up_kind", "up_layer",

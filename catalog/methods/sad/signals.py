@@ -49,6 +49,34 @@ class SparseSignals:
         return ranks.unsqueeze(0) < self.n_svs.unsqueeze(1)
 
 
+def find_sinks(patterns, end_pos, sink_attention: float, sink_head_share: float, sink_min_heads: int) -> torch.Tensor:
+    """[prompt, pos] mask of each prompt's attention sinks (docs/schema.md, "Attention sinks").
+
+    patterns: every layer's hook_pattern [prompt, head, dest, src], in layer order. A source token
+    j >= 1 is a sink when at least sink_head_share of all heads (layers x heads), and at least
+    sink_min_heads heads, give it at least sink_attention of their attention on average over the
+    destinations after it, j < i <= end_pos. The floor keeps a few heads of a small model that
+    look at one token (a duplicate-token head, say) from making it a sink.
+    Position 0 is not judged (it never fires anyway); a token with no destination after it (the
+    end and the padding) is never a sink.
+    """
+    n_pos = patterns[0].shape[-1]
+    device = patterns[0].device
+    positions = torch.arange(n_pos, device=device)
+    end_pos = end_pos.to(device).view(-1, 1, 1)
+    # [prompt, dest, src]: the destinations each source's mean is taken over.
+    after = (positions.view(1, -1, 1) > positions.view(1, 1, -1)) & (positions.view(1, -1, 1) <= end_pos)
+    n_after = after.sum(dim=1)  # [prompt, src]
+    n_heads_giving = torch.zeros(after.shape[0], n_pos, device=device)
+    for pattern in patterns:  # one layer at a time keeps memory at one layer's pattern
+        received = (pattern.float() * after.unsqueeze(1)).sum(dim=2)  # [prompt, head, src]
+        mean = received / n_after.clamp(min=1).unsqueeze(1)
+        n_heads_giving += (mean >= sink_attention).sum(dim=1)
+    n_heads = sum(pattern.shape[1] for pattern in patterns)
+    enough = (n_heads_giving >= sink_head_share * n_heads) & (n_heads_giving >= sink_min_heads)
+    return enough & (n_after > 0) & (positions.view(1, -1) >= 1)
+
+
 def find_firings(pattern, attn_scores, end_pos, attn_threshold: float, score_scale: float) -> Firings:
     """Firings of one layer from its hook_pattern / hook_attn_scores [prompt, head, dest, src].
 
@@ -95,3 +123,8 @@ def sparse_signals(firings: Firings, normalized, forms: LayerForms, sv_threshold
     # No prefix qualifies only when no contribution is negative: then take every c_k > 0.
     n_svs = torch.where(passed.any(dim=1), first + 1, (contribution > 0).sum(dim=1))
     return SparseSignals(contribution, dest_proj, src_proj, order, n_svs)
+
+
+def subset(rows, index: torch.Tensor):
+    """The Firings or SparseSignals `rows` restricted to the firings at `index` (same fields)."""
+    return type(rows)(**{name: None if value is None else value[index] for name, value in vars(rows).items()})
