@@ -44,7 +44,10 @@ def heads(db_path, run_id, sort, fmt):
         table = query_overview.heads(con, run.run_id, sort=sort)
         method, n_prompts = rows(con, "SELECT coalesce(method, $2), (SELECT count(*) FROM prompts WHERE "
                                       "run_id = $1) FROM runs WHERE run_id = $1", [run.run_id, methods.DEFAULT])[0]
+        notes = query_overview.heads_notes(con, run.run_id)
     _note(f"run {run.run_id} ({method}, {run.status}, {n_prompts} prompts): {run.n_layers}x{run.n_heads} heads")
+    for note in notes:  # firings to attention sinks left out of the role pairs
+        _note(note)
     click.echo(render(table, fmt))
 
 

@@ -50,6 +50,10 @@ class IngestSettings(BaseModel):
     sv_threshold: float = 1.0
     edge_threshold: float = 0.7
     append_constant: bool = True
+    sink_attention: float = 0.3
+    sink_head_share: float = 0.15
+    sink_min_heads: int = 8
+    keep_sinks: bool = False
     # method 'accpp' (ACC++)
     threshold: float | Literal["dynamic"] = "dynamic"
     ig_steps: int = Field(64, ge=1)
