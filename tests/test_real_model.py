@@ -63,11 +63,11 @@ def test_stored_scores_and_directions_are_the_models_own(smollm2):
     import duckdb
     import torch
 
-    from catalog.jobs.ingest import qk_forms
+    from catalog.methods.sad.batch import qk_forms
     from catalog.methods.sad.signals import augment
 
     lm, db, _ = smollm2
-    qk = qk_forms(None, lm, None)  # every direction, built from the factors
+    qk = qk_forms(lm)  # every direction, built from the factors (rotary: nothing stored is read)
     checked = 0
     with duckdb.connect(str(db), read_only=True) as con:
         n_firings = con.execute("SELECT count(*) FROM firings").fetchone()[0]

@@ -116,7 +116,10 @@ def test_serve_stops_promptly_while_a_job_generates_prompts(tiny_checkpoint, tmp
 def _ingest_process(db, checkpoint, *args):
     command = [sys.executable, "-c", "from catalog.cli import entry; entry()", "ingest", "--db", str(db),
                "--model-path", str(checkpoint), *args]
-    return subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # A terminal's Ctrl-C: SIGINT handled by default in the child, even where this test runs as a
+    # background job (a shell starts those with SIGINT ignored, and Python then keeps it ignored).
+    return subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_line(process, fragment: str, timeout: float = 60) -> list[str]:

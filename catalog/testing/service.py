@@ -35,8 +35,11 @@ class ServerProcess:
                    "--port", str(self.port), *(["--token", token] if token else ["--no-token"]), *args]
         self.log_path = Path(log_path or f"{db_path}.serve-{self.port}.log")
         self._log = open(self.log_path, "w")
+        # SIGINT handled by default in the server even when the tests run as a background job
+        # (started with SIGINT ignored), so that stop(sig=SIGINT) is a terminal's Ctrl-C.
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self._wait_ready(timeout)
 
     def log(self) -> str:

@@ -55,8 +55,9 @@ class AccppSettings:
         return made
 
     def columns(self) -> dict:
-        """ACC++ runs leave the 2024 method's runs columns empty."""
-        return {"attn_threshold": None, "sv_threshold": None, "edge_threshold": None, "append_constant": None}
+        """ACC++ runs leave the 2024 method's runs columns empty (its thresholds and sink rule)."""
+        return {"attn_threshold": None, "sv_threshold": None, "edge_threshold": None, "append_constant": None,
+                "sink_attention": None, "sink_head_share": None, "sink_min_heads": None, "keep_sinks": None}
 
     def record(self) -> dict:
         return {"threshold": self.threshold, "ig_steps": self.ig_steps, "seeding": self.seeding,
