@@ -21,6 +21,19 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.unit)
 
 
+@pytest.fixture(autouse=True)
+def _servers_stopped():
+    """A test that fails half-way leaves no `serve` process behind: the servers it started (not a
+    module fixture's, which start before it) are killed when it ends, whatever happened."""
+    from catalog.testing.service import ServerProcess
+
+    before = len(ServerProcess.started)
+    yield
+    for server in ServerProcess.started[before:]:
+        server.kill()
+    del ServerProcess.started[before:]
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised 3-layer, 4-head GPT-2 with GPT-2's real tokenizer."""

@@ -26,6 +26,8 @@ def free_port() -> int:
 class ServerProcess:
     """A running service: `url`, `token`, `stop()` (SIGTERM, clean), `kill()` (SIGKILL)."""
 
+    started: list["ServerProcess"] = []  # every server of this process, so tests can stop what they leave
+
     def __init__(self, db_path: str | Path, token: str | None = None, args: tuple[str, ...] = (),
                  timeout: float = 60.0, log_path: str | Path | None = None):
         self.db_path, self.token = Path(db_path), token
@@ -40,6 +42,7 @@ class ServerProcess:
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
                                         env=dict(os.environ, PYTHONUNBUFFERED="1"),
                                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        ServerProcess.started.append(self)
         self._wait_ready(timeout)
 
     def log(self) -> str:
