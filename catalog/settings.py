@@ -36,10 +36,6 @@ def at_least(bound: int) -> Rule:
     return Rule(lambda v: v >= bound, f"be at least {bound}")
 
 
-def at_most(bound: int) -> Rule:
-    return Rule(lambda v: v <= bound, f"be at most {bound:,}")
-
-
 def option(default, help: str, *, choices: tuple | None = None, rules: tuple[Rule, ...] = (),
            flag: str | None = None, metavar: str | None = None, negatable: bool = False,
            kind: type | None = None):

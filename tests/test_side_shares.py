@@ -43,9 +43,10 @@ def test_parts_of_every_side_sum_to_its_signal_projection(family_model):
         forms, firings.form = qk.layer_forms(layer, firings.head, firings.dest - firings.src)
         signals = sparse_signals(firings, cache[f"blocks.{layer}.ln1.hook_normalized"], forms, 1.0)
         scale = cache[f"blocks.{layer}.ln1.hook_scale"][..., 0].float()
+        weights = shares.signal_weights(firings, signals, forms)
         for side in ("query", "key"):
-            parts = shares.side_parts(side, firings, signals, forms, residual[layer], scale)
-            projection = shares.signal_projection(side, firings, signals, forms)
+            parts = shares.side_parts(side, firings, weights, forms, residual[layer], scale)
+            projection = shares.signal_projection(side, signals, weights)
             # float32: the error follows the magnitudes of the parts summed, not their net sum
             magnitude = parts.abs().sum(1)
             assert torch.all((parts.sum(1) - projection).abs() <= 1e-5 * magnitude + 1e-6)

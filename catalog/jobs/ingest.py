@@ -123,6 +123,19 @@ def resolve_settings(settings: IngestSettings | None = None, method_settings=Non
     return job, chosen, build(chosen.settings, values)
 
 
+def file_prompts(job: IngestSettings) -> list | None:
+    """The job's prompts read from its JSONL file (checked), or None for the built-in prompt set;
+    one CatalogError line for a bad file or an unknown dataset. The service checks a submitted job
+    with it too."""
+    from catalog.prompts import read_jsonl
+
+    if job.prompts_file is not None:
+        return read_jsonl(job.prompts_file)
+    if job.dataset != "ioi":
+        raise CatalogError(f"unknown dataset '{job.dataset}': use --dataset ioi or --prompts FILE.jsonl")
+    return None
+
+
 def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=None, show_progress: bool = False,
            on_batch=None, loaded_model=None, **keywords) -> dict:
     """Run (or resume) an ingest into the catalog at db_path; return a summary dict.
@@ -143,15 +156,12 @@ def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=N
     job, chosen, method_settings = resolve_settings(settings, method_settings, **keywords)
     model, model_path, dataset, n_prompts, seed = job.model, job.model_path, job.dataset, job.n_prompts, job.seed
     prompts_file, batch_size, device, dtype = job.prompts_file, job.batch_size, job.device, job.dtype
-    from catalog.prompts import adds_bos, answer_tokens, prompts_digest, read_jsonl
+    from catalog.prompts import adds_bos, answer_tokens, prompts_digest
 
     say = _status if show_progress else (lambda text: None)
-    items = None
-    if prompts_file is not None:
-        items = read_jsonl(prompts_file)  # a bad file fails before the slow model load
+    items = file_prompts(job)  # a bad file fails before the slow model load
+    if items is not None:
         dataset = str(prompts_file)
-    elif dataset != "ioi":
-        raise CatalogError(f"unknown dataset '{dataset}': use --dataset ioi or --prompts FILE.jsonl")
     started = time.perf_counter()
     check_catalog_file(db_path)  # so does a file that is not a DuckDB database
     from catalog.models.loading import check_family, resolve_device

@@ -3,7 +3,7 @@
 The checks are the job layer's own, called here rather than restated: the settings dataclasses'
 rules and the method's (catalog.jobs.ingest.resolve_settings, i.e. catalog.settings.build), the
 device (catalog.models.loading.resolve_device), the checkpoint's family (check_family) and the
-prompts file (catalog.prompts.read_jsonl). On top come the service's own limits, which the CLI
+prompts file or dataset (catalog.jobs.ingest.file_prompts). On top come the service's own limits, which the CLI
 does not need because its user owns the machine: a maximum prompt count, and file paths only
 inside the directories the operator names (`serve --allow-dir`). Error lines name a path only as
 the client gave it, never as the server resolved it.
@@ -22,9 +22,8 @@ DEFAULT_MAX_PROMPTS = 100_000
 def check_job(settings, allowed_dirs: list[Path], max_prompts: int = DEFAULT_MAX_PROMPTS) -> None:
     """Raise one CatalogError line unless the job `settings` (catalog.service.jobs.IngestSettings)
     could run here as the CLI's ingest would run them."""
-    from catalog.jobs.ingest import resolve_settings
+    from catalog.jobs.ingest import file_prompts, resolve_settings
     from catalog.models.loading import check_family, resolve_device
-    from catalog.prompts import read_jsonl
     from catalog.service.jobs import ingest_keywords
 
     job, _, _ = resolve_settings(**ingest_keywords(settings))
@@ -40,14 +39,11 @@ def check_job(settings, allowed_dirs: list[Path], max_prompts: int = DEFAULT_MAX
         _check_inside(job.model, "--model", allowed_dirs)
     resolve_device(job.device)
     if job.prompts_file is not None:
-        given = str(settings.prompts_file)
-        _check_inside(given, "--prompts", allowed_dirs)
-        n_prompts = len(read_jsonl(Path(given).expanduser()))
-        if n_prompts > max_prompts:
-            raise CatalogError(f"--prompts {given}: {n_prompts:,} prompts, more than this service's "
-                               f"limit of {max_prompts:,}")
-    elif job.dataset != "ioi":
-        raise CatalogError(f"unknown dataset '{job.dataset}': use --dataset ioi or --prompts FILE.jsonl")
+        _check_inside(str(settings.prompts_file), "--prompts", allowed_dirs)
+    items = file_prompts(job)  # read as the job will read it; the dataset checked when there is no file
+    if items is not None and len(items) > max_prompts:
+        raise CatalogError(f"--prompts {settings.prompts_file}: {len(items):,} prompts, more than this "
+                           f"service's limit of {max_prompts:,}")
 
 
 def _names_a_local_path(model: str) -> bool:

@@ -88,8 +88,10 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Sa
             dest_proj=rows_of(signals.dest_proj[f, sv]), src_proj=rows_of(signals.src_proj[f, sv]),
         ))
         scale = cache[f"blocks.{layer}.ln1.hook_scale"][..., 0].float()
+        weights = shares.signal_weights(firings, signals, forms)  # the same on both sides
         for side in SIDES:
-            rows["side_shares"].append(_side_shares(side, key, firings, signals, forms, residual[layer], scale))
+            rows["side_shares"].append(_side_shares(side, key, firings, signals, weights, forms, residual[layer],
+                                                    scale))
         if layer == 0:
             continue  # nothing is upstream of layer 0
         # Firings to a sink keep their rows above but get no edges unless keep_sinks: their edges
@@ -132,14 +134,14 @@ def _sink_tokens(is_sink, n_tokens, prompt_ids):
                                                         is_sink=rows_of(is_sink[prompt, pos]))])
 
 
-def _side_shares(side, key, firings, signals, forms, residual, scale) -> dict:
+def _side_shares(side, key, firings, signals, weights, forms, residual, scale) -> dict:
     """One side_shares row per firing: the side's signal projection and each kind's share of it."""
-    parts = shares.side_parts(side, firings, signals, forms, residual, scale)  # [firing, kind]
+    parts = shares.side_parts(side, firings, weights, forms, residual, scale)  # [firing, kind]
     total = parts.sum(dim=1, keepdim=True)
     # An empty signal projects to 0: its shares are NULL (NaN here) rather than a division by 0.
     share = torch.where(total != 0, parts / total, torch.full_like(parts, float("nan")))
     row = dict(key, side=np.full(len(firings), side),
-               projection=rows_of(shares.signal_projection(side, firings, signals, forms)))
+               projection=rows_of(shares.signal_projection(side, signals, weights)))
     share = rows_of(share)
     return dict(row, **{f"{kind}_share": share[:, k] for k, kind in enumerate(shares.KINDS)})
 

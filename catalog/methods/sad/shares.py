@@ -43,17 +43,16 @@ def signal_weights(firings: Firings, signals: SparseSignals, forms: LayerForms) 
     return torch.where(in_signal, sign * torch.sqrt(forms.sigma[firings.form]), torch.zeros_like(sign))
 
 
-def side_parts(side: str, firings: Firings, signals: SparseSignals, forms: LayerForms,
+def side_parts(side: str, firings: Firings, weights: torch.Tensor, forms: LayerForms,
                residual: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
     """Each kind's part of one side's signal projection, [firing, len(KINDS)] in KINDS order.
 
-    residual: for each of RESIDUAL_KINDS, the sum of that kind's upstream outputs [prompt, pos,
+    weights: `signal_weights` of the firings (the same for both sides); residual: for each of RESIDUAL_KINDS, the sum of that kind's upstream outputs [prompt, pos,
     d_model] (the components written before this layer); scale: this layer's ln1.hook_scale
     [prompt, pos]. Vectorised as `LayerForms.projections` is: every token on every head's basis,
     then one small product per firing."""
     basis = forms.basis_q if side == "query" else forms.basis_k   # [head, d_model + 1, r]
     core = forms.core_q if side == "query" else forms.core_k
-    weights = signal_weights(firings, signals, forms)             # [firing, sv]
     if core is not None:                                          # u_k = basis @ core[:, k]
         weights = torch.bmm(core[firings.form], weights.unsqueeze(-1)).squeeze(-1)
     head = forms.head[firings.form]
@@ -67,10 +66,11 @@ def side_parts(side: str, firings: Firings, signals: SparseSignals, forms: Layer
     return torch.stack(parts, dim=1)
 
 
-def signal_projection(side: str, firings: Firings, signals: SparseSignals, forms: LayerForms) -> torch.Tensor:
-    """P of each firing [firing] from the normalised residual itself (what the parts sum to)."""
+def signal_projection(side: str, signals: SparseSignals, weights: torch.Tensor) -> torch.Tensor:
+    """P of each firing [firing] from the normalised residual itself (what the parts sum to), given
+    the firings' `signal_weights`."""
     proj = signals.dest_proj if side == "query" else signals.src_proj
-    return (signal_weights(firings, signals, forms) * proj).sum(-1)
+    return (weights * proj).sum(-1)
 
 
 def residual_by_kind(cache, n_layers: int, head_outputs: torch.Tensor | None, n_heads: int,
