@@ -93,6 +93,9 @@ def test_from_the_grid_to_why_a_head_fires(served, browser_page, tmp_path):
     assert [a.inner_text() for a in page.query_selector_all("#upstream a.head-link")] == \
         [r["upstream"] for r in summary["upstream"] if r["up_kind"] == "head"]
     assert int(page.get_attribute("#role-pairs table", "data-rows")) == len(summary["role_pairs"])
+    # what the heads carry of each side (the edges explain no more than that)
+    assert int(page.get_attribute("#side-shares table", "data-rows")) == len(summary["side_shares"]) >= 2
+    assert page.inner_text("#side-shares").count("query") == len([r for r in summary["side_shares"] if r["side"] == "query"])
     # Its notes (rows left out, empty parts) are shown, not dropped.
     assert summary["notes"] and [li.inner_text() for li in page.query_selector_all("#head-notes li")] == summary["notes"]
 

@@ -146,6 +146,17 @@ def test_head_summary_and_grid(served, reference, catalog_db):
     assert got["run"]["run_id"] == LATEST_RUN and isinstance(got["notes"], list)
     for name, table in expected.items():
         assert_same_rows(got[name], rows(table))
+    # the heads' share of each side (2024 method), against medians of the stored side_shares rows
+    medians = {r["side"]: r for r in fetch_dicts(catalog_db, """
+        SELECT side, count(*) AS n, median(head_share) AS heads, median(mlp_share) AS mlps FROM side_shares
+        WHERE run_id = ? AND layer = ? AND head = ? AND head_share IS NOT NULL GROUP BY side""",
+        [LATEST_RUN, layer, index])}
+    shown = {r["side"]: r for r in got["side_shares"] if r["firings"] == "all"}
+    assert set(shown) == set(medians) == {"query", "key"}
+    for side, row in shown.items():
+        assert row["n_firings"] == medians[side]["n"]
+        assert row["head_share"] == pytest.approx(medians[side]["heads"], abs=1e-6)
+        assert row["mlp_share"] == pytest.approx(medians[side]["mlps"], abs=1e-6)
     grid = client.get("/api/v1/heads", params={"dest_role": "end"}).json()
     counts = {(r["layer"], r["head"]): r["n_firings"] for r in fetch_dicts(catalog_db, """
         SELECT layer, head, count(*) AS n_firings FROM firing_roles WHERE run_id = ? AND dest_role = 'end'

@@ -101,3 +101,39 @@ def test_stored_side_shares_sum_to_one_and_project_the_stored_signal(family, tmp
     note = [n for n in notes if "(side_shares)" in n]
     assert len(note) == 1
     assert f"{medians['query']:.0%} of the query side" in note[0] and f"{medians['key']:.0%} of the key side" in note[0]
+
+    # `head` (CLI, API, explorer) shows the medians per side, over all firings and per role pair,
+    # and a note for a side the heads carry less than half of: checked against plain medians of the
+    # stored rows, grouped here in Python
+    import statistics
+
+    con = duckdb.connect(str(db), read_only=True)
+    stored = con.execute("""
+        SELECT coalesce(d.role, 'other') || ' -> ' || coalesce(t.role, 'other'), s.side, s.head_share, s.mlp_share
+        FROM side_shares s
+        JOIN tokens d ON d.run_id = s.run_id AND d.prompt_id = s.prompt_id AND d.pos = s.dest_pos
+        JOIN tokens t ON t.run_id = s.run_id AND t.prompt_id = s.prompt_id AND t.pos = s.src_pos
+        WHERE s.layer = ? AND s.head = ? AND s.head_share IS NOT NULL""", list(busiest)).fetchall()
+    con.close()
+    groups = {}
+    for pair, side, head_share, mlp_share in stored:
+        for firings in ("all", pair):
+            groups.setdefault((firings, side), []).append((head_share, mlp_share))
+    name = f"{busiest[0]}.{busiest[1]}"
+    with open_readonly(db) as con:
+        document = query.head_document(con, name)
+    shown = document["side_shares"]
+    assert {(r["firings"], r["side"]) for r in shown} >= {("all", "query"), ("all", "key")}
+    assert len({r["firings"] for r in shown}) <= 4  # all, and at most three role pairs
+    for row in shown:
+        values = groups[(row["firings"], row["side"])]
+        assert row["n_firings"] == len(values)
+        assert row["head_share"] == pytest.approx(statistics.median(v[0] for v in values), abs=1e-6)
+        assert row["mlp_share"] == pytest.approx(statistics.median(v[1] for v in values), abs=1e-6)
+    low = [side for side in ("query", "key") if statistics.median(v[0] for v in groups[("all", side)]) < 0.5]
+    note = [n for n in document["notes"] if n.startswith("heads carry") and "'s firings" in n]
+    assert len(note) == (1 if low else 0)
+    for side in low:
+        assert f"{statistics.median(v[0] for v in groups[('all', side)]):.0%} of the {side} side" in note[0]
+    # the upstream table's share note is not repeated in the head's notes
+    assert not [n for n in document["notes"] if "(side_shares)" in n]

@@ -118,6 +118,7 @@ HEAD_TITLES = {
     "role_pairs": "Firing token roles (dest_role -> src_role)",
     "signal_size": "Signal size (n_svs histogram)",
     "top_svs": "Most used singular vectors",
+    "side_shares": "Who writes each side (median share of the sparse signal's projection)",
     "upstream": "Main upstream heads",
     "downstream": "Main downstream heads",
 }
@@ -134,7 +135,8 @@ def head(db_path, head_name, run_id, top, effect, min_effect, effect_mode, fmt):
     """Everything about one HEAD (L9H9 or 9.9): spectrum, firings, token roles, signal size, neighbours.
 
     With --format json, one object: name ("L9H9"), layer, head, run_id, run, notes, and one list
-    of rows per table (spectrum, activity, role_pairs, signal_size, top_svs, upstream,
+    of rows per table (spectrum, activity, role_pairs, signal_size, top_svs, side_shares (2024
+    method: how much of each side upstream heads, MLPs, biases and the embedding write), upstream,
     downstream). The upstream/downstream rows are those of `edges`. {svs}
     """
     with _catalog(db_path) as con:

@@ -107,6 +107,9 @@ def _edge_table(con, run: Run, fixed: str, layer_head: tuple[int, int], group: l
     return with_notes(table, run_info(con, run), notes)
 
 
+HEAD_SHARE_NOTE = "upstream heads carry a median"
+
+
 def head_share_notes(con, run: Run, layer_head: tuple[int, int], side: str | None) -> list[str]:
     """How much of the head's sides its upstream heads carry (table side_shares), for a method whose
     edges are heads only: the rest (MLPs, the embedding, biases) is not in its edges, and a reader
@@ -120,7 +123,7 @@ def head_share_notes(con, run: Run, layer_head: tuple[int, int], side: str | Non
     if not found:
         return []
     parts = [f"{heads:.0%} of the {name} side (MLPs {mlps:.0%})" for name, heads, mlps, _ in found]
-    return [f"upstream heads carry a median {' and '.join(parts)} of {head_name(*layer_head)}'s sparse signals, "
+    return [f"{HEAD_SHARE_NOTE} {' and '.join(parts)} of {head_name(*layer_head)}'s sparse signals, "
             f"over {found[0][3]} firings; the rest is the embedding and biases (side_shares)"]
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from catalog.read.edges import edges_from, edges_into
+from catalog.read.edges import HEAD_SHARE_NOTE, edges_from, edges_into
 from catalog.read.fragments import SIGMA_OVER_FORMS, firing_offset, same_form, sigma_over_forms
+from catalog.read.shares import share_notes, share_table
 from catalog.read.runs import (HEAD_TABLES, Run, fetch, head_name, per_offset_forms, resolve_run, result_notes,
                                result_run, run_info, with_notes)
 
@@ -28,6 +29,9 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
     top_svs      its singular vectors by the number of firings whose signal uses them (ACC++: whose
                  edges go through them, with their total attention drop); rotary models: by
                  (pos_offset, sv), each with its own form's sigma, never pooled over offsets
+    side_shares  2024 method: median share of each side's sparse signal that upstream heads, MLPs,
+                 biases and the embedding write, over all its firings and its commonest role
+                 pairs (catalog.read.shares); absent for methods that record none
     upstream     its main upstream heads (edges_into; with their measured effect if `effect`)
     downstream   the heads it feeds most (edges_from; the same)
 
@@ -88,6 +92,9 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
                  AND v.head = e.head AND v.sv = s.sv AND {same_form("v", "e")}
             WHERE e.run_id = $run AND e.layer = $layer AND e.head = $head
             GROUP BY s.sv ORDER BY n_firings DESC, s.sv LIMIT $top""", p)
+    shares = share_table(con, run, layer, head_index)
+    if shares is not None:
+        tables["side_shares"] = shares
     tables["upstream"] = edges_into(con, head, run_id=run.run_id, top=5, effect=effect, min_effect=min_effect,
                                     effect_mode=effect_mode)
     tables["downstream"] = edges_from(con, head, run_id=run.run_id, top=5, effect=effect, min_effect=min_effect,
@@ -142,10 +149,13 @@ def _spectrum_notes(con, p: dict, spectrum: pa.Table) -> list[str]:
 
 def head_notes(run: "Run", name: str, tables: dict) -> list[str]:
     """The notes of a head's summary (head_summary's tables): why a part is empty, rows left out,
-    what a rotary spectrum holds."""
+    what a rotary spectrum holds, the sides its upstream heads explain little of."""
     notes = [] if tables["activity"].column("n_firings")[0].as_py() else [never_fires(run, name)]
+    notes += share_notes(name, tables.get("side_shares"))
     for key in ("spectrum", "upstream", "downstream"):
-        notes += [f"{key}: {note}" for note in result_notes(tables[key])]
+        # the upstream table's share note says again what side_shares and its notes say
+        notes += [f"{key}: {note}" for note in result_notes(tables[key])
+                  if not ("side_shares" in tables and note.startswith(HEAD_SHARE_NOTE))]
     return notes
 
 

@@ -183,6 +183,9 @@ async function showHead(name) {
       <section><h3>Most used singular directions</h3><div id="top-svs">${
         table(head.top_svs, (head.top_svs.length && "pos_offset" in head.top_svs[0] ? ["pos_offset"] : [])
           .concat(["sv", "sigma", "n_firings", "share_of_firings", "mean_contribution"]))}</div></section>
+      ${head.side_shares ? `<section><h3>Who writes each side (median shares; edges cover only the heads' part)</h3><div id="side-shares">${
+        table(head.side_shares, ["firings", "side", "n_firings", "head_share", "mlp_share", "attn_bias_share", "embed_share", "offset_share"])
+      }</div></section>` : ""}
       <section><h3>Upstream heads (edges into ${esc(head.name)})</h3><div id="upstream">${
         table(head.upstream, ["upstream", "side", "n_prompts", "n_firings", "mean_weight", "top_svs"],
               {upstream: (u, row) => row.up_kind === "head" ? headLink(u) : esc(u)})}</div></section>
