@@ -199,3 +199,46 @@ def test_the_out_file_extension_picks_the_format_unless_format_is_given(catalog_
     assert invoke(*args, "--out", txt).exit_code == 0 and txt.read_text().startswith("source")  # the table
     assert invoke(*args, "--format", "csv", "--out", png).exit_code == 0  # an explicit format wins
     assert png.read_text().startswith("source,")
+
+
+def test_a_large_picture_is_pruned_automatically_with_a_note(catalog_db, tmp_path, monkeypatch):
+    """Over the picture limit, the drawing keeps each node's strongest upstream edges, by the
+    loosest rule of (top-k 3, 2, 1, then fewer steps) that fits, and a note counts what went."""
+    from catalog.read import graph as graph_module
+    from catalog.read.graph import prune, prune_for_picture
+
+    con = open_readonly(catalog_db)
+    root = busiest_heads(catalog_db, min_layer=2)[0]
+    full = trace(con, roots=[root], dest_role=None, src_role=None)
+    weighted = lambda g: [e for e in g.edges.to_pylist() if e["kind"] != "reads"]  # noqa: E731
+    n_full = len(weighted(full))
+    assert prune_for_picture(full, max_edges=n_full) is full  # within the limit: nothing changes
+
+    by_k = {k: len(weighted(prune(full, top_k=k))) for k in (3, 2, 1)}
+    limit = by_k[2]  # top-k 2 fits, 3 does not (on this catalog)
+    assert by_k[3] > limit
+    drawn = prune_for_picture(full, max_edges=limit)
+    assert len(weighted(drawn)) <= limit
+    same = prune(full, top_k=2)
+    assert drawn.edges.to_pylist() == same.edges.to_pylist() and drawn.nodes.equals(same.nodes)
+    note = drawn.notes[-1]
+    assert note.startswith(f"picture pruned automatically (over {limit} weighted edges): drawn {len(weighted(drawn))} "
+                           f"of {n_full} weighted edges and {drawn.nodes.num_rows} of {full.nodes.num_rows} nodes")
+    assert f"left out {n_full - len(weighted(drawn))} edges and {full.nodes.num_rows - drawn.nodes.num_rows} nodes" in note
+    assert "(as --top-k 2)" in note
+
+    tight = prune_for_picture(full, max_edges=max(1, by_k[1] // 2))  # top-k 1 is too many: fewer steps too
+    assert len(weighted(tight)) <= max(1, by_k[1] // 2) and "--top-k 1 --max-depth" in tight.notes[-1]
+
+    # The CLI's pictures: pruned by default (here with a limit the catalog exceeds), not with --all-edges
+    monkeypatch.setattr(graph_module, "PICTURE_EDGES", limit)
+    args = ("trace", "--db", catalog_db, "--root", root, "--dest-role", "any", "--src-role", "any", "--format", "html")
+    result = invoke(*args, "--out", tmp_path / "c.html")
+    assert result.exit_code == 0 and "picture pruned automatically" in result.stderr
+    assert "picture pruned automatically" in (tmp_path / "c.html").read_text()
+    assert f"{drawn.nodes.num_rows} nodes, {drawn.edges.num_rows} edges" in result.stderr  # the summary: what is drawn
+    everything = invoke(*args, "--all-edges", "--out", tmp_path / "all.html")
+    assert everything.exit_code == 0 and "picture pruned" not in everything.stderr
+    assert f"{full.nodes.num_rows} nodes, {full.edges.num_rows} edges" in everything.stderr
+    data = invoke(*args[:-1], "json")  # the data formats keep every edge
+    assert data.exit_code == 0 and "picture pruned" not in data.stderr

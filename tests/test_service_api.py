@@ -179,6 +179,13 @@ def test_trace_as_json_graphml_and_dot(served, reference, catalog_db):
     expected_small = trace(reference, roots=[head], dest_role=None, src_role=None, **pruned)
     assert_same_rows(small["edges"], rows(expected_small.edges))
     assert 0 < len(small["edges"]) < len(got["edges"]) and small["notes"] == expected_small.notes
+    # for drawing (the explorer asks with picture=true): the graph prune_for_picture gives
+    from catalog.read.trace import prune_for_picture
+
+    drawn = client.get("/api/v1/trace", params=dict(params, picture="true")).json()
+    expected_drawn = prune_for_picture(expected)
+    assert_same_rows(drawn["edges"], rows(expected_drawn.edges))
+    assert drawn["notes"] == expected_drawn.notes
     assert client.get("/api/v1/trace", params=dict(params, top_k=0)).status_code == 422
     one = client.get("/api/v1/trace", params=dict(params, prompt_id=0)).json()
     assert_same_rows(one["edges"], rows(trace(reference, roots=[head], dest_role=None, src_role=None, prompt_id=0).edges))

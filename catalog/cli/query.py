@@ -19,6 +19,7 @@ from catalog.formats import TEXT_TABLE_FORMATS as FORMATS
 from catalog.formats.table import render
 from catalog.store import open_readonly
 from catalog.read.trace import DEFAULTS as TRACE_DEFAULTS
+from catalog.read.trace import PICTURE_EDGES, prune_for_picture
 from catalog.read.trace import trace as trace_circuit  # renamed: `trace` is the command below
 
 db_option = click.option("--db", "db_path", required=True, metavar="PATH", help="The catalog file (DuckDB).")
@@ -161,6 +162,7 @@ def head(db_path, head_name, run_id, top, effect, min_effect, effect_mode, fmt):
 
 
 ANY_ROLE = "any"
+PICTURE_FORMATS = ("html", "png")  # drawn: pruned automatically when large (--all-edges: not)
 
 
 @click.command()
@@ -189,8 +191,11 @@ ANY_ROLE = "any"
 @format_option(TRACE_FORMATS)
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Output file (required for png; default stdout). Without --format, its extension picks the format.")
+@click.option("--all-edges", is_flag=True,
+              help=f"png and html: draw every edge (by default a picture of over {PICTURE_EDGES} weighted edges is "
+                   "pruned to the strongest, with a note).")
 def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, effect, min_effect, effect_mode,
-          min_count, min_weight, max_depth, top_k, fmt, out):
+          min_count, min_weight, max_depth, top_k, fmt, out, all_edges):
     """Trace the circuit behind root heads, recursively over the stored firings and edges.
 
     On an ACC++ run (ingest --method accpp) it draws the stored circuit instead, rooted at the
@@ -222,6 +227,8 @@ def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, effect,
                               prompt_id=prompt_id, run_id=run_id, kinds=kinds, effect=effect,
                               min_effect=min_effect, effect_mode=effect_mode, min_count=min_count,
                               min_weight=min_weight, max_depth=max_depth, top_k=top_k)
+    if fmt in PICTURE_FORMATS and not all_edges:
+        graph = prune_for_picture(graph)
     _notes(graph.run, [n for n in graph.notes if not n.startswith("pruned")])
     if fmt == "json":
         _emit(json.dumps(graph.document(lambda table: json.loads(render(table, "json"))), indent=2), out)
@@ -235,7 +242,7 @@ def trace(db_path, roots, dest_role, src_role, prompt_id, run_id, kinds, effect,
 
     from catalog.formats.graph import drawing_notes
 
-    _notes(None, drawing_notes(graph) if fmt in ("html", "png") else [])
+    _notes(None, drawing_notes(graph) if fmt in PICTURE_FORMATS else [])
     text = render_graph(graph, fmt, out)
     if text is not None:
         _emit(text, out)

@@ -592,7 +592,7 @@ LARGE = 150   # edges above which a drawing suggests pruning
 def drawing_notes(graph) -> list[str]:
     """What a reader of a large drawing should know."""
     n = sum(1 for k in graph.edges.column("kind").to_pylist() if k != "reads") if graph.edges.num_rows else 0
-    if n > LARGE and not any(note.startswith("pruned") for note in graph.notes):
+    if n > LARGE and not any(note.startswith(("pruned", "picture pruned")) for note in graph.notes):
         return [f"{n} edges are hard to read in one picture: prune with --top-k 3, --min-count N, --min-weight W "
                 "or --max-depth D"]
     return []

@@ -128,3 +128,64 @@ def prune(graph: TraceGraph, min_count: int | None = None, min_weight: float | N
     edges_table = pa.Table.from_pylist(kept, schema=graph.edges.schema)
     return TraceGraph(graph.run_id, graph.prompt_id, graph.roots, graph.dest_role, graph.src_role, graph.firings,
                       nodes, edges_table, graph.notes + [note], graph.run)
+
+
+# A picture with more weighted edges than this is unreadable (and slow: 8,099 edges took minutes
+# to draw): trace's PNG and HTML and the explorer's graph are pruned to at most this many.
+PICTURE_EDGES = 300
+AUTO_TOP_K = (3, 2, 1)
+
+
+def weighted_edges(graph: TraceGraph) -> int:
+    """How many of the graph's edges carry weight (all but a token node's "reads" edge to its head)."""
+    return sum(1 for k in graph.edges.column("kind").to_pylist() if k != "reads") if graph.edges.num_rows else 0
+
+
+def prune_for_picture(graph: TraceGraph, max_edges: int | None = None) -> TraceGraph:
+    """The graph as a picture draws it: unchanged with at most `max_edges` weighted edges (default
+    PICTURE_EDGES), else pruned by the first rule of this list that leaves at most that many: each
+    node written to keeps its 3, 2 or 1 strongest upstream edges (`prune`'s top_k: most prompts,
+    then largest |mean weight|); then 1 each, at most D steps from a root, for D from the deepest
+    kept down to 0. A note says what was left out (edges and nodes, and by which rule) and how to
+    draw otherwise. The data formats (json, graphml, dot, the tables) are never pruned this way."""
+    limit = PICTURE_EDGES if max_edges is None else max_edges
+    n_edges = weighted_edges(graph)
+    if n_edges <= limit:
+        return graph
+    pruned, rule = None, None
+    for top_k in AUTO_TOP_K:
+        pruned, rule = prune(graph, top_k=top_k), {"top_k": top_k}
+        if weighted_edges(pruned) <= limit:
+            break
+    else:
+        for depth in range(_depth(pruned), -1, -1):
+            pruned, rule = prune(graph, top_k=1, max_depth=depth), {"top_k": 1, "max_depth": depth}
+            if weighted_edges(pruned) <= limit:
+                break
+    how = f"each node written to keeps its {rule['top_k']} strongest upstream edges (most prompts, then |mean weight|)"
+    if "max_depth" in rule:
+        how += f", at most {rule['max_depth']} steps from a root"
+    options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in rule.items())
+    note = (f"picture pruned automatically (over {limit} weighted edges): drawn {weighted_edges(pruned)} of "
+            f"{n_edges} weighted edges and {pruned.nodes.num_rows} of {graph.nodes.num_rows} nodes; left out "
+            f"{n_edges - weighted_edges(pruned)} edges and {graph.nodes.num_rows - pruned.nodes.num_rows} nodes "
+            f"by the rule: {how} (as {options}); --format json, graphml or dot keep every edge")
+    return TraceGraph(graph.run_id, graph.prompt_id, graph.roots, graph.dest_role, graph.src_role, graph.firings,
+                      pruned.nodes, pruned.edges, graph.notes + [note], graph.run)
+
+
+def _depth(graph: TraceGraph) -> int:
+    """The most upstream steps from a root to any node of the graph (a "reads" edge is no step)."""
+    into: dict[str, list[dict]] = {}
+    for e in graph.edges.to_pylist():
+        into.setdefault(e["target"], []).append(e)
+    depth = {n["node"]: 0 for n in graph.nodes.to_pylist() if n["is_root"]}
+    frontier = list(depth)
+    while frontier:
+        node = frontier.pop()
+        for e in into.get(node, []):
+            step = depth[node] + (0 if e["kind"] == "reads" else 1)
+            if e["source"] not in depth or step < depth[e["source"]]:
+                depth[e["source"]] = step
+                frontier.append(e["source"])
+    return max(depth.values(), default=0)

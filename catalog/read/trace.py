@@ -17,14 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from catalog.read.graph import TraceGraph, prune
+from catalog.read.graph import PICTURE_EDGES, TraceGraph, prune, prune_for_picture
 from catalog.read.runs import HEAD_TABLES, check_effect_mode, resolve_run, run_info
 from catalog.read.trace_heads import DEFAULT_DEST_ROLE, DEFAULT_ROOTS, DEFAULT_SRC_ROLE, resolve_roots, trace_heads
 from catalog.read.trace_seeded import trace_seeded
 
 TRACERS = {"heads": trace_heads, "seeded": trace_seeded}  # Method.trace -> (con, run, options) -> TraceGraph
 
-__all__ = ["trace", "TraceOptions", "TraceGraph", "prune", "resolve_roots", "DEFAULT_ROOTS", "DEFAULT_DEST_ROLE",
+__all__ = ["trace", "TraceOptions", "TraceGraph", "prune", "prune_for_picture", "PICTURE_EDGES", "resolve_roots", "DEFAULT_ROOTS", "DEFAULT_DEST_ROLE",
            "DEFAULT_SRC_ROLE", "TRACERS"]
 
 

@@ -23,7 +23,7 @@ from catalog.service import sql as sql_endpoint
 from catalog.store import sql_guard
 from catalog.service.jobs import ACTIVE, IngestSettings
 from catalog.service.validation import check_job
-from catalog.read.trace import DEFAULT_DEST_ROLE, DEFAULT_SRC_ROLE, trace as trace_circuit
+from catalog.read.trace import DEFAULT_DEST_ROLE, DEFAULT_SRC_ROLE, prune_for_picture, trace as trace_circuit
 
 router = APIRouter(prefix="/api/v1")
 ANY_ROLE = "any"  # as the CLI's trace: a role of 'any' means any token
@@ -218,13 +218,17 @@ class PruneParams:
 def trace(request: Request, roots: list[str] | None = Query(None), dest_role: str = DEFAULT_DEST_ROLE,
           src_role: str = DEFAULT_SRC_ROLE, prompt_id: int | None = None, run_id: int | None = None,
           n_svs: int = Query(3, ge=1), kind: list[str] | None = Query(None), effects: EffectParams = Depends(),
-          prune: PruneParams = Depends(), format: str = "json"):
+          prune: PruneParams = Depends(), format: str = "json",
+          picture: bool = Query(False, description="for drawing (the explorer): over a few hundred edges, pruned "
+                                                   "automatically, with a note saying what was left out")):
     if format not in ("json",) + tuple(TRACE_DOWNLOADS):
         raise CatalogError(f"format must be json, graphml or dot, not '{format}'")
     with _service(request).reader() as con:
         graph = trace_circuit(con, roots=_heads(roots), dest_role=_role(dest_role), src_role=_role(src_role),
                               prompt_id=prompt_id, run_id=run_id, n_svs=n_svs, kinds=kind, **effects.values,
                               **prune.values)
+    if picture:
+        graph = prune_for_picture(graph)
     if format != "json":
         download = formats.get(format)
         name = f"trace-run{graph.run_id}" + (f"-prompt{prompt_id}" if prompt_id is not None else "")

@@ -262,7 +262,7 @@ async function showCircuit(params) {
     roots: document.getElementById("c-roots").value.trim(), dest_role: document.getElementById("c-dest").value,
     src_role: document.getElementById("c-src").value, prompt: document.getElementById("c-prompt").value,
     ...Object.fromEntries(PRUNE.map(([key]) => [key, document.getElementById(`c-${key}`).value.trim()]))}));
-  const graph = await api("trace", query);
+  const graph = await api("trace", {...query, picture: true});  // over a few hundred edges: pruned, with a note
   let columns;
   if (prompt) {
     const tokens = (await api(`prompts/${prompt}`, {run_id: state.run})).tokens;
