@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from catalog.schema import tables
 from catalog.cli import main
 from catalog.errors import CatalogError
-from catalog.store import LATEST_VERSION, Catalog, apply_migrations, open_readonly, schema_version
+from catalog.store import LATEST_VERSION, Catalog, apply_migrations, migrations, open_readonly, schema_version
 
 
 def _digest(path):
@@ -41,7 +41,7 @@ def test_opening_an_old_catalog_applies_missing_migrations(v1_catalog):
     with Catalog(v1_catalog) as cat:
         assert schema_version(cat.con) == LATEST_VERSION
         versions = cat.con.execute("SELECT version, name FROM schema_migrations ORDER BY version").fetchall()
-        assert [v for v, _ in versions] == list(range(1, LATEST_VERSION + 1))
+        assert [v for v, _ in versions] == [m.version for m in migrations()]  # every shipped one, in order
         assert cat.model_by_digest("abc")["name"] == "old"
         assert cat.con.execute("SELECT sigma, u FROM singular_vectors").fetchall() == [(2.5, [1.0, 0.0, 0.0])]
         names = {r[0] for r in cat.con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
@@ -67,6 +67,26 @@ def test_a_failing_migration_leaves_the_catalog_at_its_version(v1_catalog, monke
     assert schema_version(con) == 1
     assert not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'x'").fetchall()[0][0]
     con.close()
+
+
+def test_a_migration_numbered_below_the_latest_that_arrives_later_is_applied(v1_catalog, monkeypatch):
+    """Branches merged one after another can ship migration N after a catalog already has N + 1:
+    the missing one is still applied (by the versions recorded, not the highest), and read-only
+    commands ask for migrate until it is."""
+    import catalog.store as store
+
+    upgraded = store.upgrade(v1_catalog)
+    shipped = store.migrations()
+    gap = next(v for v in range(1, LATEST_VERSION + 2) if v not in {m.version for m in shipped})
+    later = store.Migration(gap, "merged_later", "CREATE TABLE merged_later (a INTEGER);")
+    monkeypatch.setattr(store, "migrations", lambda: sorted(shipped + [later], key=lambda m: m.version))
+    monkeypatch.setattr(store, "LATEST_VERSION", max(gap, LATEST_VERSION))  # no gap left: a new last one
+    if gap < LATEST_VERSION:  # a true gap: the catalog already has a higher version
+        assert max(upgraded) > gap
+    with pytest.raises(CatalogError, match="circuit-catalog migrate"):
+        open_readonly(v1_catalog)
+    assert store.upgrade(v1_catalog) == [gap]
+    open_readonly(v1_catalog).close()
 
 
 def test_sqlalchemy_tables_mirror_the_migrations(tmp_path):

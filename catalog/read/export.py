@@ -10,8 +10,14 @@ from catalog.errors import CatalogError
 from catalog.read.runs import database_path, rows
 
 
+# Views exported as tables: what a table was before its storage changed (edge_svs, migration 011),
+# so that an export has the rows users know beside the stored form.
+ROW_VIEWS = ("edge_svs",)
+
+
 def export_parquet(con, out_dir: str | Path, force: bool = False) -> pa.Table:
-    """Write every table (not the views) to OUT_DIR/<table>.parquet; return (table, n_rows, path) rows.
+    """Write every table (not the views, but edge_svs: ROW_VIEWS) to OUT_DIR/<table>.parquet; return
+    (table, n_rows, path) rows.
 
     A directory that already holds files is refused unless force is given (then its <table>.parquet
     files are overwritten). Uses DuckDB's `COPY ... TO ... (FORMAT parquet)`, which works on a
@@ -27,8 +33,9 @@ def export_parquet(con, out_dir: str | Path, force: bool = False) -> pa.Table:
                            "or --force to overwrite its tables")
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [r[0] for r in rows(
-        con, "SELECT table_name FROM information_schema.tables "
-        "WHERE table_type = 'BASE TABLE' AND table_schema = 'main' ORDER BY table_name"
+        con, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
+        "AND (table_type = 'BASE TABLE' OR table_name IN (SELECT unnest($1::VARCHAR[]))) ORDER BY table_name",
+        [list(ROW_VIEWS)]
     )]
     if not names:
         raise CatalogError(f"{database_path(con)} has no tables to export")

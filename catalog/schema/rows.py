@@ -74,3 +74,29 @@ def _sortable(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind == "f":
         return np.nan_to_num(values, nan=-1.0)
     return values
+
+
+def edge_sv_lists(edge_svs: pa.Table) -> pa.Table:
+    """edge_svs rows (prompt_id, edge_id, rank, sv, weight) as the stored form, one row per edge
+    (table edge_sv_lists, migration 011): its directions and weights as lists in rank order, and
+    its ranks only where they are not 0, 1, ..., n - 1 (else NULL). Other columns are dropped."""
+    columns = {c: edge_svs.column(c).to_numpy() for c in ("prompt_id", "edge_id", "rank", "sv", "weight")}
+    order = np.lexsort((columns["rank"], columns["edge_id"], columns["prompt_id"]))
+    prompt, edge, rank = columns["prompt_id"][order], columns["edge_id"][order], columns["rank"][order]
+    n = len(order)
+    new_edge = np.ones(n, dtype=bool)
+    new_edge[1:] = (prompt[1:] != prompt[:-1]) | (edge[1:] != edge[:-1])
+    starts = np.flatnonzero(new_edge)
+    offsets = np.r_[starts, n].astype(np.int32)
+    position = np.arange(n) - np.repeat(starts, np.diff(offsets))
+    plain = np.logical_and.reduceat(rank == position, starts) if n else np.zeros(0, dtype=bool)
+    def lists(values, type_, mask=None):
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type_), mask=mask)
+
+    return pa.table({
+        "prompt_id": pa.array(prompt[starts], pa.int32()),
+        "edge_id": pa.array(edge[starts], pa.int32()),
+        "svs": lists(columns["sv"][order], pa.int16()),
+        "weights": lists(columns["weight"][order], pa.float32()),
+        "ranks": lists(rank, pa.int16(), mask=pa.array(plain, pa.bool_())),
+    })

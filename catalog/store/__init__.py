@@ -22,6 +22,7 @@ from catalog.errors import CatalogError
 
 from catalog.schema import LATEST_VERSION, Migration  # noqa: F401 (also the store's names)
 from catalog.schema import shipped_migrations as migrations
+from catalog.schema.rows import edge_sv_lists
 
 
 # On every connection: DuckDB must never fetch an extension (a file with SQLite's header made it
@@ -141,9 +142,10 @@ def apply_migrations(con: duckdb.DuckDBPyConnection, upto: int | None = None) ->
             f"the catalog has schema version {current}, newer than this circuit-catalog knows "
             f"({LATEST_VERSION}): upgrade circuit-catalog"
         )
-    applied = []
+    applied, done = [], {r[0] for r in con.execute("SELECT version FROM schema_migrations").fetchall()}
     for migration in migrations():
-        if migration.version <= current or (upto is not None and migration.version > upto):
+        # by the versions recorded, not the highest: one numbered below it may arrive later (a merge)
+        if migration.version in done or (upto is not None and migration.version > upto):
             continue
         con.execute("BEGIN TRANSACTION")
         try:
@@ -238,7 +240,9 @@ def open_readonly(path: str | Path, config: dict | None = None) -> duckdb.DuckDB
     if version == 0:
         con.close()
         raise CatalogError(f"{path} is a DuckDB file but not a circuit-catalog (no schema_migrations table)")
-    if version < LATEST_VERSION:
+    recorded = {r[0] for r in con.execute("SELECT version FROM schema_migrations").fetchall()}
+    if version < LATEST_VERSION or {m.version for m in migrations()} - recorded:  # older, or one merged in since
+        version = min({m.version for m in migrations()} - recorded) - 1
         con.close()
         raise CatalogError(
             f"{path} has schema version {version}, older than {LATEST_VERSION}: "
@@ -434,6 +438,9 @@ class Catalog:
                 elif table in self.MODEL_ROWS:
                     if data is not None and data.num_rows:
                         self._append_missing(table, data, self.MODEL_ROWS[table], run_id)
+                elif table == "edge_svs":  # stored one row per edge (migration 011); edge_svs is a view
+                    if data.num_rows:
+                        self._append("edge_sv_lists", edge_sv_lists(data), run_id=run_id)
                 elif data.num_rows:
                     self._append(table, data, run_id=run_id)
             self.con.execute(
