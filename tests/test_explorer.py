@@ -34,7 +34,7 @@ def served(catalog_db, tmp_path_factory):
     with ServerProcess(db, token=TOKEN) as server, httpx.Client(
             base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as api:
         yield server, api
-        assert server.stop(sig=signal.SIGINT) == 0 and "stopped by SIGINT" in server.log(), server.log()  # Ctrl-C
+        assert server.stop(sig=signal.SIGINT) == 130 and "stopped by SIGINT" in server.log(), server.log()  # Ctrl-C
 
 
 @pytest.fixture(scope="module")

@@ -111,7 +111,12 @@ def entry() -> None:
     committed and closed by then, so the commands that ran a model exit directly.
     """
     import os
+    import signal
 
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        # SIGTERM (a service manager, `kill`) stops every command as Ctrl-C does: what is committed
+        # is kept and one line says so, exit status 130 (`serve` puts its own handling over this).
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main.main(prog_name="circuit-catalog")
         code = 0

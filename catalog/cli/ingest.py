@@ -78,10 +78,6 @@ def ingest(db_path, server, **options):
     from catalog.jobs.ingest import Interrupted
     from catalog.jobs.ingest import ingest as run_ingest
 
-    import signal
-
-    # SIGTERM (a service manager, `kill`) stops the ingest as Ctrl-C does: committed batches kept, one line.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if (db_path is None) == (server is None):
         raise CatalogError("give --db FILE, or --server URL to submit to a running `circuit-catalog serve`")
     chosen = method(options["method"])

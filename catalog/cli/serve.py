@@ -36,7 +36,8 @@ def serve(db_path, host, port, token, no_token, resume, sql_timeout, allowed_dir
     """Serve the catalog: JSON API under /api/v1/, circuit explorer at /, ingest jobs.
 
     Reads see committed data while an ingest job writes. Ctrl-C or SIGTERM stops it cleanly:
-    the batch being written commits, the run resumes on the next start.
+    the batch being written commits, the run resumes on the next start (exit status 130 after
+    Ctrl-C, 0 after SIGTERM).
 
     Example:
 
@@ -66,6 +67,8 @@ def serve(db_path, host, port, token, no_token, resume, sql_timeout, allowed_dir
                             max_prompts=max_prompts)
     names = ", ".join(signal.Signals(s).name for s in stopped_by)
     click.echo(f"stopped{' by ' + names if names else ''}: every committed batch is in {db_path}", err=True)
+    # Ctrl-C ends with 130 as every command's Ctrl-C does; SIGTERM is a service manager's normal stop: 0.
+    code = 130 if signal.SIGINT in stopped_by else 0
     if any(thread.name == "ingest-worker" and thread.is_alive() for thread in threading.enumerate()):
         # The worker was abandoned (see catalog.service.jobs): end now rather than let interpreter
         # shutdown wait on, or tear down under, a thread still inside a long call.
@@ -73,7 +76,8 @@ def serve(db_path, host, port, token, no_token, resume, sql_timeout, allowed_dir
 
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
-
+        os._exit(code)
+    if code:
+        raise SystemExit(code)
 
 COMMANDS = [serve]

@@ -30,7 +30,7 @@ def decompose_model(cat: Catalog, model, add_model: bool = False, say=None) -> t
     Returns (model_id, stored_now). A catalog holds one model unless add_model is given, so that
     results of another model never mix into it by accident.
     """
-    from catalog.methods.shared.svd import decompose, to_arrow
+    from catalog.methods.shared.svd import to_arrow
 
     digest = model.weights_digest()
     known = cat.model_by_digest(digest)
@@ -51,7 +51,24 @@ def decompose_model(cat: Catalog, model, add_model: bool = False, say=None) -> t
     if say is not None:
         say(f"decomposing the {model.n_layers * model.n_heads} heads of {model.name} ...")
     W_Q, b_Q, W_K, b_K, _ = model.attention_weights()
-    return cat.add_model(row, to_arrow(decompose(W_Q, b_Q, W_K, b_K)), model.adapter.record()), True
+    return cat.add_model(row, to_arrow(_decompose_by_layer(W_Q, b_Q, W_K, b_K)), model.adapter.record()), True
+
+
+def _decompose_by_layer(W_Q, b_Q, W_K, b_K):
+    """The decomposition one layer at a time (each layer's heads batched, as one call would do
+    them), with a stop check between layers: a service's stop or cancel comes within one layer's
+    time, not after the whole model's (a large model takes a while)."""
+    import torch
+
+    from catalog.methods.shared.svd import Decomposition, decompose
+
+    layers = []
+    for layer in range(W_Q.shape[0]):
+        check_stop()
+        layers.append(decompose(W_Q[layer:layer + 1], b_Q[layer:layer + 1], W_K[layer:layer + 1],
+                                b_K[layer:layer + 1]))
+    check_stop()
+    return Decomposition(*(torch.cat([getattr(d, name) for d in layers]) for name in ("sigma", "U", "V")))
 
 
 def load_prompts(dataset: str, n_prompts: int, seed: int, items, lm):

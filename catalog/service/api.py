@@ -278,8 +278,13 @@ async def run_sql(request: Request, sql: str = Body(..., embed=True, max_length=
 
 
 def _answer_sql(service, sql: str, format: str, max_rows: int, timeout_s: float):
-    with service.reader() as con:
-        table, truncated = sql_endpoint.run_read_only(con, sql, max_rows, timeout_s, service.private_paths)
+    with service.reader() as con, service.running_query(con):
+        try:
+            table, truncated = sql_endpoint.run_read_only(con, sql, max_rows, timeout_s, service.private_paths)
+        except sql_endpoint.SqlTimeout:
+            if service.stopping:  # interrupted by the stop, not by the time limit
+                raise sql_endpoint.SqlBusy("the service is stopping: the query was stopped") from None
+            raise
     headers = {"X-Truncated": "true" if truncated else "false", "X-Row-Count": str(table.num_rows)}
     if format == "json":
         body = json.dumps({"columns": table.column_names, "rows": rows_of(table), "n_rows": table.num_rows,

@@ -40,6 +40,7 @@ class ServiceCatalog:
         # ATTACH, COPY, INSTALL or LOAD from anyone. Writes to the catalog itself are unaffected,
         # and so are Arrow tables registered by the ingest and the trace.
         self.con.execute("SET enable_external_access = false")
+        self.con.execute("SET enable_progress_bar = false")  # DuckDB draws it on stdout, the server's log
         # Then no statement can change a setting again (threads, memory_limit, ... for every later
         # query and job): the SQL endpoint's statements run on cursors of this instance.
         self.con.execute("SET lock_configuration = true")
@@ -47,6 +48,8 @@ class ServiceCatalog:
 
         self.private_paths = private_paths(self.path)
         self._lock = threading.Lock()
+        self._queries: set = set()  # cursors running a client's SQL, interrupted when the service stops
+        self.stopping = False
 
     def cursor(self):
         with self._lock:  # creating cursors from several threads at once is not documented as safe
@@ -60,6 +63,25 @@ class ServiceCatalog:
             yield cur
         finally:
             cur.close()
+
+    @contextmanager
+    def running_query(self, cursor):
+        """Within the block, `interrupt_queries()` stops the cursor's statement."""
+        with self._lock:
+            self._queries.add(cursor)
+        try:
+            yield cursor
+        finally:
+            with self._lock:
+                self._queries.discard(cursor)
+
+    def interrupt_queries(self) -> None:
+        """The service is stopping: a client's long query must not hold the shutdown up to its time limit."""
+        self.stopping = True
+        with self._lock:
+            running = list(self._queries)
+        for cursor in running:
+            cursor.interrupt()
 
     def close(self) -> None:
         if self._catalog is not None:

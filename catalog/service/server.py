@@ -35,6 +35,15 @@ def serve(db_path: str | Path, host: str = "127.0.0.1", port: int = 8000, token:
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=30)
         server = uvicorn.Server(config)
+        base_exit = server.handle_exit
+
+        def handle_exit(sig, frame):
+            # The graceful shutdown waits for requests in flight, and a client's SQL query may run
+            # up to its time limit: stop the running queries too (their clients get a 503).
+            base_exit(sig, frame)
+            service.interrupt_queries()
+
+        server.handle_exit = handle_exit
         write_marker(db_path, url)
         if on_ready:
             on_ready(url)

@@ -29,8 +29,9 @@ from catalog.schema.rows import edge_sv_lists
 # try to download the sqlite scanner). The same settings everywhere, because DuckDB refuses a
 # second connection to an open file with a different configuration in the same process.
 NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
-# The user's SQL (`sql` command): no file access, no attached databases, no settings changed.
-USER_SQL = dict(NO_EXTENSIONS, enable_external_access=False, lock_configuration=True)
+# The user's SQL (`sql` command): no file access, no attached databases, and (read_only_query) no
+# settings changed once the connection is ready.
+USER_SQL = dict(NO_EXTENSIONS, enable_external_access=False)
 
 
 def _connect(path: str | Path, read_only: bool, config: dict | None = None) -> duckdb.DuckDBPyConnection:
@@ -470,8 +471,8 @@ def read_only_statements(con: duckdb.DuckDBPyConnection, sql: str) -> str:
 def read_only_query(path: str | Path, sql: str):
     """Run one read-only SQL statement against a catalog and return its rows as an Arrow table.
 
-    Read-only by construction: the file is opened read-only with external access off and the
-    configuration locked (USER_SQL), and the statement is judged by what it would do
+    Read-only by construction: the file is opened read-only with external access off (USER_SQL) and
+    the configuration locked, and the statement is judged by what it would do
     (store.sql_guard). Paths of this machine are scrubbed from the answer and from errors.
     """
     from catalog.store.sql_guard import private_paths, scrub, scrub_table
@@ -481,13 +482,50 @@ def read_only_query(path: str | Path, sql: str):
         con = open_readonly(path, config=USER_SQL)
     except CatalogError as err:
         raise CatalogError(scrub(str(err), paths)) from None
+    # DuckDB draws a progress bar on stdout, into the answer, for a query running over 2 s; then the
+    # configuration is locked for good, before any statement of the user's runs.
+    con.execute("SET enable_progress_bar = false")
+    con.execute("SET lock_configuration = true")
+    left_running: list = []
     try:
         text = read_only_statements(con, sql)
         try:
-            return scrub_table(con.sql(text).to_arrow_table(), paths)
+            return scrub_table(_interruptible(lambda: con.sql(text).to_arrow_table(), con, left_running), paths)
         except duckdb.Error as err:
             raise CatalogError(f"SQL error: {scrub(str(err).splitlines()[0], paths)}") from None
     except CatalogError as err:
         raise CatalogError(scrub(str(err), paths)) from None
     finally:
-        con.close()
+        if not left_running:  # never close a connection under a query still running in its thread
+            con.close()
+
+
+def _interruptible(work, con, left_running: list):
+    """work() in a thread while this one waits where a signal can land: Ctrl-C or SIGTERM
+    (KeyboardInterrupt here) interrupts the query at once, rather than when DuckDB next looks at
+    Python's signals (a large result can take minutes to build). A query that does not stop
+    within 5 s is left to the process's end, noted in `left_running`."""
+    import threading
+
+    outcome, done = {}, threading.Event()  # an Event, not join(): an interrupted join can misreport the thread
+
+    def run():
+        try:
+            outcome["value"] = work()
+        except BaseException as err:  # handed to the waiting thread
+            outcome["error"] = err
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="sql-query", daemon=True).start()
+    try:
+        while not done.wait(0.1):
+            pass
+    except KeyboardInterrupt:
+        con.interrupt()
+        if not done.wait(5):  # still inside DuckDB: leave it to the process's end
+            left_running.append(True)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -29,11 +29,13 @@ class ServerProcess:
     started: list["ServerProcess"] = []  # every server of this process, so tests can stop what they leave
 
     def __init__(self, db_path: str | Path, token: str | None = None, args: tuple[str, ...] = (),
-                 timeout: float = 60.0, log_path: str | Path | None = None):
+                 timeout: float = 60.0, log_path: str | Path | None = None, prelude: str = ""):
+        """`prelude`: Python code the child runs before the CLI (catalog.testing.phases.prelude)."""
         self.db_path, self.token = Path(db_path), token
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-c", "from catalog.cli import entry; entry()", "serve", "--db", str(db_path),
+        code = (prelude + "; " if prelude else "") + "from catalog.cli import entry; entry()"
+        command = [sys.executable, "-c", code, "serve", "--db", str(db_path),
                    "--port", str(self.port), *(["--token", token] if token else ["--no-token"]), *args]
         self.log_path = Path(log_path or f"{db_path}.serve-{self.port}.log")
         self._log = open(self.log_path, "w")

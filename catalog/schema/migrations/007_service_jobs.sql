@@ -6,7 +6,8 @@ CREATE TABLE service_jobs (
     job_id          INTEGER PRIMARY KEY,
     settings        JSON NOT NULL,        -- the ingest options as submitted (POST /api/v1/runs)
     reason          VARCHAR NOT NULL,     -- 'submitted' | 'resume' (queued by the service for an unfinished run)
-    status          VARCHAR NOT NULL,     -- 'queued' | 'running' | 'finished' | 'failed' | 'interrupted'
+    status          VARCHAR NOT NULL,     -- 'queued' | 'running' | 'finished' | 'failed' | 'interrupted' | 'cancelled'
+                                          -- (free text: 'cancelled' came later with DELETE /api/v1/jobs/{id}, no schema change)
     run_id          INTEGER,              -- the run it works on, once known (no foreign key: a job may fail before one exists)
     message         VARCHAR,              -- why it failed or stopped, or a note on a finished job
     submitted_at    TIMESTAMP NOT NULL,
