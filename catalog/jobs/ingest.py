@@ -185,7 +185,7 @@ def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=N
 
     # So do a missing GPU and a family the catalog does not read.
     resolve_device(device)
-    check_family(model, model_path)
+    check_family(model, model_path, chosen.name)
     # What identifies a run besides the model and the prompts: runs' columns and the JSON settings.
     identity = {"dataset": dataset, "n_prompts": len(items) if items is not None else n_prompts,
                 "batch_size": batch_size, "method": chosen.name, **method_settings.columns()}

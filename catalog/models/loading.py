@@ -188,18 +188,18 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
-def check_family(model: str = "gpt2", path=None) -> None:
+def check_family(model: str = "gpt2", path=None, method: str | None = None) -> None:
     """For a local checkpoint, CatalogError at once (before any slow load) unless its config names a
-    family the catalog reads; hub models are checked when they load."""
+    family the catalog reads (by `method`, when given); hub models are checked when they load."""
     if is_gguf(path):
         if not Path(path).is_file():
             raise CatalogError(f"--model-path {path}: no such GGUF file")
-        _family_of_gguf(Path(path), str(path))
+        _family_of_gguf(Path(path), str(path), method)
     elif path is not None and (Path(path) / "config.json").is_file():
-        _family_of_config(Path(path) / "config.json", str(path))
+        _family_of_config(Path(path) / "config.json", str(path), method)
 
 
-def _family_of_config(config_path: Path, display: str):
+def _family_of_config(config_path: Path, display: str, method: str | None = None):
     import json
 
     from catalog.models.families import family_for
@@ -208,10 +208,10 @@ def _family_of_config(config_path: Path, display: str):
         model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type", "")
     except (OSError, ValueError) as err:
         raise CatalogError(f"could not read {config_path}: {_first_line(err)}") from None
-    return family_for(str(model_type), display)
+    return family_for(str(model_type), display, method)
 
 
-def _family_of_gguf(path: Path, display: str):
+def _family_of_gguf(path: Path, display: str, method: str | None = None):
     """The family a GGUF file's `general.architecture` names (llama, qwen2, gpt2, ...: transformers
     gives the model the same model_type), read from the header without the weights."""
     from catalog.models.families import family_for
@@ -225,7 +225,7 @@ def _family_of_gguf(path: Path, display: str):
         raise CatalogError("reading a GGUF file needs the gguf package (pip install gguf)") from None
     except Exception as err:  # not a GGUF file, or one without an architecture
         raise CatalogError(f"could not read the GGUF file {path}: {_first_line(err)}") from None
-    return family_for(architecture, display)
+    return family_for(architecture, display, method)
 
 
 def _load_gguf(path: Path, dtype):

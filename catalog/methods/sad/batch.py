@@ -13,6 +13,7 @@ import torch
 from catalog.methods.sad import shares
 from catalog.methods.sad.edges import SIDES, trace_side, upstream_outputs
 from catalog.methods.sad.settings import SadSettings
+from catalog.models.families.base import attention_logits, head_z, layer_window, qk_scales, residual_in
 from catalog.methods.shared.tensors import pad_tokens, prompt_outputs, rows_of
 from catalog.schema.rows import concat, number_edges, table, take
 from catalog.methods.sad.signals import find_firings, find_sinks, sparse_signals, subset
@@ -32,7 +33,11 @@ def qk_forms(model, stored_form=None):
     if model.adapter.rotary is not None:
         from catalog.methods.sad.rotary import RotaryForms
 
-        return RotaryForms(*model.adapter.qk_factors(), model.adapter.rotary, device=model.device)
+        from catalog.models.families.base import layer_rotary
+
+        by_layer = [layer_rotary(model.adapter, layer) for layer in range(model.n_layers)]
+        return RotaryForms(*model.adapter.qk_factors(), model.adapter.rotary, device=model.device,
+                           rotary_by_layer=by_layer if any(r is not model.adapter.rotary for r in by_layer) else None)
     from catalog.methods.sad.forms import HeadForms
     from catalog.methods.shared.svd import from_arrow
 
@@ -55,7 +60,8 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Sa
     end_pos = torch.as_tensor(end_pos, device=device)
     prompt_ids = np.asarray(prompt_ids)
     n_heads, adapter = model.n_heads, model.adapter
-    z = [cache[f"blocks.{layer}.attn.hook_z"].float() for layer in range(model.n_layers - 1)]
+    # What each head writes is z W_O (over the post-attention norm's scale, where the family has one).
+    z = [head_z(adapter, cache, layer).float() for layer in range(model.n_layers - 1)]
     outputs = upstream_outputs(z, W_O.float()) if z else None
     residual = shares.residual_by_kind(cache, model.n_layers, outputs, n_heads, model.output_weights()[0])
     rows = {name: [] for name in ("firings", "firing_svs", "side_shares", "edges", "edge_svs")}
@@ -65,15 +71,17 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Sa
     sink_tokens = _sink_tokens(is_sink, [len(tokens) for tokens in token_lists], prompt_ids)
     for layer in range(model.n_layers):
         firings = find_firings(
-            cache[f"blocks.{layer}.attn.hook_pattern"].float(), cache[f"blocks.{layer}.attn.hook_attn_scores"].float(),
-            end_pos, settings.attn_threshold, adapter.score_scale,
+            cache[f"blocks.{layer}.attn.hook_pattern"].float(), attention_logits(adapter, cache, layer).float(),
+            end_pos, settings.attn_threshold, adapter.score_scale, window=layer_window(adapter, layer),
         )
         if len(firings) == 0:
             continue
         to_sink = is_sink[firings.prompt, firings.src]
         offset = firings.dest - firings.src
         forms, firings.form = qk.layer_forms(layer, firings.head, offset)
-        signals = sparse_signals(firings, cache[f"blocks.{layer}.ln1.hook_normalized"], forms, settings.sv_threshold)
+        normalized, scale = residual_in(adapter, cache, layer)
+        r_QK = qk_scales(adapter, cache, layer)  # None without QK-norm
+        signals = sparse_signals(firings, normalized, forms, settings.sv_threshold, r_QK)
         key = {"prompt_id": prompt_ids[rows_of(firings.prompt)], "layer": np.full(len(firings), layer),
                "head": rows_of(firings.head), "dest_pos": rows_of(firings.dest), "src_pos": rows_of(firings.src)}
         pos_offset = rows_of(offset) if forms.pos_offset is not None else np.full(len(firings), np.nan)
@@ -87,11 +95,12 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Sa
             take(key, rows_of(f)), rank=rows_of(rank), sv=rows_of(sv), contribution=rows_of(signals.contribution[f, sv]),
             dest_proj=rows_of(signals.dest_proj[f, sv]), src_proj=rows_of(signals.src_proj[f, sv]),
         ))
-        scale = cache[f"blocks.{layer}.ln1.hook_scale"][..., 0].float()
+        scale = scale.float()
+        qk_scale = dict(zip(SIDES, r_QK)) if r_QK is not None else dict.fromkeys(SIDES)
         weights = shares.signal_weights(firings, signals, forms)  # the same on both sides
         for side in SIDES:
             rows["side_shares"].append(_side_shares(side, key, firings, signals, weights, forms, residual[layer],
-                                                    scale))
+                                                    scale, qk_scale[side]))
         if layer == 0:
             continue  # nothing is upstream of layer 0
         # Firings to a sink keep their rows above but get no edges unless keep_sinks: their edges
@@ -105,7 +114,7 @@ def analyse_batch(model, qk, W_O, token_lists, end_pos, prompt_ids, settings: Sa
         upstream = outputs[:, :, : adapter.upstream_heads(layer)]
         for side in SIDES:
             result = trace_side(side, firings, signals, forms, upstream, scale, settings.append_constant,
-                                settings.edge_threshold)
+                                settings.edge_threshold, qk_scale[side])
             f, up = result.is_edge.nonzero(as_tuple=True)
             first_row = sum(len(part["prompt_id"]) for part in rows["edges"])
             edge = dict(take(key, traced_rows[rows_of(f)]), side=np.full(len(f), side),
@@ -134,9 +143,9 @@ def _sink_tokens(is_sink, n_tokens, prompt_ids):
                                                         is_sink=rows_of(is_sink[prompt, pos]))])
 
 
-def _side_shares(side, key, firings, signals, weights, forms, residual, scale) -> dict:
+def _side_shares(side, key, firings, signals, weights, forms, residual, scale, qk_scale=None) -> dict:
     """One side_shares row per firing: the side's signal projection and each kind's share of it."""
-    parts = shares.side_parts(side, firings, weights, forms, residual, scale)  # [firing, kind]
+    parts = shares.side_parts(side, firings, weights, forms, residual, scale, qk_scale)  # [firing, kind]
     total = parts.sum(dim=1, keepdim=True)
     # An empty signal projects to 0: its shares are NULL (NaN here) rather than a division by 0.
     share = torch.where(total != 0, parts / total, torch.full_like(parts, float("nan")))

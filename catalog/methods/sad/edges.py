@@ -67,17 +67,23 @@ def trace_side(
     scale: torch.Tensor,
     append_constant: bool,
     edge_threshold: float,
+    qk_scale: torch.Tensor | None = None,
 ) -> SideEdges:
     """Edges of one side for the firings of one layer.
 
     forms: this layer's QK forms (firings.form indexes them); outputs: upstream_outputs
     restricted to the layers above this one [prompt, pos, n_up, d_model]; scale: this layer's
-    ln1.hook_scale [prompt, pos].
+    ln1.hook_scale [prompt, pos]; qk_scale: the side's QK-norm divisor [prompt, pos, head] (r_Q on
+    the query side, r_K on the key side) where the family has QK-norm: the token's vector the form
+    reads is its residual over scale * qk_scale, so both divide every term (docs/normed.md).
     """
     n_firings, n_up, d_model = len(firings), outputs.shape[2], outputs.shape[3]
     max_svs = int(signals.n_svs.max()) if n_firings else 0
     terms = torch.zeros(n_firings, n_up, max_svs, device=outputs.device)
     token = firings.dest if side == "query" else firings.src
+    divisor = scale[firings.prompt, token]  # [firing]: what every term of the firing's side is divided by
+    if qk_scale is not None:
+        divisor = divisor * qk_scale[firings.prompt, token, firings.head].to(divisor.dtype)
     for low, high in zip(_BUCKET_EDGES, _BUCKET_EDGES[1:] + (None,)):
         in_bucket = (signals.n_svs >= low) & ((signals.n_svs < high) if high else True)
         index = in_bucket.nonzero(as_tuple=True)[0]
@@ -86,13 +92,13 @@ def trace_side(
         width = int(signals.n_svs[index].max())
         chunk = max(1, _CHUNK_ELEMENTS // (n_up * d_model))
         for part in index.split(chunk):
-            terms[part, :, :width] = _terms(part, width, side, firings, signals, forms, outputs, scale, token,
-                                            append_constant)
+            terms[part, :, :width] = _terms(part, width, side, firings, signals, forms, outputs, divisor[part],
+                                            token, append_constant)
     weight = terms.sum(dim=2)
     return SideEdges(terms=terms, weight=weight, is_edge=select_edges(weight, edge_threshold))
 
 
-def _terms(part, width, side, firings, signals, forms, outputs, scale, token, append_constant):
+def _terms(part, width, side, firings, signals, forms, outputs, divisor, token, append_constant):
     """Per-direction terms [firing, upstream head, rank] for some firings, padded to `width` ranks."""
     form = firings.form[part]
     sv = signals.order[part, :width]  # [f, rank]
@@ -105,4 +111,4 @@ def _terms(part, width, side, firings, signals, forms, outputs, scale, token, ap
     terms = torch.bmm(upstream, directions[..., :-1].transpose(1, 2))  # [f, n_up, rank]
     if append_constant:
         terms = terms + directions[..., -1].unsqueeze(1)
-    return terms / scale[firings.prompt[part], token[part]].view(-1, 1, 1)
+    return terms / divisor.view(-1, 1, 1)

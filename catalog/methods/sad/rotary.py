@@ -40,13 +40,15 @@ def rotation(rotary: Rotary, offsets: torch.Tensor, d_head: int) -> torch.Tensor
 class RotaryForms:
     """Every head's factors and the per-offset forms computed so far, for one model and run."""
 
-    def __init__(self, W_Q, b_Q, W_K, b_K, rotary: Rotary, device="cpu"):
+    def __init__(self, W_Q, b_Q, W_K, b_K, rotary: Rotary, device="cpu", rotary_by_layer=None):
         # The factors and the small SVDs stay on the CPU in float64; what the batches use moves to `device`.
         W_Q, b_Q, W_K, b_K = (t.detach().cpu().double() for t in (W_Q, b_Q, W_K, b_K))
         A, B = augmented_factors(W_Q, b_Q, W_K, b_K)
         self.Qa, self.Ra = thin_qr(A)  # [layer, head, d+1, r], [layer, head, r, r]
         self.Qb, self.Rb = thin_qr(B)
         self.rotary, self.d_head = rotary, W_Q.shape[-1]
+        # Gemma-3: local and global layers turn by their own frequencies (None: every layer by `rotary`).
+        self.rotary_by_layer = tuple(rotary_by_layer) if rotary_by_layer is not None else None
         self.device = device
         self.basis_q, self.basis_k = self.Qa.float().to(device), self.Qb.float().to(device)
         # (layer, head, offset) -> (sigma [r], core_q [r, r], core_k [r, r]) float32
@@ -75,7 +77,8 @@ class RotaryForms:
     def _compute(self, layer: int, pairs: list[tuple[int, int]]) -> None:
         heads = torch.tensor([h for h, _ in pairs])
         offsets = torch.tensor([d for _, d in pairs])
-        core = self.Ra[layer, heads] @ rotation(self.rotary, offsets, self.d_head) @ self.Rb[layer, heads].transpose(-1, -2)
+        rotary = self.rotary_by_layer[layer] if self.rotary_by_layer else self.rotary
+        core = self.Ra[layer, heads] @ rotation(rotary, offsets, self.d_head) @ self.Rb[layer, heads].transpose(-1, -2)
         core_u, sigma, core_vh = torch.linalg.svd(core)
         core_v = core_vh.transpose(-1, -2)
         # The sign convention is on U = Qa Uc; flipping a column of Uc flips that column of U.

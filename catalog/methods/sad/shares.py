@@ -44,7 +44,7 @@ def signal_weights(firings: Firings, signals: SparseSignals, forms: LayerForms) 
 
 
 def side_parts(side: str, firings: Firings, weights: torch.Tensor, forms: LayerForms,
-               residual: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+               residual: dict[str, torch.Tensor], scale: torch.Tensor, qk_scale=None) -> torch.Tensor:
     """Each kind's part of one side's signal projection, [firing, len(KINDS)] in KINDS order.
 
     weights: `signal_weights` of the firings (the same for both sides); residual: for each of RESIDUAL_KINDS, the sum of that kind's upstream outputs [prompt, pos,
@@ -58,11 +58,14 @@ def side_parts(side: str, firings: Firings, weights: torch.Tensor, forms: LayerF
     head = forms.head[firings.form]
     token = firings.dest if side == "query" else firings.src
     token_scale = scale[firings.prompt, token]
+    # QK-norm (docs/normed.md): the form reads x~ / r, so every part, the appended 1's too, is over r.
+    qk = qk_scale[firings.prompt, token, firings.head].float() if qk_scale is not None else 1.0
+    token_scale = token_scale * qk
     parts = []
     for kind in RESIDUAL_KINDS:
         on_basis = torch.einsum("bpd,hdr->bphr", residual[kind].float(), basis[:, :-1])
         parts.append((on_basis[firings.prompt, token, head] * weights).sum(-1) / token_scale)
-    parts.append((basis[:, -1][head] * weights).sum(-1))          # the appended 1 of x~
+    parts.append((basis[:, -1][head] * weights).sum(-1) / qk)     # the appended 1 of x~
     return torch.stack(parts, dim=1)
 
 

@@ -77,12 +77,15 @@ def find_sinks(patterns, end_pos, sink_attention: float, sink_head_share: float,
     return enough & (n_after > 0) & (positions.view(1, -1) >= 1)
 
 
-def find_firings(pattern, attn_scores, end_pos, attn_threshold: float, score_scale: float) -> Firings:
+def find_firings(pattern, attn_scores, end_pos, attn_threshold: float, score_scale: float,
+                 window: int | None = None) -> Firings:
     """Firings of one layer from its hook_pattern / hook_attn_scores [prompt, head, dest, src].
 
     end_pos [prompt] is the last destination analysed (the prompt's `end` token), which also keeps
     the padding of shorter prompts out. Source 0 (the attention sink, or the BOS) never fires.
     score_scale: hook_attn_scores = s / score_scale (sqrt(d_head) in every family read).
+    window: the layer's sliding window; a source with i - j >= window is never a firing (the model
+    masks it; stated here too so that no pattern rounding can let one through).
     """
     n_pos = pattern.shape[-1]
     dest = torch.arange(n_pos, device=pattern.device).view(1, 1, n_pos, 1)
@@ -95,6 +98,8 @@ def find_firings(pattern, attn_scores, end_pos, attn_threshold: float, score_sca
         & (src <= dest)
         & (dest <= end_pos.to(pattern.device).view(-1, 1, 1, 1))
     )
+    if window is not None:
+        mask = mask & (dest - src < window)
     prompt, head, i, j = mask.nonzero(as_tuple=True)
     return Firings(prompt, head, i, j, pattern[prompt, head, i, j], score[prompt, head, i, j])
 
@@ -104,14 +109,21 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
 
 
-def sparse_signals(firings: Firings, normalized, forms: LayerForms, sv_threshold: float) -> SparseSignals:
+def sparse_signals(firings: Firings, normalized, forms: LayerForms, sv_threshold: float,
+                   qk_scales=None) -> SparseSignals:
     """Contributions c_k and the sparse signal of every firing of one layer.
 
     normalized: ln1.hook_normalized [prompt, pos, d_model]; forms: the layer's QK forms, firings.form
-    each firing's (catalog.methods.sad.forms).
+    each firing's (catalog.methods.sad.forms). qk_scales: (r_Q, r_K) [prompt, pos, head], the
+    QK-norm divisors of a family with QK-norm (docs/normed.md): the projections are those of
+    x~_i / r_Q(i) and x~_j / r_K(j), so the contributions still sum to the score.
     """
     x_tilde = augment(normalized.float())
     dest_proj, src_proj = forms.projections(x_tilde, firings.prompt, firings.dest, firings.src, firings.form)
+    if qk_scales is not None:
+        r_Q, r_K = qk_scales
+        dest_proj = dest_proj / r_Q[firings.prompt, firings.dest, firings.head].float().unsqueeze(1)
+        src_proj = src_proj / r_K[firings.prompt, firings.src, firings.head].float().unsqueeze(1)
     contribution = forms.sigma[firings.form] * dest_proj * src_proj
     sorted_c, order = torch.sort(contribution, dim=1, descending=True, stable=True)
     # The shortest prefix whose running sum, over the whole score, exceeds sv_threshold. The

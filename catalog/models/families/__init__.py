@@ -6,10 +6,10 @@ family by name."""
 from __future__ import annotations
 
 from catalog.errors import CatalogError
-from catalog.models.families import gpt2, gpt_neox, llama, qwen2
+from catalog.models.families import gemma2, gemma3, gpt2, gpt_neox, llama, olmo2, qwen2, qwen3
 from catalog.models.families.base import HOOK_SUFFIXES, FamilyAdapter, Rotary
 
-FAMILIES = (gpt2, gpt_neox, llama, qwen2)
+FAMILIES = (gpt2, gpt_neox, llama, qwen2, qwen3, gemma2, gemma3, olmo2)
 
 __all__ = ["FAMILIES", "HOOK_SUFFIXES", "FamilyAdapter", "Rotary", "families_read", "family_for"]
 
@@ -20,9 +20,16 @@ def families_read() -> str:
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def family_for(model_type: str, display: str):
-    """The family module reading Hugging Face `model_type`, or one CatalogError line naming those read."""
+def family_for(model_type: str, display: str, method: str | None = None):
+    """The family module reading Hugging Face `model_type`, or one CatalogError line naming those read
+    (or, given `method`, the methods the family is read by when that one is not among them)."""
+    from catalog.models.families.base import methods_read
+
     for family in FAMILIES:
         if model_type in family.MODEL_TYPES:
+            allowed = methods_read(family)
+            if method is not None and allowed is not None and method not in allowed:
+                raise CatalogError(f"--method {method} does not read {family.DESCRIPTION} models yet ({display} "
+                                   f"is one); use --method {' or '.join(allowed)}")
             return family
     raise CatalogError(f"{display} is a model of type '{model_type}'; the catalog reads {families_read()} models")

@@ -170,3 +170,54 @@ def score_scale_of(hf_model, d_head: int) -> float:
         if isinstance(scaling, float) and scaling > 0:
             return 1.0 / scaling
     return float(d_head) ** 0.5
+
+
+# -- What the method asks of every family beyond its QK factors (defaults: the pre-norm families
+# above, whose normalisation is folded into W_Q and W_K; catalog.models.families.normed overrides
+# them for QK-norm, post-norm, softcapped and sliding-window families, docs/normed.md). Added as
+# functions of the adapter so that the families above need nothing new.
+
+def residual_in(adapter, cache, layer: int):
+    """(x, scale): the normalised residual head inputs read [prompt, pos, d_model] and the norm's
+    per-token scale [prompt, pos] (x = residual / scale)."""
+    read = getattr(adapter, "read_residual", None)
+    if read is not None:
+        return read(cache, layer)
+    return cache[f"blocks.{layer}.ln1.hook_normalized"], cache[f"blocks.{layer}.ln1.hook_scale"][..., 0]
+
+
+def qk_scales(adapter, cache, layer: int):
+    """(r_Q, r_K) [prompt, pos, head] (per query head): each token's QK-norm divisor, or None for a
+    family without QK-norm."""
+    read = getattr(adapter, "read_qk_scales", None)
+    return read(cache, layer) if read is not None else None
+
+
+def head_z(adapter, cache, layer: int):
+    """What multiplies W_O to give a head's write into the residual stream [prompt, pos, head, d_head]:
+    hook_z, divided by the post-attention norm's per-token scale where the family has one."""
+    read = getattr(adapter, "read_head_z", None)
+    return read(cache, layer) if read is not None else cache[f"blocks.{layer}.attn.hook_z"]
+
+
+def attention_logits(adapter, cache, layer: int):
+    """[prompt, head, dest, src]: the model's attention logits before any softcap (= score / score_scale)."""
+    read = getattr(adapter, "read_attention_logits", None)
+    return read(cache, layer) if read is not None else cache[f"blocks.{layer}.attn.hook_attn_scores"]
+
+
+def layer_window(adapter, layer: int) -> int | None:
+    """The layer's sliding window (a source j is seen from i only when i - j < window), or None."""
+    windows = getattr(adapter, "windows", None)
+    return windows[layer] if windows else None
+
+
+def layer_rotary(adapter, layer: int) -> Rotary | None:
+    """The rotation of `layer` (Gemma-3: its own base per layer type), else the model's one."""
+    rotaries = getattr(adapter, "rotaries", None)
+    return rotaries[layer] if rotaries else adapter.rotary
+
+
+def methods_read(family) -> tuple[str, ...] | None:
+    """The methods a family module reads (its METHODS), or None: every method."""
+    return getattr(family, "METHODS", None)
