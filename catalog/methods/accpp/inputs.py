@@ -7,11 +7,8 @@ from catalog.heads import parse_head
 
 
 def check_inputs(settings, model, items, answers, wrongs) -> None:
-    """One CatalogError line for a model ACC++ does not read, a head the model lacks, a role no
+    """One CatalogError line for a head the model lacks, a role no
     prompt has, or a prompt without the answer/wrong token its seeding needs."""
-    if model.adapter.family != "gpt2":
-        raise CatalogError(f"--method accpp reads GPT-2 models only so far; {model.name} is a "
-                           f"{model.adapter.family} model: use --method sad (the default)")
     for layer, head in settings.heads:
         parse_head(f"{layer}.{head}", model.n_layers, model.n_heads)
     for role in settings.dest_roles:
