@@ -168,7 +168,9 @@ def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=N
 
     # So do a missing GPU and a family the catalog does not read.
     resolve_device(device)
-    check_family(model, model_path)
+    config = check_family(model, model_path)
+    if config is not None and chosen.check_config is not None:
+        chosen.check_config(method_settings, config)  # a setting this checkpoint cannot take
     # What identifies a run besides the model and the prompts: runs' columns and the JSON settings.
     identity = {"dataset": dataset, "n_prompts": len(items) if items is not None else n_prompts,
                 "batch_size": batch_size, "method": chosen.name, **method_settings.columns()}

@@ -22,3 +22,12 @@ def check_inputs(settings, model, items, answers, wrongs) -> None:
                 f"prompt {index} has no {'answer' if answer is None else 'wrong'} token, which --seeding "
                 f"{settings.seeding} needs: give \"answer\" and \"wrong\" in the JSONL (or IO and S1 roles)"
             )
+
+
+def check_config(settings, config: dict) -> None:
+    """Before the model is loaded: every --heads head exists in the checkpoint's config.json."""
+    n_layers = config.get("num_hidden_layers", config.get("n_layer"))
+    n_heads = config.get("num_attention_heads", config.get("n_head"))
+    if isinstance(n_layers, int) and isinstance(n_heads, int):
+        for layer, head in settings.heads:
+            parse_head(f"{layer}.{head}", n_layers, n_heads)
