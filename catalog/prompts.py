@@ -5,7 +5,9 @@ of the text, exactly the ids its tokenizer returns for the text (SPEC.md, "IOI p
 GPT-2's tokenizer adds no BOS). The catalog feeds the model those ids, so where a tokenizer puts a BOS token in front of every text
 (Llama's does; GPT-2's does not, see `adds_bos`) position 0 is the BOS and every role counts it:
 in a JSONL file, roles are positions in that tokenization and a "tokens" list starts with the
-BOS string (e.g. "<s>").
+BOS string (e.g. "<s>"). A JSONL prompt can ask for a BOS the tokenizer does not add
+(`"prepend_bos": true`, as TransformerLens prepends one for Llama whatever the tokenizer): the
+tokenizer's BOS token is then put first, and roles and tokens count it the same way.
 
 Generated texts end with the answer (the IO name) after the `end` token, as ../shared/reference
 prompts do, so positions after `end` are never analysed. The generator draws its words from the
@@ -36,6 +38,7 @@ class Prompt:
     tokens: tuple[str, ...] | None = None  # expected token strings, checked by tokenize_prompts
     answer: str | int | None = None  # the correct next token after `end` (text or id); IOI: the IO name
     wrong: str | int | None = None  # the contrast token; IOI: the subject's name
+    prepend_bos: bool = False  # JSONL "prepend_bos": feed the tokenizer's BOS first even where it adds none
 
 
 # Every word carries its leading space: that is the form it takes inside a sentence, and
@@ -328,6 +331,11 @@ def _parse_line(line: str, where: str) -> Prompt:
             if not isinstance(value, (str, int)) or isinstance(value, bool):
                 raise CatalogError(f"{where}: \"{key}\" must be a token string or a token id")
             optional[key] = value
+    prepend_bos = record.get("prepend_bos", False)
+    if not isinstance(prepend_bos, bool):
+        raise CatalogError(f"{where}: \"prepend_bos\" must be true or false")
+    if prepend_bos:
+        optional["prepend_bos"] = True
     for key in ("template", "name_order"):
         if record.get(key) is not None:
             if not isinstance(record[key], str):
@@ -345,7 +353,7 @@ def tokenize_prompts(prompts, tokenizer, max_tokens: int | None = None, limit: s
         check_stop()
         if not prompt.text:
             raise CatalogError(f"prompt {index}: the text is empty")
-        ids = _ids(tokenizer, prompt.text)
+        ids = prompt_ids(tokenizer, prompt, index)
         if max_tokens is not None and len(ids) > max_tokens:
             raise CatalogError(f"prompt {index}: {len(ids)} tokens, more than the {max_tokens} {limit}")
         for role, position in prompt.roles.items():
@@ -359,6 +367,18 @@ def tokenize_prompts(prompts, tokenizer, max_tokens: int | None = None, limit: s
                                    f"{_bos_note(tokenizer)}")
         all_ids.append(ids)
     return all_ids
+
+
+def prompt_ids(tokenizer, prompt: Prompt, index: int = 0) -> list[int]:
+    """The ids the model is fed for a prompt: the tokenizer's own, with its BOS token put first where
+    the prompt asks for one (prepend_bos) and the tokenizer has not already put it there."""
+    ids = _ids(tokenizer, prompt.text)
+    if not prompt.prepend_bos:
+        return ids
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise CatalogError(f"prompt {index}: \"prepend_bos\" is true but the {_describe(tokenizer)} has no BOS token")
+    return ids if ids[:1] == [bos] else [bos] + ids
 
 
 def _bos_note(tokenizer) -> str:
@@ -425,5 +445,6 @@ def _token_after(tokenizer, text: str, word: str) -> int | None:
 def prompts_digest(prompts) -> str:
     """sha256 over texts and roles (and answer/wrong where given), in order; identifies a prompt set."""
     payload = [{"text": p.text, "roles": p.roles, **{k: getattr(p, k) for k in ("answer", "wrong")
-                                                     if getattr(p, k) is not None}} for p in prompts]
+                                                     if getattr(p, k) is not None},
+                **({"prepend_bos": True} if p.prepend_bos else {})} for p in prompts]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()

@@ -173,7 +173,7 @@ def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=N
     job, chosen, method_settings = resolve_settings(settings, method_settings, **keywords)
     model, model_path, dataset, n_prompts, seed = job.model, job.model_path, job.dataset, job.n_prompts, job.seed
     prompts_file, batch_size, device, dtype = job.prompts_file, job.batch_size, job.device, job.dtype
-    from catalog.prompts import adds_bos, answer_tokens, prompts_digest
+    from catalog.prompts import answer_tokens, prompts_digest
 
     say = _status if show_progress else (lambda text: None)
     items = file_prompts(job)  # a bad file fails before the slow model load
@@ -185,7 +185,9 @@ def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=N
 
     # So do a missing GPU and a family the catalog does not read.
     resolve_device(device)
-    check_family(model, model_path, chosen.name)
+    config = check_family(model, model_path, chosen.name)
+    if config is not None and chosen.check_config is not None:
+        chosen.check_config(method_settings, config)  # a setting this checkpoint cannot take
     # What identifies a run besides the model and the prompts: runs' columns and the JSON settings.
     identity = {"dataset": dataset, "n_prompts": len(items) if items is not None else n_prompts,
                 "batch_size": batch_size, "method": chosen.name, **method_settings.columns()}
@@ -227,10 +229,11 @@ def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=N
                           model_path=str(model_path) if model_path else None,
                           seed=seed if prompts_file is None else None,
                           prompts_file=str(prompts_file) if prompts_file else None, settings=recorded,
-                          checkpoint_digest=files_digest, device=device, dtype=dtype)
+                          checkpoint_digest=files_digest, device=device, dtype=dtype,
+                          prepend_bos=[index for index, item in enumerate(items) if item.prepend_bos])
             row = dict(identity, model_id=model_id, seed=params["seed"], prompts_digest=digest,
                        params=params, package_version=catalog.__version__, settings=recorded,
-                       weight_unit=chosen.weight_unit, has_bos=adds_bos(lm.tokenizer))
+                       weight_unit=chosen.weight_unit, has_bos=_every_prompt_has_bos(items, lm.tokenizer))
             run_id, resumed = cat.create_run(row, prompts, tokens), False
         else:
             run_id, resumed = run["run_id"], True
@@ -240,6 +243,13 @@ def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=N
                                                            answers, wrongs, say))
         return _run_batches(cat, run_id, resumed, len(items), batch_size, analyse, done, show_progress,
                             on_batch, started)
+
+
+def _every_prompt_has_bos(items, tokenizer) -> bool:
+    """runs.has_bos: position 0 of every prompt is a BOS, the tokenizer's own or asked for (prepend_bos)."""
+    from catalog.prompts import adds_bos
+
+    return adds_bos(tokenizer) or (bool(items) and all(item.prepend_bos for item in items))
 
 
 def _status(text: str) -> None:

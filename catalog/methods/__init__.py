@@ -39,6 +39,9 @@ class Method:
     # (settings, model, items, answers, wrongs) -> None: what it needs of them, checked before
     # anything is stored (one CatalogError line); None: it takes any model and prompts
     check_inputs: Callable | None = None
+    # (settings, config) -> None: the settings a checkpoint cannot take, from its config.json (a
+    # dict) before the model is loaded (one CatalogError line); None: nothing to check there
+    check_config: Callable | None = None
     notes: tuple[str, ...] = ()
 
     def load_analysis(self):

@@ -188,27 +188,51 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
-def check_family(model: str = "gpt2", path=None, method: str | None = None) -> None:
-    """For a local checkpoint, CatalogError at once (before any slow load) unless its config names a
-    family the catalog reads (by `method`, when given); hub models are checked when they load."""
+def check_family(model: str = "gpt2", path=None, method: str | None = None) -> dict | None:
+    """CatalogError at once (before any slow load) unless the checkpoint's config names a family the
+    catalog reads (by `method`, when given), in a variant it reads: a local checkpoint's, or a hub
+    model's found in the local hub cache (a hub model not cached is checked when it loads). Returns
+    the config (config.json as a dict; None for a GGUF file or an uncached hub model), for the
+    method's own checks."""
     if is_gguf(path):
         if not Path(path).is_file():
             raise CatalogError(f"--model-path {path}: no such GGUF file")
         _family_of_gguf(Path(path), str(path), method)
-    elif path is not None and (Path(path) / "config.json").is_file():
-        _family_of_config(Path(path) / "config.json", str(path), method)
+        return None
+    config_path = Path(path) / "config.json" if path is not None else _cached_config(model)
+    if config_path is None or not config_path.is_file():
+        return None
+    display = str(path) if path is not None else model
+    family, config = _family_of_config(config_path, display, method, with_config=True)
+    check_config = getattr(family, "check_config", None)  # variants of a family the catalog does not read
+    if check_config is not None:
+        check_config(config, display)
+    return config
 
 
-def _family_of_config(config_path: Path, display: str, method: str | None = None):
+def _cached_config(name: str) -> Path | None:
+    """A hub model's config.json in the local Hugging Face cache, or None (never the network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # an unusual cache layout or name: the load checks it
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _family_of_config(config_path: Path, display: str, method: str | None = None, with_config: bool = False):
     import json
 
     from catalog.models.families import family_for
 
     try:
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type", "")
-    except (OSError, ValueError) as err:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        model_type = config.get("model_type", "")
+    except (OSError, ValueError, AttributeError) as err:
         raise CatalogError(f"could not read {config_path}: {_first_line(err)}") from None
-    return family_for(str(model_type), display, method)
+    family = family_for(str(model_type), display, method)
+    return (family, config) if with_config else family
 
 
 def _family_of_gguf(path: Path, display: str, method: str | None = None):

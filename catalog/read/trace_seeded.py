@@ -59,6 +59,9 @@ graph_edges AS (   -- component -> firing, one row per stored edge of a reached 
            NULL, NULL, NULL, NULL, s.weight
     FROM seeds s WHERE s.run_id = $run AND ($prompt IS NULL OR s.prompt_id = $prompt)
       AND ($kinds IS NULL OR list_contains($kinds, s.up_kind))
+      -- as in the reference library, a prompt whose seeds hold no head has no graph
+      AND EXISTS (SELECT 1 FROM seeds h WHERE h.run_id = s.run_id AND h.prompt_id = s.prompt_id
+                  AND h.root_id = s.root_id AND h.up_kind = 'head')
 ),
 labelled AS (
     SELECT g.*,
@@ -166,6 +169,13 @@ def trace_seeded(con, run: Run, options) -> TraceGraph:
                      f"{','.join(kinds)})")
     if root[1]:
         notes.append(f"{root[1]} prompt(s) have no seeds (their objective has no positive explanation), so no graph")
+    headless = rows(con, "SELECT count(*) FROM roots r WHERE r.run_id = ? AND (? IS NULL OR r.prompt_id = ?) "
+                         "AND r.n_seeds > 0 AND NOT EXISTS (SELECT 1 FROM seeds s WHERE s.run_id = r.run_id "
+                         "AND s.prompt_id = r.prompt_id AND s.root_id = r.root_id AND s.up_kind = 'head')",
+                    [run.run_id, prompt_id, prompt_id])[0][0]
+    if headless:
+        notes.append(f"{headless} prompt(s) have seeds but no head among them, so no graph (as in the reference "
+                     "library; their seeds are in the seeds table)")
     nodes = _nodes(graph, root[0])
     firings = pa.table({c: graph.column(c) for c in ("prompt_id", "layer", "head", "dest_pos", "src_pos")})
     return TraceGraph(run.run_id, prompt_id, [root[0] or "root"], None, None, firings, nodes, edges, notes)

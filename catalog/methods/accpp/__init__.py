@@ -8,7 +8,7 @@ batch of prompts, layer by layer, as catalog rows). settings and inputs hold wha
 before it starts; they, like this module, import no torch.
 """
 
-from catalog.methods.accpp.inputs import check_inputs
+from catalog.methods.accpp.inputs import check_config, check_inputs
 from catalog.methods.accpp.settings import AccppSettings
 
 
@@ -24,6 +24,6 @@ METHOD_FIELDS = dict(
     weight_unit="attn_prob", form="plain", trace="seeded", per_firing="sides",
     label="ACC++", upstream_kinds=("head", "mlp", "attn_bias", "embed", "offset"),
     partial_firings="ACC++ decomposes only the firings its circuits reach", run_settings="settings",
-    check_inputs=check_inputs, summary_detail=summary_detail,
+    check_inputs=check_inputs, check_config=check_config, summary_detail=summary_detail,
     notes=("edge weights are shares of the downstream attention probability (attn_prob)",),
 )

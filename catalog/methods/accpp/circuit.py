@@ -42,7 +42,7 @@ def batch_analysis(context):
     from catalog.methods.shared.svd import Decomposition, to_arrow
 
     context.say("preparing the ACC++ decomposition ...")
-    weights = accpp_weights(*context.model.attention_weights()[:4])
+    weights = accpp_weights(*context.model.attention_weights()[:4], rotary=context.model.adapter.rotary)
     context.store_form("plain", lambda: to_arrow(Decomposition(sigma=weights.S, U=weights.U, V=weights.V),
                                                  form="plain"))
 

@@ -75,6 +75,8 @@ def residual_components(cache, W_O: torch.Tensor, b_O: torch.Tensor) -> Residual
     per_layer = lambda name: torch.stack([cache[f"blocks.{l}.{name}"].float() for l in range(n_layers)], dim=1)
     pattern = per_layer("attn.hook_pattern")
     v = per_layer("attn.hook_v").transpose(1, 2)  # [prompt, pos, layer, head, d_head]
+    if v.shape[3] != W_O.shape[1]:  # grouped-query attention: each value head serves its group of query heads
+        v = v.repeat_interleave(W_O.shape[1] // v.shape[3], dim=3)
     mlp = per_layer("hook_mlp_out").transpose(1, 2)  # [prompt, pos, layer, d_model]
     n_prompts, n_pos = mlp.shape[:2]
     bias = b_O.view(1, 1, n_layers, -1).expand(n_prompts, n_pos, -1, -1)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from catalog.methods.accpp.components import Residual
+from catalog.methods.accpp.rotation import Rotation
 from catalog.methods.accpp.weights import AccppWeights
 
 SIDES = ("query", "key")
@@ -117,10 +118,29 @@ class LayerDecomposer:
         self.S = weights.S[layer, self.heads] / math.sqrt(self.rank)  # [h, r], score scale folded in
         x = residual.normalized[:, layer]
         self.scale = residual.scale[:, layer]  # [prompt, pos]
-        self.xu = torch.einsum("bpd,hdk->bphk", x, U)
-        self.xv = torch.einsum("bpd,hdk->bphk", x, V)
-        self.cu = torch.einsum("hd,hdk->hk", weights.c_d[layer, self.heads], U)
-        self.cv = torch.einsum("hd,hdk->hk", weights.c_s[layer, self.heads], V)
+        n_pos = x.shape[1]
+        self.rot = None if weights.rotary is None else Rotation(weights.rotary, self.rank, n_pos, device)
+        if self.rot is None:
+            self.xu = torch.einsum("bpd,hdk->bphk", x, U)
+            self.xv = torch.einsum("bpd,hdk->bphk", x, V)
+            self.cu = torch.einsum("hd,hdk->hk", weights.c_d[layer, self.heads], U)
+            self.cv = torch.einsum("hd,hdk->hk", weights.c_s[layer, self.heads], V)
+        else:
+            # Rotary: everything at position t is read into the head's query (key) space, rotated
+            # by R_t there, and taken to singular coordinates by back_q (back_k). The offsets
+            # (b_Q, b_K in that space) rotate too, so they depend on the position: [h, pos, r].
+            self.Rq, self.Rk = weights.read_q[layer, self.heads], weights.read_k[layer, self.heads]
+            self.Bq, self.Bk = weights.back_q[layer, self.heads], weights.back_k[layer, self.heads]
+            cos, sin = self.rot.cos, self.rot.sin  # [pos, r]
+            turn = lambda y, c, s: self.rot.rotate(y, c, s)  # noqa: E731
+            xq = turn(torch.einsum("bpd,hde->bphe", x, self.Rq), cos[None, :, None], sin[None, :, None])
+            xk = turn(torch.einsum("bpd,hde->bphe", x, self.Rk), cos[None, :, None], sin[None, :, None])
+            self.xu = torch.einsum("bphe,hek->bphk", xq, self.Bq)
+            self.xv = torch.einsum("bphe,hek->bphk", xk, self.Bk)
+            off_q = turn(weights.offset_q[layer, self.heads].unsqueeze(1), cos[None], sin[None])  # [h, pos, r]
+            off_k = turn(weights.offset_k[layer, self.heads].unsqueeze(1), cos[None], sin[None])
+            self.cu = torch.einsum("hpe,hek->hpk", off_q, self.Bq)
+            self.cv = torch.einsum("hpe,hek->hpk", off_k, self.Bk)
         # Head slices projected on u_k / v_k, only for the (prompt, head) pairs that have firings:
         # (v W_O) . u_k as [pair, upstream head, k, tb], a firing's slab one contiguous block.
         pair_keys = torch.unique(firings.prompt * self.n_heads + firings.head)
@@ -129,11 +149,22 @@ class LayerDecomposer:
         pair_prompt, pair_head = pair_keys // self.n_heads, self.local[pair_keys % self.n_heads]
         v = residual.v[pair_prompt, :, :layer].flatten(2, 3)  # [pair, tb, layer*head, d_head]
         WU, WV = weights.through_output(residual.W_O, layer, self.heads)  # [h, layer*head, d_head, r]
-        self.Pu_heads = torch.einsum("qpne,qnek->qnkp", v, WU[pair_head]).contiguous()
-        self.Pv_heads = torch.einsum("qpne,qnek->qnkp", v, WV[pair_head]).contiguous()
+        if self.rot is None:
+            self.Pu_heads = torch.einsum("qpne,qnek->qnkp", v, WU[pair_head]).contiguous()
+            self.Pv_heads = torch.einsum("qpne,qnek->qnkp", v, WV[pair_head]).contiguous()
+        else:
+            # Rotary: (v W_O) read into the query / key space, [pair, upstream head, tb, r]; the
+            # rotation is the position the slice is written at, known per firing (i, or each j').
+            self.Pq_heads = torch.einsum("qpne,qnek->qnpk", v, WU[pair_head]).contiguous()
+            self.Pk_heads = torch.einsum("qpne,qnek->qnpk", v, WV[pair_head]).contiguous()
         self.U, self.V = U, V
         dense = residual.dense_upto(layer)
         self.dense = dense / self.scale[:, :, None, None]  # LN scale of this layer at the component's token
+        if self.rot is not None:
+            # The dense components at every position, read and rotated there: [prompt, pos, h, 2L + 1, r].
+            cos, sin = self.rot.cos[None, :, None, None], self.rot.sin[None, :, None, None]
+            self.dense_q = self.rot.rotate(torch.einsum("bpcd,hde->bphce", self.dense, self.Rq), cos, sin)
+            self.dense_k = self.rot.rotate(torch.einsum("bpcd,hde->bphce", self.dense, self.Rk), cos, sin)
         self.A = residual.pattern[:, :layer].flatten(1, 2)  # [prompt, layer*head, dest, src]
 
     def layout(self) -> tuple[int, int, int, int]:
@@ -174,8 +205,11 @@ class LayerDecomposer:
         b, h, i, j = f.prompt, self.local[f.head], f.dest, f.src
         q = self.pair[b, f.head]  # the firing's (prompt, head) pair
         S = self.S[h]  # [F, r]
-        acoef = S * (self.xu[b, i, h] + self.cu[h])  # [F, r]
-        bcoef = self.xv[b, :, h] + self.cv[h].unsqueeze(1)  # [F, pos, r]
+        rot = self.rot
+        cu_i = self.cu[h] if rot is None else self.cu[h, i]  # [F, r] the query offset at i
+        cv_at = self.cv[h].unsqueeze(1) if rot is None else self.cv[h]  # [F, 1 or pos, r] the key offset
+        acoef = S * (self.xu[b, i, h] + cu_i)  # [F, r]
+        bcoef = self.xv[b, :, h] + cv_at  # [F, pos, r]
         valid = torch.arange(n_pos, device=self.device).unsqueeze(0) <= i.unsqueeze(1)
         row = torch.einsum("fk,fpk->fp", acoef.double(), bcoef.double())
         g = ig_vector(row, j, valid, steps)  # [F, pos]
@@ -187,17 +221,28 @@ class LayerDecomposer:
         G = torch.einsum("fpk,fp->fk", bcoef.double(), g).float()
         A_i = self.A[b, :, i, :T]  # [F, layer*head, tb]
         # One copy of the firings' slabs, then products in place: this is the bulk of the memory traffic.
-        query_heads = self.Pu_heads[..., :T].index_select(0, q).mul_(A_i.unsqueeze(2))
+        if rot is None:
+            query_heads = self.Pu_heads[..., :T].index_select(0, q).mul_(A_i.unsqueeze(2))
+            dense_u = _per_head(self.dense[b, i], self.U, h)  # [F, 2L + 1, r]: components at i, on u_k
+        else:  # the slices written at i, rotated by R_i, then to singular coordinates
+            Pq = self.Pq_heads[:, :, :T].index_select(0, q)  # [F, layer*head, tb, r]
+            Pq = rot.rotate(Pq, rot.cos[i][:, None, None], rot.sin[i][:, None, None])
+            query_heads = torch.einsum("fnte,fek->fnkt", Pq, self.Bq[h]).mul_(A_i.unsqueeze(2))
+            dense_u = torch.bmm(self.dense_q[b, i, h], self.Bq[h])
         query_heads.mul_((S * G / scale_i)[:, None, :, None])
-        dense_u = _per_head(self.dense[b, i], self.U, h)  # [F, 2L + 1, r]: components at i, on u_k
-        query_comps = torch.cat([dense_u, self.cu[h].unsqueeze(1)], dim=1) * (S * G).unsqueeze(1)
+        query_comps = torch.cat([dense_u, cu_i.unsqueeze(1)], dim=1) * (S * G).unsqueeze(1)
 
         def query_value(fs, up, comp, k, tb):
             """value[atom] of the atoms (flat keys decoded, [F', K] each) of the firings fs."""
             bs, hs = b[fs], h[fs]
             n = (up * H + comp).clamp(max=L * H - 1)
-            head = S[fs, k] * self.A[bs, n, i[fs], tb] * self.Pu_heads[q[fs], n, k, tb] / self.scale[bs, i[fs]]
-            other = S[fs, k] * torch.where(comp == H + 3, self.cu[hs, k], dense_u[fs, _dense_index(comp, up, H, L), k])
+            if rot is None:
+                P, cu_k = self.Pu_heads[q[fs], n, k, tb], self.cu[hs, k]
+            else:
+                vec = rot.rotate(self.Pq_heads[q[fs], n, tb], rot.cos[i[fs]], rot.sin[i[fs]])  # [F', K, r]
+                P, cu_k = (vec * self.Bq.transpose(-1, -2)[hs, k]).sum(-1), self.cu[hs, i[fs], k]
+            head = S[fs, k] * self.A[bs, n, i[fs], tb] * P / self.scale[bs, i[fs]]
+            other = S[fs, k] * torch.where(comp == H + 3, cu_k, dense_u[fs, _dense_index(comp, up, H, L), k])
             return torch.where(comp < H, head, torch.where(_exists(comp, up, tb, i[fs], H), other, 0.0))
 
         def query_rows(sel, idx):
@@ -206,10 +251,23 @@ class LayerDecomposer:
             return (query_value(fs, up, comp, k, tb).unsqueeze(-1) * bcoef[fs, :, k]).double()
 
         # Key side: IG = acoef[k] * sum_j' (v_k . y(j')) g[j'].
-        Ag = torch.einsum("fntp,ft->fnp", self.A[b, :, :T, :T], g32[:, :T] / self.scale[b, :T])  # [F, layer*head, tb]
-        key_heads = self.Pv_heads[..., :T].index_select(0, q).mul_(Ag.unsqueeze(2)).mul_(acoef[:, None, :, None])
-        dense_g = _per_head(_weighted_by_prompt(self.dense[:, :T], b, g32[:, :T]), self.V, h)  # [F, 2L + 1, r]
-        key_comps = torch.cat([dense_g, (self.cv[h] * g32.sum(1, keepdim=True)).unsqueeze(1)], dim=1) * acoef.unsqueeze(1)
+        if rot is None:
+            Ag = torch.einsum("fntp,ft->fnp", self.A[b, :, :T, :T], g32[:, :T] / self.scale[b, :T])  # [F, layer*head, tb]
+            key_heads = self.Pv_heads[..., :T].index_select(0, q).mul_(Ag.unsqueeze(2))
+            dense_g = _per_head(_weighted_by_prompt(self.dense[:, :T], b, g32[:, :T]), self.V, h)  # [F, 2L + 1, r]
+            offset_g = self.cv[h] * g32.sum(1, keepdim=True)
+        else:
+            # A slice (tb) at key column j' turns by R_j': sum_j' w[j'] rot_j'(p) = p * sum_j' w cos_j'
+            # + half_turn(p) * sum_j' w sin_j', with w[j'] = A[j', tb] g[j'] / scale[j'].
+            w = self.A[b, :, :T, :T] * (g32[:, :T] / self.scale[b, :T])[:, None, :, None]  # [F, n, j', tb]
+            Pk = self.Pk_heads[:, :, :T].index_select(0, q)  # [F, layer*head, tb, r]
+            turned = (Pk * torch.einsum("fntp,te->fnpe", w, rot.cos[:T])
+                      + rot.half_turn(Pk) * torch.einsum("fntp,te->fnpe", w, rot.sin[:T]))
+            key_heads = torch.einsum("fnpe,fek->fnkp", turned, self.Bk[h])
+            dense_g = torch.bmm(torch.einsum("fpce,fp->fce", self.dense_k[b, :T, h], g32[:, :T]), self.Bk[h])
+            offset_g = torch.einsum("fpk,fp->fk", self.cv[h], g32)
+        key_heads.mul_(acoef[:, None, :, None])
+        key_comps = torch.cat([dense_g, offset_g.unsqueeze(1)], dim=1) * acoef.unsqueeze(1)
 
         def key_rows(sel, idx):
             up, comp, k, tb = _decode(idx, n_comp, r, n_pos)
@@ -217,16 +275,26 @@ class LayerDecomposer:
             bs, hs = b[fs], h[fs]
             coef = acoef[fs, k]  # [F', K]
             n = (up * H + comp).clamp(max=L * H - 1)
-            head_rows = (coef * self.Pv_heads[q[fs], n, k, tb]).unsqueeze(-1) * self.A[bs, n, :, tb] / self.scale[bs]
-            offset_rows = (coef * self.cv[hs, k]).unsqueeze(-1).expand(-1, -1, n_pos)
+            if rot is None:
+                head_rows = (coef * self.Pv_heads[q[fs], n, k, tb]).unsqueeze(-1) * self.A[bs, n, :, tb] / self.scale[bs]
+                offset_rows = (coef * self.cv[hs, k]).unsqueeze(-1).expand(-1, -1, n_pos)
+            else:  # the slice's projection at every key column j', rotated by R_j': [F', K, pos]
+                vec, back = self.Pk_heads[q[fs], n, tb], self.Bk.transpose(-1, -2)[hs, k]  # [F', K, r] each
+                P = (vec * back) @ rot.cos.T + (rot.half_turn(vec) * back) @ rot.sin.T
+                head_rows = coef.unsqueeze(-1) * P * self.A[bs, n, :, tb] / self.scale[bs]
+                offset_rows = coef.unsqueeze(-1) * self.cv.transpose(1, 2)[hs, k]
             rows = torch.where((comp < H).unsqueeze(-1), head_rows, offset_rows)
             exists = _exists(comp, up, tb, j[fs], H)
             rows = torch.where(((comp >= H) & ~exists).unsqueeze(-1), torch.zeros_like(rows), rows)
             # MLP, b_O and embedding rows, (y(j') / scale) . v_k at every key column, for those atoms only.
             m = torch.nonzero((comp >= H) & (comp < H + 3) & exists, as_tuple=True)
             if len(m[0]):
-                y = self.dense[bs[m], :, _dense_index(comp[m], up[m], H, L)]  # [M, pos, d_model]
-                rows[m] = coef[m].unsqueeze(-1) * torch.einsum("mpd,md->mp", y, self.V[hs[m], :, k[m]])
+                if rot is None:
+                    y = self.dense[bs[m], :, _dense_index(comp[m], up[m], H, L)]  # [M, pos, d_model]
+                    rows[m] = coef[m].unsqueeze(-1) * torch.einsum("mpd,md->mp", y, self.V[hs[m], :, k[m]])
+                else:
+                    y = self.dense_k[bs[m], :, hs[m], _dense_index(comp[m], up[m], H, L)]  # [M, pos, r] rotated
+                    rows[m] = coef[m].unsqueeze(-1) * torch.einsum("mpe,me->mp", y, self.Bk[hs[m], :, k[m]])
             return rows.double()
 
         def candidates_of(heads_ig, comps_ig, slot):

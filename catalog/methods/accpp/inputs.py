@@ -7,11 +7,8 @@ from catalog.heads import parse_head
 
 
 def check_inputs(settings, model, items, answers, wrongs) -> None:
-    """One CatalogError line for a model ACC++ does not read, a head the model lacks, a role no
+    """One CatalogError line for a head the model lacks, a role no
     prompt has, or a prompt without the answer/wrong token its seeding needs."""
-    if model.adapter.family != "gpt2":
-        raise CatalogError(f"--method accpp reads GPT-2 models only so far; {model.name} is a "
-                           f"{model.adapter.family} model: use --method sad (the default)")
     for layer, head in settings.heads:
         parse_head(f"{layer}.{head}", model.n_layers, model.n_heads)
     for role in settings.dest_roles:
@@ -25,3 +22,12 @@ def check_inputs(settings, model, items, answers, wrongs) -> None:
                 f"prompt {index} has no {'answer' if answer is None else 'wrong'} token, which --seeding "
                 f"{settings.seeding} needs: give \"answer\" and \"wrong\" in the JSONL (or IO and S1 roles)"
             )
+
+
+def check_config(settings, config: dict) -> None:
+    """Before the model is loaded: every --heads head exists in the checkpoint's config.json."""
+    n_layers = config.get("num_hidden_layers", config.get("n_layer"))
+    n_heads = config.get("num_attention_heads", config.get("n_head"))
+    if isinstance(n_layers, int) and isinstance(n_heads, int):
+        for layer, head in settings.heads:
+            parse_head(f"{layer}.{head}", n_layers, n_heads)

@@ -10,6 +10,13 @@ MODEL_TYPES = ("gpt2",)
 DESCRIPTION = "GPT-2 (every size)"
 
 
+def check_config(config: dict, display: str) -> None:
+    """The variant check of `adapter`, from config.json before the weights are loaded."""
+    if config.get("scale_attn_by_inverse_layer_idx", False) or not config.get("scale_attn_weights", True):
+        raise CatalogError(f"{display} is a GPT-2 variant that scales attention scores per layer (or not at all); "
+                           "the catalog reads GPT-2 models whose scores are divided by sqrt(d_head)")
+
+
 def adapter(bridge) -> FamilyAdapter:
     config = bridge.original_model.config
     if getattr(config, "scale_attn_by_inverse_layer_idx", False) or not getattr(config, "scale_attn_weights", True):
