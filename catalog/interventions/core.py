@@ -141,8 +141,13 @@ class Signals:
 
 
 def edge_signals(w: ModelWeights, clean: CleanPass, edges: EdgeBatch, directions: Directions, mode: str,
-                 boost: bool, center: bool = True) -> Signals:
-    """The signal of every edge, signed for ablate / boost, and how much it changes the patched tensor."""
+                 boost: bool, center: bool | None = None) -> Signals:
+    """The signal of every edge, signed for ablate / boost, and how much it changes the patched tensor.
+
+    center: subtract the signal's mean; by default on LayerNorm models (whose residuals are
+    centred), not on RMSNorm models (ACCPP.md section 5)."""
+    if center is None:
+        center = w.centred
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     sig = project(upstream_output(w, clean, edges, directions), edges.basis(directions))
