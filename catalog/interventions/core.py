@@ -51,6 +51,9 @@ class Directions:
     V: torch.Tensor
     c_d: torch.Tensor | None = None
     c_s: torch.Tensor | None = None
+    # The 2024 method on rotary models has one form per head and offset dest - src (docs/rotary.md):
+    # then U, V are [form, d_model, sv] and form_index [layer, head, offset] names each one (-1: none).
+    form_index: torch.Tensor | None = None
 
 
 @dataclass
@@ -80,15 +83,23 @@ class EdgeBatch(TensorColumns):
 
     def basis(self, directions: Directions) -> torch.Tensor:
         """[edge, d_model, k]: the edge's directions as columns, zero columns for padding."""
-        vectors = torch.where(self.query_side.view(-1, 1, 1), directions.U[self.layer, self.head],
-                              directions.V[self.layer, self.head])  # [edge, d_model, sv]
+        if directions.form_index is None:
+            U, V = directions.U[self.layer, self.head], directions.V[self.layer, self.head]
+        else:  # the form of the firing's offset
+            offset, known = self.dest - self.src, directions.form_index.shape[2]
+            form = torch.where(offset < known, directions.form_index[self.layer, self.head, offset.clamp(max=known - 1)],
+                               -1)
+            if bool((form < 0).any()):
+                raise ValueError("an edge names a (head, offset) form that the directions do not hold")
+            U, V = directions.U[form], directions.V[form]
+        vectors = torch.where(self.query_side.view(-1, 1, 1), U, V)  # [edge, d_model, sv]
         picked = torch.gather(vectors, 2, self.svs.clamp(min=0).unsqueeze(1).expand(-1, vectors.shape[1], -1))
         return picked * (self.svs >= 0).unsqueeze(1)
 
     def offset(self, directions: Directions) -> torch.Tensor:
         """[edge, d_model]: the downstream head's AH offset (c_d query side, c_s key side) for offset
         edges, zero for the others."""
-        out = torch.zeros(len(self), directions.U.shape[2], device=directions.U.device)
+        out = torch.zeros(len(self), directions.U.shape[-2], device=directions.U.device)
         e = torch.nonzero(self.up_kind == OFFSET).flatten()
         if len(e):
             if directions.c_d is None:
@@ -141,8 +152,13 @@ class Signals:
 
 
 def edge_signals(w: ModelWeights, clean: CleanPass, edges: EdgeBatch, directions: Directions, mode: str,
-                 boost: bool, center: bool = True) -> Signals:
-    """The signal of every edge, signed for ablate / boost, and how much it changes the patched tensor."""
+                 boost: bool, center: bool | None = None) -> Signals:
+    """The signal of every edge, signed for ablate / boost, and how much it changes the patched tensor.
+
+    center: subtract the signal's mean; by default on LayerNorm models (whose residuals are
+    centred), not on RMSNorm models (ACCPP.md section 5)."""
+    if center is None:
+        center = w.centred
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     sig = project(upstream_output(w, clean, edges, directions), edges.basis(directions))

@@ -1,4 +1,4 @@
-"""GPT-2's forward pass written over flat token rows, and its incremental form for interventions.
+"""The forward pass written over flat token rows, and its incremental form for interventions.
 
 `clean_forward` runs a batch of prompts once and keeps every activation an intervention reads
 (the "clean cache"). `propagate` then runs many perturbed copies of those prompts at once, each
@@ -8,137 +8,27 @@ stage (residual `resid_pre[a]`, or a query/key patch of one head there) or befor
 attention: nothing before the perturbed token t moves). Keys and values of positions before t are
 the clean cache's. Rows are independent: a row's perturbation enters only its own tensors.
 
-Both passes compute every layer the same way: LayerNorm without affine part (folded into the
-weights by TransformerLens' processing), the fused QKV projection on flat tokens [token, d_model],
-attention per row against that row's full key/value matrices, the MLP on flat tokens. That is
-HookedTransformer's GPT-2, with torch's fused LayerNorm and tanh-GELU kernels (equal to its
-written-out formulas up to float rounding; checked against the TransformerBridge's logits and
-hooks in tests/test_interventions.py). Both passes use the same operations, so an unchanged row
-reproduces the clean pass exactly.
+Both passes compute every layer the same way (`catalog.interventions.blocks`: the family's norm
+without affine part, the fused QKV projection on flat tokens [token, d_model] with the rotation
+of rotary models, attention per row against that row's full key/value matrices with key heads
+repeated over their query group, the family's MLP on flat tokens, in sequence or in parallel
+with the attention). That is HookedTransformer's model, with torch's fused kernels (equal to its
+written-out formulas up to float rounding; checked against the bridge's hooks and the Hugging
+Face model's logits in tests/test_interventions.py and tests/test_interventions_families.py).
+Both passes use the same operations, so an unchanged row reproduces the clean pass exactly.
 
 Shapes are named as TransformerLens names them: [layer, prompt, pos, d_model], [.., head, d_head].
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-
-@dataclass
-class ModelWeights:
-    """The processed weights of a GPT-2 TransformerBridge in compatibility mode."""
-
-    W_E: torch.Tensor  # [d_vocab, d_model]
-    W_pos: torch.Tensor  # [n_ctx, d_model]
-    W_Q: torch.Tensor  # [layer, head, d_model, d_head]
-    b_Q: torch.Tensor  # [layer, head, d_head]
-    W_K: torch.Tensor
-    b_K: torch.Tensor
-    W_O: torch.Tensor  # [layer, head, d_head, d_model]
-    b_O: torch.Tensor  # [layer, d_model] (value biases folded in)
-    W_qkv: torch.Tensor  # [layer, d_model, 3 * head * d_head]: q | k | v, head-major within each
-    b_qkv: torch.Tensor  # [layer, 3 * head * d_head]
-    W_O_flat: torch.Tensor  # [layer, head * d_head, d_model]
-    W_in: torch.Tensor  # [layer, d_model, d_mlp]
-    b_in: torch.Tensor
-    W_out: torch.Tensor  # [layer, d_mlp, d_model]
-    b_out: torch.Tensor
-    W_U_T: torch.Tensor  # [d_vocab, d_model] (unembedding, transposed for F.linear)
-    b_U: torch.Tensor  # [d_vocab]
-    eps: float
-
-    @property
-    def n_layers(self) -> int:
-        return self.W_Q.shape[0]
-
-    @property
-    def n_heads(self) -> int:
-        return self.W_Q.shape[1]
-
-    @property
-    def d_head(self) -> int:
-        return self.W_Q.shape[3]
-
-    @classmethod
-    def from_bridge(cls, bridge) -> "ModelWeights":
-        cfg = bridge.cfg
-        if getattr(cfg, "act_fn", "gelu_new") != "gelu_new" or getattr(cfg, "positional_embedding_type",
-                                                                        "standard") != "standard":
-            raise ValueError("interventions read GPT-2 (gelu_new MLPs, learned positions)")
-
-        def get(name):
-            return getattr(bridge, name).detach().float().contiguous()
-
-        W_Q, W_K, W_V, W_O = get("W_Q"), get("W_K"), get("W_V"), get("W_O")
-        b_Q, b_K, b_V = get("b_Q"), get("b_K"), get("b_V")
-        n_layers, n_heads, d_model, d_head = W_Q.shape
-
-        def flat(W):  # [layer, head, d_model, d_head] -> [layer, d_model, head * d_head]
-            return W.permute(0, 2, 1, 3).reshape(n_layers, d_model, n_heads * d_head)
-
-        return cls(
-            W_E=get("W_E"), W_pos=get("W_pos"), W_Q=W_Q, b_Q=b_Q, W_K=W_K, b_K=b_K, W_O=W_O, b_O=get("b_O"),
-            W_qkv=torch.cat([flat(W_Q), flat(W_K), flat(W_V)], dim=2).contiguous(),
-            b_qkv=torch.cat([b_Q.flatten(1), b_K.flatten(1), b_V.flatten(1)], dim=1).contiguous(),
-            W_O_flat=W_O.reshape(n_layers, n_heads * d_head, d_model).contiguous(),
-            W_in=get("W_in"), b_in=get("b_in"), W_out=get("W_out"), b_out=get("b_out"),
-            W_U_T=get("W_U").T.contiguous(), b_U=get("b_U"), eps=float(getattr(cfg, "eps", 1e-5)),
-        )
-
-
-def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """LNPre, (x - mean) / sqrt(var + eps), as ln1.hook_normalized (one fused kernel)."""
-    return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
-
-
-def ln_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """sqrt(var + eps) of each row [..., 1], as ln1.hook_scale."""
-    x = x - x.mean(-1, keepdim=True)
-    return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-
-
-def gelu_new(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's tanh approximation of GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), fused."""
-    return torch.nn.functional.gelu(x, approximate="tanh")
-
-
-_MIN_ROWS = 16
-
-
-def linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x @ W + b for flat rows [row, d_in]. Fewer than 16 rows are padded with zeros: CPU BLAS
-    takes other code paths for a few rows, whose rounding differs, and a token's result must not
-    depend on how many tokens share its matmul (a zero signal must change nothing, bit for bit)."""
-    n = x.shape[0]
-    if n < _MIN_ROWS:
-        x = torch.cat([x, x.new_zeros(_MIN_ROWS - n, x.shape[1])])
-    return torch.addmm(b, x, W)[:n]
-
-
-def _mlp(w: ModelWeights, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
-    """hook_mlp_out for flat tokens [token, d_model]."""
-    x = normalize(resid_mid, w.eps)
-    return linear(gelu_new(linear(x, w.W_in[layer], w.b_in[layer])), w.W_out[layer], w.b_out[layer])
-
-
-def _attend(w: ModelWeights, q, keys, values, query_pos) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of padded queries against full key/value matrices.
-
-    q [row, win, head, d_head], keys/values [row, pos, head, d_head], query_pos [row, win]:
-    returns pattern [row, head, win, pos] and z [row, win, head, d_head].
-    """
-    n_win = q.shape[1]
-    if n_win < _MIN_ROWS:  # the same rounding for any window (see linear)
-        q = torch.cat([q, q.new_zeros(q.shape[0], _MIN_ROWS - n_win, *q.shape[2:])], dim=1)
-        query_pos = torch.cat([query_pos, query_pos.new_zeros(query_pos.shape[0], _MIN_ROWS - n_win)], dim=1)
-    scores = torch.einsum("rwhe,rkhe->rhwk", q, keys) / math.sqrt(w.d_head)
-    key_pos = torch.arange(keys.shape[1], device=keys.device)
-    future = key_pos.view(1, 1, 1, -1) > query_pos.view(query_pos.shape[0], 1, -1, 1)
-    pattern = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
-    return pattern[:, :, :n_win], torch.einsum("rhwk,rkhe->rwhe", pattern, values)[:, :n_win]
+from catalog.interventions.blocks import (  # noqa: F401  (ModelWeights, unembed: this module's API too)
+    ModelWeights, attend, embed, linear, ln_scale, mlp, normalize, qkv, rotate, unembed,
+)
 
 
 @dataclass
@@ -151,8 +41,8 @@ class CleanPass:
     resid_mid: torch.Tensor  # [layer, prompt, pos, d_model]
     normalized: torch.Tensor  # [layer, prompt, pos, d_model]  ln1.hook_normalized
     scale: torch.Tensor  # [layer, prompt, pos]  ln1.hook_scale
-    q: torch.Tensor  # [layer, prompt, pos, head, d_head]
-    k: torch.Tensor
+    q: torch.Tensor  # [layer, prompt, pos, head, d_head], rotated on rotary models
+    k: torch.Tensor  # per query head (key heads repeated over their group), rotated
     v: torch.Tensor
     z: torch.Tensor
     pattern: torch.Tensor  # [layer, prompt, head, dest, src]
@@ -162,21 +52,25 @@ class CleanPass:
 
 
 def clean_forward(w: ModelWeights, tokens: torch.Tensor, end_pos: torch.Tensor) -> CleanPass:
-    """The forward pass of a [prompt, pos] token batch, keeping what interventions read."""
+    """The forward pass of a [prompt, pos] token batch, keeping what interventions read.
+
+    With parallel attention and MLP, resid_mid is resid_pre + attn_out (what a changed head output
+    adds to) and the MLP reads resid_pre."""
     n_prompts, n_pos = tokens.shape
     H, dh = w.n_heads, w.d_head
-    resid = (w.W_E[tokens] + w.W_pos[:n_pos]).reshape(n_prompts * n_pos, -1)
+    resid = embed(w, tokens).reshape(n_prompts * n_pos, -1)
     query_pos = torch.arange(n_pos, device=tokens.device).expand(n_prompts, n_pos)
+    flat_pos = query_pos.reshape(-1)
     keep = {name: [] for name in ("resid_pre", "resid_mid", "normalized", "scale", "q", "k", "v", "z", "pattern",
                                   "attn_out", "mlp_out")}
     for layer in range(w.n_layers):
         keep["resid_pre"].append(resid)
-        x, scale = normalize(resid, w.eps), ln_scale(resid, w.eps)
-        q, k, v = linear(x, w.W_qkv[layer], w.b_qkv[layer]).view(n_prompts, n_pos, 3, H, dh).unbind(2)
-        pattern, z = _attend(w, q, k, v, query_pos)
+        x, scale = normalize(w, resid), ln_scale(w, resid)
+        q, k, v = (t.view(n_prompts, n_pos, H, dh) for t in qkv(w, layer, x, flat_pos))
+        pattern, z = attend(w, q, k, v, query_pos)
         attn_out = linear(z.reshape(n_prompts * n_pos, H * dh), w.W_O_flat[layer], w.b_O[layer])
         resid_mid = resid + attn_out
-        mlp_out = _mlp(w, layer, resid_mid)
+        mlp_out = mlp(w, layer, resid if w.parallel_attn_mlp else resid_mid)
         resid = resid_mid + mlp_out
         for name, value in (("resid_mid", resid_mid), ("normalized", x), ("scale", scale[:, 0]), ("q", q), ("k", k),
                             ("v", v), ("z", z), ("pattern", pattern), ("attn_out", attn_out),
@@ -192,15 +86,6 @@ def clean_forward(w: ModelWeights, tokens: torch.Tensor, end_pos: torch.Tensor) 
     final = shaped["resid_pre"][-1][torch.arange(n_prompts, device=tokens.device), end_pos]
     logits_end = unembed(w, final)
     return CleanPass(tokens=tokens, end_pos=end_pos, logits_end=logits_end, **shaped)
-
-
-def unembed(w: ModelWeights, resid_final: torch.Tensor) -> torch.Tensor:
-    """Logits [row, d_vocab] of final residuals [row, d_model] (ln_final, then W_U, b_U)."""
-    x = normalize(resid_final, w.eps)
-    n = x.shape[0]
-    if n < _MIN_ROWS:
-        x = torch.cat([x, x.new_zeros(_MIN_ROWS - n, x.shape[1])])
-    return torch.nn.functional.linear(x, w.W_U_T, w.b_U)[:n]
 
 
 # How a row's change enters the model (ACCPP.md section 5):
@@ -257,7 +142,16 @@ def propagate(w: ModelWeights, clean: CleanPass, rows: Rows) -> tuple[torch.Tens
     one patched query or key, and the head's change of output, (z' - z) W_O[h], is added to the
     clean resid_mid (a local query patch at i moves no other token at layer l). At the last layer
     only the end token (and a watched destination) needs its attention output and MLP.
+
+    Grouped-query attention: a local key patch changes the key head that head h reads, so every
+    query head of its group sees it (as the reference library patches hook_k). Parallel attention
+    and MLP: a change of a layer's attention output reaches the next layer only (the MLP read the
+    residual before it), so it enters there; a token whose attention was recomputed gets its MLP
+    from the residual before the attention, one that started after the attention the clean MLP.
     """
+    if w.parallel_attn_mlp:
+        mid = rows.kind == GLOBAL_MID
+        rows = replace(rows, kind=torch.where(mid, GLOBAL_PRE, rows.kind), layer=rows.layer + mid.long())
     L, H, dh = w.n_layers, w.n_heads, w.d_head
     n_rows, device = len(rows), rows.kind.device  # the model's device: index tensors are made there too
     kind, layer, t = rows.kind, rows.layer, rows.pos
@@ -310,10 +204,12 @@ def propagate(w: ModelWeights, clean: CleanPass, rows: Rows) -> tuple[torch.Tens
     for ell in range(L):
         last = ell == L - 1
         n_tok = int((tok_key <= ell * 3 + _ATTN).sum())
+        n_attn = n_tok  # tokens [:n_attn] go through this layer's attention
         if n_tok:
             n_act = int((row_key <= ell * 3).sum())
-            x = normalize(resid[:n_tok], w.eps)
-            q, k, v = linear(x, w.W_qkv[ell], w.b_qkv[ell]).view(n_tok, 3, H, dh).unbind(1)
+            if w.parallel_attn_mlp:
+                before_attn = resid[:n_tok].clone()
+            q, k, v = qkv(w, ell, normalize(w, resid[:n_tok]), tok_pos[:n_tok])
             keys = clean.k[ell][prompt[:n_act]]  # [row, pos, head, d_head]; the window's are replaced
             values = clean.v[ell][prompt[:n_act]]
             keys[tok_row[:n_tok], tok_pos[:n_tok]] = k
@@ -330,7 +226,7 @@ def propagate(w: ModelWeights, clean: CleanPass, rows: Rows) -> tuple[torch.Tens
             q_pad[tok_row[sel], slot] = q[sel]
             query_pos = torch.zeros(n_act, n_slots, dtype=torch.long, device=device)
             query_pos[tok_row[sel], slot] = tok_pos[sel]
-            pattern, z = _attend(w, q_pad, keys, values, query_pos)
+            pattern, z = attend(w, q_pad, keys, values, query_pos)
             seen = torch.nonzero((watch_layer[tok_row[sel]] == ell) & (tok_pos[sel] == watch_dest[tok_row[sel]]))
             r, sl = tok_row[sel[seen.flatten()]], slot[seen.flatten()]
             watched[r] = pattern[r, watch_head[r], sl, watch_src[r]]
@@ -342,45 +238,57 @@ def propagate(w: ModelWeights, clean: CleanPass, rows: Rows) -> tuple[torch.Tens
                         (watch_layer, watch_head, watch_dest, watch_src),
                         watched)
         n_tok = int((tok_key <= ell * 3 + _MLP).sum())
-        if n_tok:
+        if n_tok and not w.parallel_attn_mlp:
             sel = torch.nonzero(is_end[:n_tok]).flatten() if last else slice(0, n_tok)
-            resid[sel] += _mlp(w, ell, resid[sel])
+            resid[sel] += mlp(w, ell, resid[sel])
+        elif n_tok:
+            sel = torch.nonzero(is_end[:n_tok]).flatten() if last else torch.arange(n_tok, device=device)
+            fresh = sel[sel < n_attn]
+            later = sel[sel >= n_attn]  # started at this layer's head stage: the MLP read the clean residual
+            resid[later] += clean.mlp_out[ell][tok_prompt[later], tok_pos[later]]
+            if len(fresh):
+                resid[fresh] += mlp(w, ell, before_attn[fresh])
     logits = unembed(w, resid[end_tok])
     return watched[row_rank], logits[row_rank]
 
 
 def _head_stage(w, clean, ell, local, resid, starts_here, tok_row, tok_slot, tok_pos, prompt, kind, t, start, head,
                 vector, max_width, watch, watched) -> None:
-    """Local rows of layer ell: head h's attention with the patched query or key; the tokens that
-    start here get resid_mid + (z' - z) W_O[h]."""
-    H, dh, device = w.n_heads, w.d_head, local.device
+    """Local rows of layer ell: head h's attention with the patched query, or the heads of h's
+    key group with the patched key; the tokens that start here get resid_mid + sum (z' - z) W_O."""
+    G, dh, device = w.group, w.d_head, local.device
     p, h = prompt[local], head[local]
-    patched = linear(vector[local], w.W_qkv[ell], w.b_qkv[ell]).view(len(local), 3, H, dh)
-    is_key = kind[local] == LOCAL_KEY
     n = torch.arange(len(local), device=device)
-    keys = clean.k[ell][p, :, h].unsqueeze(2)  # [row, pos, 1, d_head]
-    values = clean.v[ell][p, :, h].unsqueeze(2)
+    heads = (h // G * G).unsqueeze(1) + torch.arange(G, device=device)  # [row, G]: h's key group
+    own = h % G  # h's place in it
+    q_new, k_new, _ = qkv(w, ell, vector[local], t[local])  # rotated at t; keys already per query head
+    is_key = kind[local] == LOCAL_KEY
+    keys = clean.k[ell][p.unsqueeze(1), :, heads].transpose(1, 2).clone()  # [row, pos, G, d_head]
+    values = clean.v[ell][p.unsqueeze(1), :, heads].transpose(1, 2)
     kr = torch.nonzero(is_key).flatten()
-    keys[kr, t[local[kr]], 0] = patched[kr, 1, h[kr]]
-    # Queries of the tokens that start here, by slot; a query patch replaces the one at t.
+    keys[kr, t[local[kr]]] = k_new[kr.unsqueeze(1), heads[kr]]
+    # Queries of the tokens that start here, by slot; a query patch replaces head h's at t.
     toks = torch.nonzero(starts_here).flatten()
     rank = torch.empty(len(prompt), dtype=torch.long, device=device)
     rank[local] = n
     r = rank[tok_row[toks]]
-    q_pad = torch.zeros(len(local), max_width, 1, dh, device=device)
-    q_pad[r, tok_slot[toks], 0] = clean.q[ell][p[r], tok_pos[toks], h[r]]
+    q_pad = torch.zeros(len(local), max_width, G, dh, device=device)
+    q_pad[r, tok_slot[toks]] = clean.q[ell][p[r].unsqueeze(1), tok_pos[toks].unsqueeze(1), heads[r]]
     qr = torch.nonzero(~is_key).flatten()
-    q_pad[qr, 0, 0] = patched[qr, 0, h[qr]]
+    q_pad[qr, 0, own[qr]] = q_new[qr, h[qr]]
     query_pos = start[local].view(-1, 1) + torch.arange(max_width, device=device).view(1, -1)
-    pattern, z = _attend(w, q_pad, keys, values, query_pos)
+    pattern, z = attend(w, q_pad, keys, values, query_pos)
     watch_layer, watch_head, watch_dest, watch_src = watch
     rows_here = local[(watch_layer[local] == ell)]
     if len(rows_here):
         rr = rank[rows_here]
-        watched[rows_here] = pattern[rr, 0, watch_dest[rows_here] - start[rows_here], watch_src[rows_here]]
-    dz = z[r, tok_slot[toks], 0] - clean.z[ell][p[r], tok_pos[toks], h[r]]  # [token, d_head]
-    out = torch.zeros(len(toks), w.W_O.shape[-1], device=device)
-    for one in torch.unique(h).tolist():  # at most n_heads small matmuls
-        m = torch.nonzero(h[r] == one).flatten()
-        out[m] = dz[m] @ w.W_O[ell, one]
-    resid[toks] = clean.resid_mid[ell][p[r], tok_pos[toks]] + out
+        watched[rows_here] = pattern[rr, own[rr], watch_dest[rows_here] - start[rows_here], watch_src[rows_here]]
+    dz = z[r, tok_slot[toks]] - clean.z[ell][p[r].unsqueeze(1), tok_pos[toks].unsqueeze(1), heads[r]]  # [tok, G, dh]
+    if G > 1:  # a query patch moves head h only: the group's other heads are clean (no rounding moves them)
+        dz = dz * ((torch.arange(G, device=device) == own[r].unsqueeze(1)) | is_key[r].unsqueeze(1)).unsqueeze(2)
+    flat_dz, flat_head = dz.reshape(-1, dh), heads[r].reshape(-1)
+    out = torch.zeros(len(flat_dz), w.W_O.shape[-1], device=device)
+    for one in torch.unique(flat_head).tolist():  # at most n_heads small matmuls
+        m = torch.nonzero(flat_head == one).flatten()
+        out[m] = flat_dz[m] @ w.W_O[ell, one]
+    resid[toks] = clean.resid_mid[ell][p[r], tok_pos[toks]] + out.view(len(toks), G, -1).sum(1)

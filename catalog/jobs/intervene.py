@@ -76,6 +76,7 @@ def intervene_run(db_path, *, settings: InterveneSettings | None = None, loaded_
     started = time.perf_counter()
     with Catalog(db_path) as cat:
         run = _finished_run(cat.con, run_id)
+        _check_family(run)  # before anything is selected or loaded
         head_keys = [layer * 1000 + head for layer, head in _heads(heads, run)]
         if prompt_id is not None and not cat.con.execute(
                 "SELECT count(*) FROM prompts WHERE run_id = ? AND prompt_id = ?", [run["run_id"], prompt_id]
@@ -127,7 +128,18 @@ def _finished_run(con, run_id: int | None) -> dict:
                         [run["model_id"]]).fetchall()[0]
     run.update(n_layers=shape[0], n_heads=shape[1], model_name=shape[2], weights_digest=shape[3])
     run["method"] = run["method"] or "sad"
+    family = con.execute("SELECT family FROM model_families WHERE model_id = ?", [run["model_id"]]).fetchall()
+    run["family"] = family[0][0] if family else "gpt2"  # catalogs before model_families held GPT-2 only
     return run
+
+
+def _check_family(run: dict) -> None:
+    """Refuse, before the model is loaded, a run of a family whose forward pass is not replayed."""
+    from catalog.models.families import intervening_families
+
+    if run["family"] not in intervening_families():
+        raise CatalogError(f"interventions do not replay {run['family']} models yet (run {run['run_id']}); they "
+                           f"replay {', '.join(intervening_families())} models")
 
 
 def _heads(heads, run) -> list[tuple[int, int]]:
@@ -151,11 +163,7 @@ def _load_run_model(run: dict, model: str | None, model_path, device: str = "cpu
             raise CatalogError(f"run {run['run_id']} was ingested from --model-path {model_path}, which is not "
                                "there any more: pass --model-path DIR with the same checkpoint")
     # The run's own precision: a bfloat16 run's weights are other weights (its digest says so).
-    lm = load_model(model or "gpt2", model_path, device=device, dtype=params.get("dtype") or "float32")
-    if lm.adapter.family != "gpt2":  # interventions replay GPT-2's own forward pass (forward.py)
-        raise CatalogError(f"interventions run on GPT-2 models only so far; run {run['run_id']} is of a "
-                           f"{lm.adapter.family} model")
-    return lm
+    return load_model(model or "gpt2", model_path, device=device, dtype=params.get("dtype") or "float32")
 
 
 def _check_weights(con, run: dict, lm) -> None:
@@ -172,17 +180,45 @@ def _directions(con, run: dict, lm, need_offsets: bool):
     from catalog.interventions.core import Directions
 
     form = "plain" if run["method"] == "accpp" else "augmented"
-    table = con.sql("SELECT layer, head, sv, sigma, u, v FROM singular_vectors WHERE model_id = $m AND form = $f",
-                    params={"m": run["model_id"], "f": form}).to_arrow_table()
-    if table.num_rows == 0:
-        raise CatalogError(f"the catalog has no '{form}' singular vectors of run {run['run_id']}'s model")
-    dec = from_arrow(table, run["n_layers"], run["n_heads"])
+    params = {"m": run["model_id"], "f": form}
+    table = con.sql("SELECT layer, head, sv, sigma, u, v FROM singular_vectors WHERE model_id = $m AND form = $f "
+                    "AND pos_offset IS NULL", params=params).to_arrow_table()
     d_model = lm.d_model
-    U, V = dec.U[:, :, :d_model].contiguous(), dec.V[:, :, :d_model].contiguous()
+    if table.num_rows:
+        dec = from_arrow(table, run["n_layers"], run["n_heads"])
+        directions = Directions(U=dec.U[:, :, :d_model].contiguous(), V=dec.V[:, :, :d_model].contiguous())
+    else:  # a rotary model's 2024-method forms: one per (head, offset), only the directions some signal uses
+        directions = _offset_forms(con, params, run, d_model)
     if run["method"] != "accpp" or not need_offsets:
-        return Directions(U=U, V=V)
+        return directions
     W_Q, b_Q, W_K, b_K, _ = lm.attention_weights()
-    return Directions(U=U, V=V, c_d=_offset(W_Q, b_Q), c_s=_offset(W_K, b_K))
+    return Directions(U=directions.U, V=directions.V, c_d=_offset(W_Q, b_Q), c_s=_offset(W_K, b_K),
+                      form_index=directions.form_index)
+
+
+def _offset_forms(con, params: dict, run: dict, d_model: int):
+    """Directions of the forms stored per (layer, head, pos_offset): U, V [form, d_model, sv] (zeros
+    for directions not stored: no edge names them) and form_index [layer, head, offset]."""
+    import torch
+
+    from catalog.interventions.core import Directions
+
+    rows = con.execute("SELECT layer, head, pos_offset, sv, u, v FROM singular_vectors WHERE model_id = $m "
+                       "AND form = $f AND pos_offset IS NOT NULL ORDER BY layer, head, pos_offset, sv",
+                       params).fetchall()
+    if not rows:
+        raise CatalogError(f"the catalog has no '{params['f']}' singular vectors of run {run['run_id']}'s model")
+    keys = sorted({(r[0], r[1], r[2]) for r in rows})
+    index = {key: f for f, key in enumerate(keys)}
+    n_sv = max(r[3] for r in rows) + 1
+    U, V = np.zeros((len(keys), d_model, n_sv), np.float32), np.zeros((len(keys), d_model, n_sv), np.float32)
+    for layer, head, offset, sv, u, v in rows:
+        f = index[(layer, head, offset)]
+        U[f, :, sv], V[f, :, sv] = np.asarray(u[:d_model]), np.asarray(v[:d_model])
+    form_index = torch.full((run["n_layers"], run["n_heads"], max(k[2] for k in keys) + 1), -1, dtype=torch.long)
+    for (layer, head, offset), f in index.items():
+        form_index[layer, head, offset] = f
+    return Directions(U=torch.from_numpy(U), V=torch.from_numpy(V), form_index=form_index)
 
 
 def _offset(W, b):
@@ -223,7 +259,7 @@ def _intervene_and_store(cat, run, lm, edges: dict, mode, boost, batch_size, max
     from catalog.interventions.forward import ModelWeights, clean_forward
 
     torch.set_grad_enabled(False)
-    weights = ModelWeights.from_bridge(lm.bridge)
+    weights = ModelWeights.from_model(lm)  # the family's forward pass (its ForwardSpec)
     device = weights.W_E.device  # the model's: every tensor of a batch is made or moved there
     read = _directions(cat.con, run, lm, "offset" in edges["up_kind"])
     directions = Directions(**{name: None if value is None else value.to(device) for name, value in vars(read).items()})

@@ -11,7 +11,8 @@ from catalog.models.families.base import HOOK_SUFFIXES, FamilyAdapter, Rotary
 
 FAMILIES = (gpt2, gpt_neox, llama, qwen2, qwen3, gemma2, gemma3, olmo2)
 
-__all__ = ["FAMILIES", "HOOK_SUFFIXES", "FamilyAdapter", "Rotary", "families_read", "family_for"]
+__all__ = ["FAMILIES", "HOOK_SUFFIXES", "FamilyAdapter", "Rotary", "families_read", "family_for", "forward_spec",
+           "intervening_families"]
 
 
 def families_read() -> str:
@@ -33,3 +34,18 @@ def family_for(model_type: str, display: str, method: str | None = None):
                                    f"is one); use --method {' or '.join(allowed)}")
             return family
     raise CatalogError(f"{display} is a model of type '{model_type}'; the catalog reads {families_read()} models")
+
+
+def intervening_families() -> list[str]:
+    """The families whose module says how their forward pass computes (`forward_spec`): those
+    `intervene` replays."""
+    return [family.NAME for family in FAMILIES if hasattr(family, "forward_spec")]
+
+
+def forward_spec(adapter: FamilyAdapter):
+    """The ForwardSpec of a loaded model, from its family module; CatalogError when the family has none."""
+    for family in FAMILIES:
+        if family.NAME == adapter.family and hasattr(family, "forward_spec"):
+            return family.forward_spec(adapter)
+    raise CatalogError(f"interventions do not replay {adapter.family} models yet; they replay "
+                       f"{', '.join(intervening_families())} models")

@@ -221,3 +221,37 @@ def layer_rotary(adapter, layer: int) -> Rotary | None:
 def methods_read(family) -> tuple[str, ...] | None:
     """The methods a family module reads (its METHODS), or None: every method."""
     return getattr(family, "METHODS", None)
+
+
+# -- what an incremental forward pass of the family needs (catalog.interventions.forward) -----------
+
+ACTIVATIONS = ("gelu_new", "gelu", "gelu_pytorch_tanh", "silu")
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    """How a family's block computes, beyond the processed weights (LayerNorm / RMSNorm weights
+    already folded into the matrices that read the residual stream). Interventions replay the
+    model with these; a family module without `forward_spec` cannot be intervened on."""
+
+    norm: str                   # 'LN': centre and scale (LNPre) | 'RMS': scale only (RMSPre)
+    act: str                    # one of ACTIVATIONS
+    gated_mlp: bool             # act(x W_gate) * (x W_in), then W_out (Llama, Qwen2)
+    parallel_attn_mlp: bool     # the MLP reads the residual before the layer's attention (GPT-NeoX)
+    rotary: Rotary | None       # None: learned positions added to the embedding (W_pos)
+    n_kv_heads: int             # key/value heads; query head h reads key head h // (n_heads / n_kv_heads)
+    score_scale: float          # softmax(q.k / score_scale)
+    eps: float                  # of every norm of the model
+
+
+def forward_spec_of(adapter: FamilyAdapter, act: str, gated_mlp: bool) -> ForwardSpec:
+    """The ForwardSpec of a loaded model: what the adapter already says, plus the MLP's kind."""
+    if act not in ACTIVATIONS:
+        from catalog.errors import CatalogError
+
+        raise CatalogError(f"interventions do not compute the activation '{act}' of this {adapter.family} "
+                           f"model (they compute {', '.join(ACTIVATIONS)})")
+    norm = "RMS" if adapter.norm == "RMSNorm" else "LN"
+    return ForwardSpec(norm=norm, act=act, gated_mlp=gated_mlp, parallel_attn_mlp=adapter.parallel_attn_mlp,
+                       rotary=adapter.rotary, n_kv_heads=adapter.n_kv_heads, score_scale=adapter.score_scale,
+                       eps=float(getattr(adapter.bridge.cfg, "eps", 1e-5)))

@@ -3,7 +3,7 @@ stream, LayerNorm, QK biases, one key head per query head. The QK form of a head
 depend on positions: one bias-augmented SVD per head (SPEC.md)."""
 
 from catalog.errors import CatalogError
-from catalog.models.families.base import FamilyAdapter, from_bridge
+from catalog.models.families.base import FamilyAdapter, ForwardSpec, forward_spec_of, from_bridge
 
 NAME = "gpt2"
 MODEL_TYPES = ("gpt2",)
@@ -24,3 +24,9 @@ def adapter(bridge) -> FamilyAdapter:
         raise CatalogError("this GPT-2 variant scales attention scores per layer (or not at all); "
                            "the catalog reads GPT-2 models whose scores are divided by sqrt(d_head)")
     return from_bridge(NAME, bridge, norm="LayerNorm", parallel_attn_mlp=False, rotary=None)
+
+
+def forward_spec(adapter: FamilyAdapter) -> ForwardSpec:
+    """LayerNorm, learned positions, one MLP with GPT-2's tanh GELU (its config's activation_function)."""
+    act = getattr(adapter.bridge.original_model.config, "activation_function", "gelu_new")
+    return forward_spec_of(adapter, act=act, gated_mlp=False)

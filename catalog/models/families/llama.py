@@ -2,7 +2,7 @@
 frequency scaling is read from the model's own inv_freq), RMSNorm, no biases, and grouped-query
 attention where several query heads share one key head."""
 
-from catalog.models.families.base import FamilyAdapter, from_bridge, rotary_of
+from catalog.models.families.base import FamilyAdapter, ForwardSpec, forward_spec_of, from_bridge, rotary_of
 
 NAME = "llama"
 MODEL_TYPES = ("llama",)
@@ -11,3 +11,9 @@ DESCRIPTION = "Llama"
 
 def adapter(bridge) -> FamilyAdapter:
     return from_bridge(NAME, bridge, norm="RMSNorm", parallel_attn_mlp=False, rotary=rotary_of(bridge.original_model))
+
+
+def forward_spec(adapter: FamilyAdapter) -> ForwardSpec:
+    """RMSNorm (no centring), rotary on every dim, grouped-query attention, gated MLP
+    silu(x W_gate) * (x W_in)."""
+    return forward_spec_of(adapter, act=adapter.bridge.original_model.config.hidden_act, gated_mlp=True)
