@@ -336,8 +336,8 @@ def _run_batches(cat, run_id, resumed, n, batch_size, analysed, done, show_progr
             "run the same command again to resume"
         ) from None
     finally:
+        bar.close()  # before an error line, which would otherwise follow the bar on its line
         results.close()
-    bar.close()
     cat.finish_run(run_id)
     summary = summarize(cat.con, cat.path, run_id, time.perf_counter() - started, resumed)
     summary["prompts_this_session"] = n - prompts_before
