@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from collections import deque
 
 from catalog.errors import CatalogError
@@ -68,8 +69,13 @@ class BatchWorker:
         module, _, function = analysis.partition(":")
         self.analyse = getattr(importlib.import_module(module), function)(context)
 
-    def analyse_batch(self, first: int, stop: int) -> dict:
-        return self.analyse(range(first, stop))
+    def analyse_batch(self, first: int, stop: int) -> tuple[dict, dict]:
+        """The batch's tables, and when the worker began and ended it and their size (the timings
+        scripts/bench_ingest.py reports: analysis, transfer, the writer)."""
+        began = time.time()
+        rows = self.analyse(range(first, stop))
+        return rows, {"began": began, "ended": time.time(),
+                      "bytes": sum(t.nbytes for t in rows.values() if t is not None)}
 
     def pid(self) -> int:
         return os.getpid()
@@ -84,6 +90,8 @@ class RayEngine:
     def __init__(self, settings: EngineSettings, analysis: str | None = None):
         self.settings = settings
         self.analysis = analysis
+        # Per batch received: its worker's timings and size, and when the driver had it ("received").
+        self.timings: list[dict] = []
 
     def analysed(self, job, chosen, context):
         """Start the workers for this run (they load the model while the driver goes on) and
@@ -108,7 +116,7 @@ class RayEngine:
             if started_here:
                 ray.shutdown()
             raise
-        return lambda pending: _Results(ray, workers, pending, started_here, shared)
+        return lambda pending: _Results(ray, workers, pending, started_here, shared, self.timings)
 
 
 def _connect(ray, settings: EngineSettings) -> bool:
@@ -135,8 +143,8 @@ class _Results:
     batches deep. close() (the loop ended, failed or was interrupted) cancels what is still
     running, ends the workers and, if this ingest started Ray, the local cluster."""
 
-    def __init__(self, ray, workers, pending, started_here: bool, shared):
-        self.ray, self.workers, self.started_here = ray, workers, started_here
+    def __init__(self, ray, workers, pending, started_here: bool, shared, timings: list):
+        self.ray, self.workers, self.started_here, self.timings = ray, workers, started_here, timings
         self.shared = shared  # the run's prompts and forms, kept in the object store while workers may restart
         self.waiting = deque(pending)
         self.running: dict = {}  # ObjectRef -> (batch, prompt ids, worker)
@@ -162,10 +170,11 @@ class _Results:
             ready, _ = ray.wait(list(self.running), num_returns=1, timeout=0.5)
         b, ids, worker = self.running.pop(ready[0])
         try:
-            rows = ray.get(ready[0])
+            rows, timing = ray.get(ready[0])
         except ray.exceptions.RayError as err:
             raise CatalogError(f"batch {b} (prompts {ids[0]}-{ids[-1]}) failed on a Ray worker: "
                                f"{_cause(err)}") from None
+        self.timings.append(dict(timing, batch=b, prompts=len(ids), received=time.time()))
         self._send(worker)
         return b, ids, rows
 
