@@ -13,6 +13,11 @@ in --workdir, so reruns skip building it.
 
     python scripts/bench_ingest.py [--n-prompts 256[,4096]] [--device cpu[,cuda|auto]]
                                    [--dtype float32|bfloat16] [--batch-size 16] [--model-path DIR]
+                                   [--engine ray --workers 1,2]
+
+--engine ray times the local ingest and then Ray ingests on each --workers count (a local Ray
+cluster; first --n-prompts and --device only): speed-up, per-batch overhead and the single
+writer's commit rate (scripts/_bench_ray.py says what each column means).
 
 Every (device, prompt count) pair is run in turn and reported on one line with prompts/s and
 firings/s, so the CPU and GPU numbers come from the same run of the script. Exit status 1
@@ -38,8 +43,17 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per committed batch (default 16)")
     parser.add_argument("--model-path", type=Path, default=None, help="a checkpoint directory instead of attn-real")
     parser.add_argument("--model", default=None, help="a hub model name instead of attn-real")
+    parser.add_argument("--engine", default="local", choices=("local", "ray"))
+    parser.add_argument("--workers", default="1,2", help="--engine ray: worker counts, comma-separated (default 1,2)")
     args = parse_args(parser, argv)
     counts = [int(n) for n in args.n_prompts.split(",")]
+    if args.engine == "ray":
+        from _bench_ray import bench_ray, print_rows
+
+        lm, load_s = load_bench_model(args.workdir, args.device.split(",")[0], args.dtype, args.model_path, args.model)
+        print(f"model load on {lm.device} ({args.dtype}): {load_s:.2f} s (not counted)")
+        print_rows(bench_ray(lm, counts[0], [int(w) for w in args.workers.split(",")], args))
+        return 0
     results, passed = [], None  # None: no run the target applies to
     for device in args.device.split(","):
         lm, load_s = load_bench_model(args.workdir, device, args.dtype, args.model_path, args.model)

@@ -15,7 +15,7 @@ from catalog.cli.options import click_options
 from catalog.errors import CatalogError
 from catalog.cli.output import format_option
 from catalog.formats.table import render
-from catalog.jobs.settings import METHOD_OPTIONS_AFTER, MODEL_FIELDS, IngestSettings
+from catalog.jobs.settings import METHOD_OPTIONS_AFTER, MODEL_FIELDS, EngineSettings, IngestSettings
 from catalog.methods import DEFAULT, REGISTRY, method
 from catalog.settings import fields_of, flag_of
 
@@ -73,7 +73,8 @@ def decompose(db_path, model, model_path, device, dtype, add_model):
 @_ingest_options
 @click.option("--server", metavar="URL", default=None,
               help="Submit to the `circuit-catalog serve` at URL and follow its progress (token: $CIRCUIT_CATALOG_TOKEN).")
-def ingest(db_path, server, **options):
+@click_options(EngineSettings)
+def ingest(db_path, server, engine, ray_address, workers, gpus_per_worker, **options):
     """Run prompts through the model; store firings, sparse signals and traced edges (resumable)."""
     from catalog.jobs.ingest import Interrupted
     from catalog.jobs.ingest import ingest as run_ingest
@@ -89,13 +90,15 @@ def ingest(db_path, server, **options):
     if chosen.name != DEFAULT:  # the default method's calls stay as they were (the service's job settings too)
         settings.update(method=chosen.name)
     settings.update({f.name: options[f.name] for f in fields_of(chosen.settings)})
+    runner = _engine(EngineSettings(engine=engine, ray_address=ray_address, workers=workers,
+                                    gpus_per_worker=gpus_per_worker), server)
     try:
         if server is not None:  # the service holding the catalog runs the job; this only follows it
             from catalog.service.client import submit_and_follow
 
             summary = submit_and_follow(server, settings)
         else:
-            summary = run_ingest(db_path, **settings, show_progress=True)
+            summary = run_ingest(db_path, **settings, show_progress=True, engine=runner)
     except Interrupted as err:
         click.echo(str(err), err=True)
         sys.exit(130)
@@ -108,6 +111,27 @@ def ingest(db_path, server, **options):
                    "(--new-run to ingest again)")
     detail = method(summary.get("method")).summary_detail(summary)
     click.echo(summary_line(summary, detail))
+
+
+def _engine(settings: EngineSettings, server: str | None):
+    """The engine of --engine ray (None: batches run in this process); one error line for the
+    Ray options given without it, or with --server (the service runs its jobs itself)."""
+    from catalog.settings import check
+
+    check(settings)
+    ctx = click.get_current_context()
+    given = [flag_of(f) for f in fields_of(EngineSettings)
+             if f.name != "engine" and ctx.get_parameter_source(f.name) == click.core.ParameterSource.COMMANDLINE]
+    if settings.engine != "ray":
+        if given:
+            raise CatalogError(f"{given[0]} applies to --engine ray")
+        return None
+    if server is not None:
+        raise CatalogError("--engine ray runs the ingest here; with --server the service runs it")
+    from catalog.jobs.ray_engine import RayEngine, import_ray
+
+    import_ray()  # not installed: said before the model loads
+    return RayEngine(settings)
 
 
 def summary_line(summary: dict, detail: str) -> str:

@@ -154,7 +154,7 @@ def file_prompts(job: IngestSettings) -> list | None:
 
 
 def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=None, show_progress: bool = False,
-           on_batch=None, loaded_model=None, **keywords) -> dict:
+           on_batch=None, loaded_model=None, engine=None, **keywords) -> dict:
     """Run (or resume) an ingest into the catalog at db_path; return a summary dict.
 
     The twin of `circuit-catalog ingest`: `settings` (catalog.jobs.settings.IngestSettings) and/or
@@ -169,6 +169,8 @@ def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=N
     runs; a bfloat16 model has other weights (its digest differs), so its runs are another model's.
     on_batch(batch_index) is called after each committed batch (tests use it to interrupt).
     loaded_model lets a caller reuse a model it has already loaded.
+    engine (catalog.jobs.ray_engine.RayEngine) analyses the batches elsewhere; this process stays
+    their only writer. None: they are analysed here.
     """
     job, chosen, method_settings = resolve_settings(settings, method_settings, **keywords)
     model, model_path, dataset, n_prompts, seed = job.model, job.model_path, job.dataset, job.n_prompts, job.seed
@@ -239,9 +241,11 @@ def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=N
             run_id, resumed = run["run_id"], True
         check_stop()  # after the decomposition, before the batches (on_batch checks between them)
         done = cat.committed_batches(run_id)
-        analyse = chosen.load_analysis()(_analysis_context(cat, lm, model_id, method_settings, items, token_lists,
-                                                           answers, wrongs, say))
-        return _run_batches(cat, run_id, resumed, len(items), batch_size, analyse, done, show_progress,
+        context = _analysis_context(cat, lm, model_id, method_settings, items, token_lists, answers, wrongs, say)
+        analyse = chosen.load_analysis()(context)  # also stores the forms the method keeps (once per model)
+        analysed = (lambda pending: ((b, ids, analyse(ids)) for b, ids in pending)) if engine is None \
+            else engine.analysed(job, chosen, context)
+        return _run_batches(cat, run_id, resumed, len(items), batch_size, analysed, done, show_progress,
                             on_batch, started)
 
 
@@ -320,9 +324,12 @@ def progress_postfix(firings: int, edges: int) -> str:
     return f"firings={int(firings)}, edges={int(edges)}"
 
 
-def _run_batches(cat, run_id, resumed, n, batch_size, analyse, done, show_progress, on_batch, started) -> dict:
+def _run_batches(cat, run_id, resumed, n, batch_size, analysed, done, show_progress, on_batch, started) -> dict:
     """Analyse and commit the batches not in `done`. The bar and its counts are the whole run's
-    (a resumed run starts at what earlier sessions committed); the summary says both."""
+    (a resumed run starts at what earlier sessions committed); the summary says both.
+
+    analysed([(batch, prompt ids), ...]) yields (batch, prompt ids, tables) for each of them, in
+    any order (an engine's workers finish batches out of order); it is closed when this ends."""
     from tqdm import tqdm
 
     batches = [(b, range(start, min(start + batch_size, n))) for b, start in enumerate(range(0, n, batch_size))]
@@ -334,11 +341,9 @@ def _run_batches(cat, run_id, resumed, n, batch_size, analyse, done, show_progre
     bar = tqdm(total=n, initial=prompts_before, unit="prompt", disable=not show_progress, dynamic_ncols=True,
                desc=f"run {run_id}" + (" (resumed), counts of the whole run" if resumed else ""),
                postfix=progress_postfix(counts["firings"], counts["edges"]))
+    results = analysed([(b, ids) for b, ids in batches if b not in done])
     try:
-        for b, ids in batches:
-            if b in done:
-                continue
-            rows = analyse(ids)
+        for b, ids, rows in results:
             cat.write_batch(run_id, b, ids[0], ids[-1], rows)
             counts["firings"] += rows["firings"].num_rows
             counts["edges"] += rows["edges"].num_rows
@@ -350,13 +355,16 @@ def _run_batches(cat, run_id, resumed, n, batch_size, analyse, done, show_progre
                 on_batch(b)
     except KeyboardInterrupt:
         bar.close()
+        results.close()  # an engine stops its workers' batches
         # Count from the catalog: a Ctrl-C inside COMMIT may or may not have let the batch land.
         saved = sum(len(ids) for b, ids in batches if b in cat.committed_batches(run_id))
         raise Interrupted(
             f"interrupted: {saved} of {n} prompts of run {run_id} are saved in {cat.path}; "
             "run the same command again to resume"
         ) from None
-    bar.close()
+    finally:
+        bar.close()  # before an error line, which would otherwise follow the bar on its line
+        results.close()
     cat.finish_run(run_id)
     summary = summarize(cat.con, cat.path, run_id, time.perf_counter() - started, resumed)
     summary["prompts_this_session"] = n - prompts_before

@@ -42,6 +42,26 @@ class IngestSettings:
     new_run: bool = option(False, "Ingest again even if the same run has already finished.")
 
 
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Where an ingest's batches are analysed: how the job runs, never what it computes, so none
+    of these is part of a run's identity (a run started on Ray resumes locally and back)."""
+
+    engine: str = option("local", "Where batches are analysed: local (this process) or ray (workers of a Ray "
+                                  "cluster, each loading the model once; pip install circuit-catalog[ray]).",
+                         choices=ENGINES)
+    ray_address: str | None = option(None, "With --engine ray: the cluster to join (HOST:6379, ray://HOST:10001, "
+                                           "auto). Default: a local cluster started for this command.",
+                                     metavar="ADDR", kind=str)
+    workers: int = option(2, "With --engine ray: Ray workers (actors), each holding one copy of the model.",
+                          metavar="N", rules=(at_least(1),))
+    gpus_per_worker: float = option(0.0, "With --engine ray: GPUs each worker reserves (with --device cuda; "
+                                         "fractions share a GPU).", metavar="G", rules=(at_least(0),))
+
+
 # The fields shared by every command that loads a model by name (decompose, ingest).
 MODEL_FIELDS = ("model", "model_path", "device", "dtype")
 # Where the method's options stand among ingest's (the command line's order).
