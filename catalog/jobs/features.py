@@ -56,7 +56,11 @@ def _load_model(run: dict, model: str | None, model_path, device: str):
         if model_path and not (Path(model_path) / "config.json").is_file() and not Path(model_path).is_file():
             raise CatalogError(f"run {run['run_id']} was ingested from --model-path {model_path}, which is not there "
                                "any more: pass --model-path with the same checkpoint")
-    lm = load_model(model or "gpt2", model_path, device=device, dtype=params.get("dtype") or "float32")
+    return _checked(run, load_model(model or "gpt2", model_path, device=device,
+                                    dtype=params.get("dtype") or "float32"))
+
+
+def _checked(run: dict, lm):
     if lm.weights_digest() != run["weights_digest"]:
         raise CatalogError(f"the model given ({lm.name}) is not the model of run {run['run_id']} (other weights); "
                            "pass the run's checkpoint with --model-path")
@@ -122,7 +126,7 @@ def register(cat, model_id: int, sae, sae_dir: Path) -> int:
 
 def train_sae_job(db_path, layer: int, out_dir, *, corpus=None, run_id: int | None = None, settings=None,
                   model: str | None = None, model_path=None, device: str = "cpu", batch_size: int = 16,
-                  say=None) -> dict:
+                  loaded_model=None, say=None) -> dict:
     """Train an attention-output SAE of `layer` on a corpus (default: the run's prompts), write
     it to out_dir in SAELens's format with its figures, and record it in `dictionaries`."""
     import torch
@@ -149,7 +153,7 @@ def train_sae_job(db_path, layer: int, out_dir, *, corpus=None, run_id: int | No
         run = _open_run(cat, run_id)
         if not 0 <= layer < run["n_layers"]:
             raise CatalogError(f"--layer {layer} is not a layer of the model (0 .. {run['n_layers'] - 1})")
-        lm = _load_model(run, model, model_path, device)
+        lm = _checked(run, loaded_model) if loaded_model is not None else _load_model(run, model, model_path, device)
         if corpus is not None:
             token_lists = read_corpus(corpus, lm.tokenizer, lm.n_ctx)
         else:
@@ -192,7 +196,7 @@ ORDER BY e.prompt_id, e.edge_id, es.rank
 
 
 def features_run(db_path, sae_dirs: list, *, run_id: int | None = None, model: str | None = None, model_path=None,
-                 device: str = "cpu", batch_size: int = 16, say=None) -> dict:
+                 device: str = "cpu", batch_size: int = 16, loaded_model=None, say=None) -> dict:
     """Split every `head` edge of a finished 2024-method run by the features of the SAEs given
     (one per upstream layer at most) and store the parts in `edge_features`; return a summary."""
     from catalog.features.sae import load_sae
@@ -220,7 +224,7 @@ def features_run(db_path, sae_dirs: list, *, run_id: int | None = None, model: s
             saes[sae.layer] = (sae, register(cat, run["model_id"], sae, Path(sae_dir)))
         summary = {"run_id": run["run_id"], "dictionaries": {layer: d for layer, (_, d) in saes.items()},
                    "edges": 0, "rows": 0, "already_stored": 0, "db": str(db_path)}
-        lm = None
+        lm = _checked(run, loaded_model) if loaded_model is not None else None
         prompt_ids = [p for (p,) in cat.con.execute("SELECT prompt_id FROM prompts WHERE run_id = ? ORDER BY prompt_id",
                                                     [run["run_id"]]).fetchall()]
         for layer, (sae, dictionary_id) in sorted(saes.items()):
