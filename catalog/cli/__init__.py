@@ -99,7 +99,7 @@ def _add_commands(module_name: str) -> None:
 
 
 for _module in ("catalog.cli.ingest", "catalog.cli.query", "catalog.cli.serve", "catalog.cli.intervene",
-                "catalog.cli.overview"):
+                "catalog.cli.overview", "catalog.cli.features"):
     _add_commands(_module)
 
 

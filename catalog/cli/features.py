@@ -1,0 +1,113 @@
+"""CLI commands `train-sae` and `features` (catalog.jobs.features; docs/features.md).
+
+torch and transformer_lens are imported inside the commands, never here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+_DB = click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                   help="The catalog file (DuckDB).")
+_RUN = click.option("--run", "run_id", type=int, default=None, help="Run id (default: the latest finished run).")
+_MODEL = click.option("--model", default=None, help="Hub name of the run's model (default: the run's own).")
+_MODEL_PATH = click.option("--model-path", type=click.Path(path_type=Path), default=None,
+                           help="Checkpoint of the run's model (default: the run's own).")
+_DEVICE = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+                       help="Where the model and the SAE run.")
+_BATCH = click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per forward pass.")
+
+
+@click.command("train-sae")
+@_DB
+@click.option("--layer", type=int, required=True, help="The layer whose attention output (hook_z, all heads) it reads.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A new directory for the SAE (SAELens's format: cfg.json, sae_weights.safetensors).")
+@click.option("--corpus", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A text file (one text a line) or JSONL of texts (\"text\" or \"prompt\"); default: the run's prompts.")
+@_RUN
+@click.option("--architecture", type=click.Choice(["topk", "jumprelu"]), default="topk", show_default=True,
+              help="TopK (k features a token) or JumpReLU (learned thresholds, an L0 penalty).")
+@click.option("--expansion", type=int, default=8, show_default=True, help="Features per input dimension (d_sae / d_in).")
+@click.option("--k", type=int, default=16, show_default=True, help="topk: active features per token.")
+@click.option("--l0-coefficient", type=float, default=1.0, show_default=True,
+              help="jumprelu: weight of the L0 term against the squared error (activations scaled to mean squared norm d_in).")
+@click.option("--steps", type=int, default=2000, show_default=True, help="Optimizer steps.")
+@click.option("--train-batch", type=int, default=1024, show_default=True, help="Tokens per optimizer step.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and minibatches.")
+@_MODEL
+@_MODEL_PATH
+@_DEVICE
+@_BATCH
+def train_sae(db_path, layer, out_dir, corpus, run_id, architecture, expansion, k, l0_coefficient, steps, train_batch,
+              lr, seed, model, model_path, device, batch_size):
+    """Train an attention-output SAE of one layer of the catalog's model and write it in SAELens's format.
+
+    Prints its figures: fraction of variance explained, L0 (active features per token) and the change
+    in the model's next-token loss when the layer's output is replaced by the reconstruction.
+
+    Example: circuit-catalog train-sae --db ioi.duckdb --layer 5 --out saes/L5
+    """
+    from catalog.features.train import SaeTraining
+    from catalog.jobs.features import train_sae_job
+
+    settings = SaeTraining(architecture=architecture, expansion=expansion, k=k, l0_coefficient=l0_coefficient,
+                           steps=steps, batch_size=train_batch, lr=lr, seed=seed)
+    summary = train_sae_job(db_path, layer, out_dir, corpus=corpus, run_id=run_id, settings=settings, model=model,
+                            model_path=model_path, device=device, batch_size=batch_size, say=_progress)
+    if _progress.shown:
+        click.echo(err=True)
+    click.echo(f"layer {summary['layer']}: {summary['d_sae']} features, variance explained "
+               f"{summary['fraction_variance_explained']:.3f}, L0 {summary['l0']:.1f}, loss change "
+               f"{summary['loss_change']:+.4f} nats on {summary['n_tokens']} tokens (dictionary "
+               f"{summary['dictionary_id']}), {summary['wall_s']:.1f} s -> {summary['out']}")
+
+
+@click.command("features")
+@_DB
+@_RUN
+@click.option("--sae", "sae_dirs", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="An attention-output SAE directory in SAELens's format (train-sae's, SAELens's, the hub's); "
+                   "repeat for more layers.")
+@_MODEL
+@_MODEL_PATH
+@_DEVICE
+@_BATCH
+def features(db_path, run_id, sae_dirs, model, model_path, device, batch_size):
+    """Split every head edge of a run by the features of its upstream layer's SAE (table edge_features).
+
+    Each edge gets one row per feature active at its token (its activation and its part of the
+    weight, in total and per singular direction), and rows for the decoder bias, the
+    reconstruction error and the appended constant: the parts add up to the edge's weight.
+
+    Example: circuit-catalog features --db ioi.duckdb --sae saes/L5 --sae saes/L6
+    """
+    from catalog.jobs.features import features_run
+
+    try:
+        summary = features_run(db_path, list(sae_dirs), run_id=run_id, model=model, model_path=model_path,
+                               device=device, batch_size=batch_size, say=_progress)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: the batches committed so far are kept in {db_path}; run the same command again "
+                   "for the rest", err=True)
+        sys.exit(130)
+    if _progress.shown:
+        click.echo(err=True)
+    note = f" ({summary['already_stored']} prompt-dictionary pairs already stored)" if summary["already_stored"] else ""
+    dictionaries = ", ".join(f"L{layer}: {d}" for layer, d in sorted(summary["dictionaries"].items()))
+    click.echo(f"run {summary['run_id']}: {summary['edges']} head edges split into {summary['rows']} rows by "
+               f"dictionaries {dictionaries}{note}, {summary['wall_s']:.1f} s -> {summary['db']}")
+
+
+def _progress(message: str) -> None:
+    click.echo(f"\r{message}", nl=False, err=True)
+    _progress.shown = True
+
+
+_progress.shown = False
+
+COMMANDS = [train_sae, features]
