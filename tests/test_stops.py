@@ -211,7 +211,7 @@ def test_a_job_cancelled_before_its_first_batch_resumes_after_a_restart(tiny_che
         job = submit(client, **settings)
         _wait_for_log(server, "slow phase: load")
         assert client.delete(f"/api/v1/jobs/{job['job_id']}").status_code == 202
-        cancelled = wait_for(client, job["job_id"], lambda j: j["status"] not in ("queued", "running"), timeout=60)
+        cancelled = wait_for(client, job["job_id"], lambda j: j["status"] not in ("queued", "running"))
         assert cancelled["status"] == "cancelled" and cancelled["prompts_by_job"] == 0, cancelled
         assert server.stop() == 0, server.log()
     with ServerProcess(db, args=allow(tiny_checkpoint)) as server, \
