@@ -184,3 +184,42 @@ def test_explorer_shows_a_one_line_error_for_bad_input(served, browser_page):
     page.goto(f"{server.url}/#/head/9.9")
     page.wait_for_selector("#error:not([hidden])")
     assert page.inner_text("#error") == "no head 9.9: the model has layers 0..2"
+
+
+def test_jobs_view_lists_the_jobs_and_cancels_them(browser_page, tiny_checkpoint, tmp_path):
+    from test_service_jobs import allow, submit
+
+    page = browser_page
+    with ServerProcess(tmp_path / "jobs.duckdb", token=TOKEN, args=allow(tiny_checkpoint)) as server, httpx.Client(
+            base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as api:
+        # One job generating 100,000 prompts (a while), one queued behind it.
+        running = submit(api, model_path=str(tiny_checkpoint), n_prompts=100_000, batch_size=50_000)
+        queued = submit(api, model_path=str(tiny_checkpoint), n_prompts=8, seed=3)
+        deletes = []
+        page.on("request", lambda r: deletes.append(r.url) if r.method == "DELETE" else None)
+        page.goto(f"{server.url}/?token={TOKEN}")
+        page.goto(f"{server.url}/#/jobs")
+        page.wait_for_selector("#jobs tbody tr")
+
+        def shown() -> dict[int, str]:
+            return {int(tr.get_attribute("data-job")): tr.query_selector(".job-status").inner_text()
+                    for tr in page.query_selector_all("#jobs tbody tr")}
+
+        listed = {j["job_id"]: j["status"] for j in api.get("/api/v1/jobs").json()}
+        page.wait_for_function(f"document.querySelectorAll('#jobs button.cancel').length === 2")
+        assert set(shown()) == set(listed) == {running["job_id"], queued["job_id"]}
+
+        # The queued job: cancelled at once, its button gone.
+        page.click(f'#jobs button.cancel[data-job="{queued["job_id"]}"]')
+        page.wait_for_function(f"document.querySelector('#jobs tr[data-job=\"{queued['job_id']}\"] .job-status')"
+                               ".textContent === 'cancelled'")
+        assert api.get(f"/api/v1/jobs/{queued['job_id']}").json()["status"] == "cancelled"
+        # The running one stops at its next check; the view follows it by itself.
+        page.click(f'#jobs button.cancel[data-job="{running["job_id"]}"]')
+        page.wait_for_function(f"document.querySelector('#jobs tr[data-job=\"{running['job_id']}\"] .job-status')"
+                               ".textContent === 'cancelled'", timeout=60_000)
+        assert api.get(f"/api/v1/jobs/{running['job_id']}").json()["status"] == "cancelled"
+        assert not page.query_selector_all("#jobs button.cancel")
+        assert sorted(deletes) == sorted(f"{server.url}/api/v1/jobs/{j['job_id']}" for j in (running, queued))
+        assert page.is_hidden("#error")
+        assert server.stop(sig=signal.SIGINT) == 130, server.log()

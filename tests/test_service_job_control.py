@@ -107,7 +107,7 @@ def test_serve_stops_promptly_while_a_job_generates_prompts(tiny_checkpoint, tmp
         job = submit(client, model_path=str(tiny_checkpoint), n_prompts=100_000, batch_size=50_000)
         wait_for(client, job["job_id"], lambda j: j["status"] == "running")
         asked = time.monotonic()
-        assert server.stop(timeout=30, sig=sig) == 0, server.log()
+        assert server.stop(timeout=30, sig=sig) == (130 if sig == signal.SIGINT else 0), server.log()
         assert time.monotonic() - asked < 30 and "stopped by" in server.log()
     with duckdb.connect(str(db), read_only=True) as con:  # intact, the job's end recorded
         assert con.execute("SELECT status FROM service_jobs").fetchall() == [("interrupted",)]
@@ -122,7 +122,7 @@ def _ingest_process(db, checkpoint, *args):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _wait_for_line(process, fragment: str, timeout: float = 60) -> list[str]:
+def _wait_for_line(process, fragment: str, timeout: float = 300) -> list[str]:
     """Read stderr until a line holds `fragment` (tqdm's bar ends its repaints with \\r)."""
     import os
     import select

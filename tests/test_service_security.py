@@ -4,6 +4,7 @@ queued apart from plain reads, malformed parameters answered 4xx."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -94,11 +95,14 @@ def test_slow_queries_do_not_stall_plain_reads(served):
     for thread in threads:
         thread.start()
     try:
+        # The time limit, and slack for a busy machine: more where other processes keep every core
+        # busy (a plain read then waits for CPU, not for the queries' queue).
+        slack = 3 * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(answers) < 5:  # some queries are running or queued
             started = time.monotonic()
             assert client.get("/api/v1/runs", headers={"Cache-Control": "no-cache"}).status_code == 200
-            assert time.monotonic() - started < 2 + 3  # the time limit, and slack for a busy machine
+            assert time.monotonic() - started < 2 + slack
             if answers:
                 break
             time.sleep(0.05)

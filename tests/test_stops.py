@@ -121,6 +121,18 @@ def test_cli_sql_stops_a_long_query(catalog_db, sig):
     assert _last_lines(err) == ["interrupted: nothing was changed"], err
 
 
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_cli_query_commands_stop_a_long_query(catalog_db, sig):
+    # `heads` whose query takes minutes: its own read-only connection running the long query.
+    slow_heads = ("import catalog.read.overview as o; "
+                  f"o.heads = lambda con, run_id, sort=None: con.execute({LONG_QUERY!r}).arrow()")
+    process = _cli("heads", "--db", str(catalog_db), code=slow_heads)
+    _wait_for_cpu(process.pid, 2.0)
+    err, took = _stopped(process, sig)
+    assert process.returncode == 130 and took < 30, err
+    assert _last_lines(err) == ["interrupted: nothing was changed"], err
+
+
 # -- the service -----------------------------------------------------------------------------
 
 def _job_status(db) -> list[tuple]:
@@ -211,7 +223,7 @@ def test_a_job_cancelled_before_its_first_batch_resumes_after_a_restart(tiny_che
         job = submit(client, **settings)
         _wait_for_log(server, "slow phase: load")
         assert client.delete(f"/api/v1/jobs/{job['job_id']}").status_code == 202
-        cancelled = wait_for(client, job["job_id"], lambda j: j["status"] not in ("queued", "running"), timeout=60)
+        cancelled = wait_for(client, job["job_id"], lambda j: j["status"] not in ("queued", "running"))
         assert cancelled["status"] == "cancelled" and cancelled["prompts_by_job"] == 0, cancelled
         assert server.stop() == 0, server.log()
     with ServerProcess(db, args=allow(tiny_checkpoint)) as server, \

@@ -32,6 +32,14 @@ class _CatalogGroup(click.Group):
 
     def invoke(self, ctx):
         try:
+            return self._invoke_saying_errors(ctx)
+        except KeyboardInterrupt:  # Ctrl-C in a command without its own handling (a long `sql`),
+            # also one that lands while an error below is being handled (a signal stopped a query)
+            click.echo("interrupted: nothing was changed", err=True)
+            sys.exit(130)
+
+    def _invoke_saying_errors(self, ctx):
+        try:
             return super().invoke(ctx)
         except CatalogError as err:
             click.echo(f"error: {_one_line(err)}", err=True)
@@ -44,6 +52,11 @@ class _CatalogGroup(click.Group):
                        "whatever was committed is kept (an ingest resumes when run again)", err=True)
             sys.exit(1)
         except Exception as err:
+            # A signal stopped a read (see entry): DuckDB says so with its InterruptException, or,
+            # when it noticed the signal itself while fetching rows, a RuntimeError of its own.
+            if type(err).__name__ == "InterruptException" or (type(err) is RuntimeError
+                                                              and str(err) == "Query interrupted"):
+                raise KeyboardInterrupt from None
             if not type(err).__module__.startswith(("duckdb", "_duckdb")):
                 raise
             # DuckDB failing on the file itself (a damaged block, a full disk, an I/O error) once it
@@ -51,9 +64,6 @@ class _CatalogGroup(click.Group):
             click.echo(f"error: the catalog could not be read or written: {_first_line(err)}; "
                        "whatever was committed is kept", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:  # Ctrl-C in a command without its own handling (a long `sql`)
-            click.echo("interrupted: nothing was changed", err=True)
-            sys.exit(130)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -103,6 +113,37 @@ for _module in ("catalog.cli.ingest", "catalog.cli.query", "catalog.cli.serve", 
     _add_commands(_module)
 
 
+def _interrupt_reads_on_signals() -> None:
+    """Python runs a signal's handler only once the main thread runs Python again, so a long DuckDB
+    query would hold Ctrl-C or SIGTERM back until it ends. The C-level handler also writes the
+    signal's number to a wakeup file descriptor: a thread waiting on it stops the statements of
+    the open read-only connections at once (catalog.store.interrupt_readers), then the handler's
+    KeyboardInterrupt ends the command with its one line."""
+    import os
+    import signal
+    import threading
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread (a test's runner): signals are not ours to watch
+        os.close(read_end)
+        os.close(write_end)
+        return
+
+    def watch() -> None:
+        while True:
+            received = os.read(read_end, 64)
+            if not received:
+                return
+            store = sys.modules.get("catalog.store")  # not imported yet: no connection to stop
+            if store is not None and {signal.SIGINT, signal.SIGTERM} & set(received):
+                store.interrupt_readers()
+
+    threading.Thread(target=watch, name="signal-watch", daemon=True).start()
+
+
 def entry() -> None:
     """Console-script entry point: run the CLI, then leave without a noisy interpreter shutdown.
 
@@ -117,6 +158,7 @@ def entry() -> None:
         # SIGTERM (a service manager, `kill`) stops every command as Ctrl-C does: what is committed
         # is kept and one line says so, exit status 130 (`serve` puts its own handling over this).
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+    _interrupt_reads_on_signals()
     try:
         main.main(prog_name="circuit-catalog")
         code = 0

@@ -20,6 +20,7 @@ from catalog.read import browse as query_extra
 from catalog import formats
 from catalog.errors import CatalogError
 from catalog.service import sql as sql_endpoint
+from catalog.service.sql import ResultTooLarge
 from catalog.store import sql_guard
 from catalog.service.jobs import ACTIVE, IngestSettings
 from catalog.service.validation import check_job
@@ -28,6 +29,11 @@ from catalog.read.trace import DEFAULT_DEST_ROLE, DEFAULT_SRC_ROLE, prune_for_pi
 router = APIRouter(prefix="/api/v1")
 ANY_ROLE = "any"  # as the CLI's trace: a role of 'any' means any token
 SQL_MAX_ROWS = 10_000
+# The most rows one list answer holds (edges, a head's lists), and the most nodes or edges of one
+# trace. Nothing is cut silently: a larger answer is refused (413) with a line saying how to ask
+# for less (top=N, pruning); SQL says what it left out (X-Truncated, "truncated").
+MAX_LIST_ROWS = 10_000
+MAX_TRACE_ELEMENTS = 10_000
 
 
 def plain(value):
@@ -51,6 +57,30 @@ def plain(value):
 def rows_of(table) -> list[dict]:
     """An Arrow table as JSON-ready row dicts."""
     return [plain(row) for row in table.to_pylist()]
+
+
+def bounded_rows(table, what: str, how: str) -> list[dict]:
+    """rows_of(table), or a 413 when it holds more than MAX_LIST_ROWS rows (fetch MAX_LIST_ROWS + 1
+    to tell): `what` the answer is, `how` to ask for less."""
+    if table.num_rows > MAX_LIST_ROWS:
+        raise ResultTooLarge(f"{what} has more than {MAX_LIST_ROWS:,} rows, the most one answer holds: {how}")
+    return rows_of(table)
+
+
+def limited_rows(table, limit: int, response: Response) -> list[dict]:
+    """The first `limit` rows of a list the client limited (fetched with one row more), saying in
+    the headers, as POST /sql does, whether rows were left out: X-Truncated, X-Row-Count."""
+    truncated = table.num_rows > limit
+    rows = rows_of(table.slice(0, limit))
+    response.headers["X-Truncated"] = "true" if truncated else "false"
+    response.headers["X-Row-Count"] = str(len(rows))
+    return rows
+
+
+def _top(top: int | None) -> int:
+    """The LIMIT of a list whose client gave `top` (at most MAX_LIST_ROWS) or none: one row more
+    than an answer may hold, so that bounded_rows can tell that rows were left."""
+    return top if top is not None else MAX_LIST_ROWS + 1
 
 
 def _service(request: Request):
@@ -165,40 +195,46 @@ def head_grid(request: Request, run_id: int | None = None, dest_role: str | None
 
 
 @router.get("/heads/{head}", summary="Everything about one head (query.head_summary): spectrum and profile")
-def head_summary(request: Request, head: str, run_id: int | None = None, top: int = Query(10, ge=1),
+def head_summary(request: Request, head: str, run_id: int | None = None, top: int = Query(10, ge=1, le=MAX_LIST_ROWS),
                  effects: EffectParams = Depends()):
     with _service(request).reader() as con:
         return query.head_document(con, head, run_id=run_id, top=top, rows_of=rows_of, **effects.values)
 
 
 @router.get("/heads/{head}/firings", summary="Firings of one head, strongest first")
-def head_firings(request: Request, head: str, run_id: int | None = None, prompt_id: int | None = None,
-                 limit: int = Query(50, ge=1, le=10_000)):
+def head_firings(request: Request, response: Response, head: str, run_id: int | None = None,
+                 prompt_id: int | None = None, limit: int = Query(50, ge=1, le=MAX_LIST_ROWS)):
     with _service(request).reader() as con:
-        return rows_of(query_extra.head_firings(con, head, run_id=run_id, prompt_id=prompt_id, limit=limit))
+        table = query_extra.head_firings(con, head, run_id=run_id, prompt_id=prompt_id, limit=limit + 1)
+    return limited_rows(table, limit, response)
 
 
 @router.get("/edges_into/{head}", summary="Upstream heads of a head (query.edges_into)")
 def edges_into(request: Request, head: str, side: str | None = None, role: str | None = None,
                dest_role: str | None = None, src_role: str | None = None,
-               run_id: int | None = None, top: int | None = Query(None, ge=1), n_svs: int = Query(3, ge=1),
+               run_id: int | None = None, top: int | None = Query(None, ge=1, le=MAX_LIST_ROWS),
+               n_svs: int = Query(3, ge=1),
                kind: list[str] | None = Query(None, description="component kinds: head, mlp, attn_bias, embed, offset"),
                effects: EffectParams = Depends()):
     with _service(request).reader() as con:
-        return rows_of(query.edges_into(con, head, side=side, role=role, dest_role=dest_role, src_role=src_role,
-                                        run_id=run_id, top=top, n_svs=n_svs,
-                                        kind=kind, **effects.values))
+        return bounded_rows(query.edges_into(con, head, side=side, role=role, dest_role=dest_role,
+                                             src_role=src_role, run_id=run_id, top=_top(top), n_svs=n_svs,
+                                             kind=kind, **effects.values),
+                            f"the list of edges into {head}", "ask for the strongest with top=N, or narrow it "
+                            "by side, role, dest_role, src_role or kind")
 
 
 @router.get("/edges_from/{head}", summary="Downstream heads of a head (query.edges_from)")
 def edges_from(request: Request, head: str, side: str | None = None, role: str | None = None,
                dest_role: str | None = None, src_role: str | None = None,
-               run_id: int | None = None, top: int | None = Query(None, ge=1), n_svs: int = Query(3, ge=1),
-               effects: EffectParams = Depends()):
+               run_id: int | None = None, top: int | None = Query(None, ge=1, le=MAX_LIST_ROWS),
+               n_svs: int = Query(3, ge=1), effects: EffectParams = Depends()):
     with _service(request).reader() as con:
-        return rows_of(query.edges_from(con, head, side=side, role=role, dest_role=dest_role, src_role=src_role,
-                                        run_id=run_id, top=top, n_svs=n_svs,
-                                        **effects.values))
+        return bounded_rows(query.edges_from(con, head, side=side, role=role, dest_role=dest_role,
+                                             src_role=src_role, run_id=run_id, top=_top(top), n_svs=n_svs,
+                                             **effects.values),
+                            f"the list of edges from {head}", "ask for the strongest with top=N, or narrow it "
+                            "by side, role, dest_role or src_role")
 
 
 # -- trace, firings, prompts ---------------------------------------------------------------------
@@ -229,6 +265,12 @@ def trace(request: Request, roots: list[str] | None = Query(None), dest_role: st
                               **prune.values)
     if picture:
         graph = prune_for_picture(graph)
+    too_many = [f"{table.num_rows:,} {name}" for name, table in (("nodes", graph.nodes), ("edges", graph.edges))
+                if table.num_rows > MAX_TRACE_ELEMENTS]
+    if too_many:
+        raise ResultTooLarge(f"the trace has {' and '.join(too_many)}, more than the {MAX_TRACE_ELEMENTS:,} one "
+                             "answer holds: prune it (min_count, min_weight, max_depth, top_k), or trace one prompt "
+                             "(prompt_id) or fewer roots")
     if format != "json":
         download = formats.get(format)
         name = f"trace-run{graph.run_id}" + (f"-prompt{prompt_id}" if prompt_id is not None else "")
@@ -246,9 +288,10 @@ def firing(request: Request, prompt_id: int, head: str, dest_pos: int, src_pos: 
 
 
 @router.get("/prompts", summary="The prompts of a run")
-def list_prompts(request: Request, run_id: int | None = None, limit: int = Query(1000, ge=1, le=100_000)):
+def list_prompts(request: Request, response: Response, run_id: int | None = None,
+                 limit: int = Query(1000, ge=1, le=100_000)):
     with _service(request).reader() as con:
-        return rows_of(query_extra.list_prompts(con, run_id=run_id, limit=limit))
+        return limited_rows(query_extra.list_prompts(con, run_id=run_id, limit=limit + 1), limit, response)
 
 
 @router.get("/prompts/{prompt_id}", summary="One prompt with its tokens and roles")

@@ -183,7 +183,7 @@ class JobQueue:
                "message": job.message, "settings": job.settings.model_dump(warnings=False),
                "submitted_at": job.submitted_at,
                "started_at": job.started_at, "finished_at": job.finished_at, "elapsed_s": round(elapsed, 3),
-               "prompts_by_job": job.prompts_by_job,
+               "prompts_by_job": job.prompts_by_job, "cancel_requested": job.cancel_requested,
                "prompts_per_s": round(job.prompts_by_job / elapsed, 3) if elapsed > 0 else None,
                "progress": None, "summary": job.summary}
         if job.run_id is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -226,9 +227,25 @@ def upgrade(path: str | Path) -> list[int]:
         con.close()
 
 
+# The read-only connections open in this process (weakly: closing or dropping one forgets it), so
+# that a signal can stop their statements (catalog.cli's signal watcher, interrupt_readers).
+_readers = weakref.WeakSet()
+
+
+def interrupt_readers() -> None:
+    """Stop the statement running on every open read-only connection of this process (it raises
+    DuckDB's InterruptException). Nothing is written on such connections: nothing is lost."""
+    for con in list(_readers):
+        try:
+            con.interrupt()
+        except duckdb.Error:  # closed meanwhile
+            pass
+
+
 def open_readonly(path: str | Path, config: dict | None = None) -> duckdb.DuckDBPyConnection:
     """Open a catalog for reading; it must exist and be at the current schema version."""
     con = _connect(path, read_only=True, config=config)
+    _readers.add(con)
     try:
         check_not_truncated(con, Path(path))
         version = schema_version(con)

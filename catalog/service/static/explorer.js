@@ -4,6 +4,7 @@
 //   #/head/L9H9                  one head: spectrum, roles, signal sizes, directions, neighbours
 //   #/firing/0/L9H9/16/5         one firing: the prompt, its sparse signal, its edges
 //   #/circuit?roots=L9H9&...     the traced circuit: layers up, token roles (or positions) across
+//   #/jobs                       the service's ingest jobs, with a cancel button for those queued or running
 "use strict";
 
 const state = { runs: [], run: null, roles: [], lastDestRole: "any" };
@@ -406,13 +407,51 @@ function showTip(event, text) {
 
 function hideTip() { tooltip.hidden = true; }
 
+// -- ingest jobs ------------------------------------------------------------------------------
+
+const ACTIVE_JOBS = ["queued", "running"];
+let jobsTimer = null;  // while a job is queued or running, the jobs view reloads itself
+
+async function showJobs() {
+  const jobs = (await api("jobs")).slice().reverse();  // newest first
+  const rows = jobs.map(j => ({
+    job: j.job_id, status: j.status, run: j.run_id, model: j.settings.model_path || j.settings.model,
+    method: j.settings.method, prompts: j.progress ? `${j.progress.prompts_done} of ${j.progress.n_prompts}` : `0 of ${j.settings.n_prompts}`,
+    "prompts/s": j.prompts_per_s, message: j.message, "": j}));
+  view.innerHTML = `
+    <h2>Ingest jobs</h2>
+    <p class="legend">The jobs this service accepted (POST /api/v1/runs, or <code>circuit-catalog ingest --server</code>).
+      Cancelling keeps what a job committed: submitting the same settings again resumes its run.</p>
+    <div id="jobs">${table(rows, Object.keys(rows[0] || {job: 0}), {
+      status: value => `<span class="job-status">${esc(value)}</span>`,
+      "": j => ACTIVE_JOBS.includes(j.status)
+        ? `<button class="cancel" data-job="${j.job_id}">${j.cancel_requested ? "cancelling" : "cancel"}</button>` : ""})}</div>`;
+  view.querySelectorAll("#jobs tbody tr").forEach((tr, i) => tr.dataset.job = jobs[i].job_id);
+  view.querySelectorAll("button.cancel").forEach(button => button.addEventListener("click", async () => {
+    button.disabled = true;
+    // Same origin, the token in the cookie: the service's Origin check lets it through.
+    const response = await fetch(`/api/v1/jobs/${button.dataset.job}`, {method: "DELETE"});
+    const body = await response.json().catch(() => ({error: response.statusText}));
+    if (!response.ok) showError(body.error || response.statusText);
+    await showJobs();
+  }));
+  clearTimeout(jobsTimer);
+  if (jobs.some(j => ACTIVE_JOBS.includes(j.status))) {
+    jobsTimer = setTimeout(() => {
+      if (hashParams().path === "/jobs") showJobs().catch(err => showError(err.message));
+    }, 1000);
+  }
+}
+
 // -- routing ------------------------------------------------------------------------------------
 
 async function route() {
   showError(null);
   hideTip();
   const {path, params} = hashParams();
+  clearTimeout(jobsTimer);
   try {
+    if (path === "/jobs") { await showJobs(); return; }
     if (state.run === null) { view.innerHTML = "<p>The catalog has no runs yet: submit an ingest (POST /api/v1/runs).</p>"; return; }
     if (path.startsWith("/head/")) await showHead(decodeURIComponent(path.slice(6)));
     else if (path.startsWith("/firing/")) await showFiring(...path.slice(8).split("/").map(decodeURIComponent));
