@@ -40,11 +40,21 @@ def _rows(con):
     return con.execute("SELECT run_id, prompt_id, edge_id, rank, sv, weight FROM edge_svs ORDER BY ALL").fetchall()
 
 
-def _answers(path):
+# What the readers join on an older catalog, which has only the rows: the edges' lists built from
+# them in the connection (a temporary view; the stored ones are checked row by row above).
+LISTS_OF_ROWS = """CREATE TEMPORARY VIEW edge_sv_lists AS
+    SELECT run_id, prompt_id, edge_id, list(sv ORDER BY rank) AS svs, list(weight ORDER BY rank) AS weights,
+           list(rank ORDER BY rank) AS ranks
+    FROM edge_svs GROUP BY ALL"""
+
+
+def _answers(path, older=False):
     """What the query layer answers on the catalog: edges into and from its busiest heads, their
     summaries, a trace (every table compared as rows)."""
     heads = busiest_heads(path)[:2]
     with duckdb.connect(str(path), read_only=True) as con:  # not open_readonly: it refuses an old version
+        if older:
+            con.execute(LISTS_OF_ROWS)
         found = {}
         for head in heads:
             found[f"into {head}"] = query.edges_into(con, head).to_pylist()
@@ -61,7 +71,7 @@ def test_migration_11_keeps_every_row_and_answer(v10_catalog):
     before_types = con.execute("SELECT column_name, data_type FROM information_schema.columns "
                                "WHERE table_name = 'edge_svs' ORDER BY ordinal_position").fetchall()
     con.close()
-    before = _answers(v10_catalog)
+    before = _answers(v10_catalog, older=True)
 
     con = duckdb.connect(str(v10_catalog))
     assert apply_migrations(con) == [11] and schema_version(con) == 11
