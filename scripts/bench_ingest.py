@@ -45,8 +45,17 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="a hub model name instead of attn-real")
     parser.add_argument("--engine", default="local", choices=("local", "ray"))
     parser.add_argument("--workers", default="1,2", help="--engine ray: worker counts, comma-separated (default 1,2)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile each ingest (cProfile) and print where its time went: the functions with the "
+                             "most time of their own and the phases (forward pass, firings and signals, edges, "
+                             "side shares, rows, writes)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = parse_args(parser, argv)
     counts = [int(n) for n in args.n_prompts.split(",")]
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.engine == "ray":
         from _bench_ray import bench_ray, print_rows
 
@@ -94,16 +103,43 @@ def ingest_once(lm, n_prompts: int, args):
     on_gpu = str(lm.device).startswith("cuda")
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     started = time.perf_counter()
     summary = ingest(db, model_path=lm.name, dataset="ioi", n_prompts=n_prompts, seed=0,
                      batch_size=args.batch_size, show_progress=True, loaded_model=lm)
     wall_s = time.perf_counter() - started
+    if profiler is not None:
+        profiler.disable()
+        print_profile(profiler, wall_s)
     peak = torch.cuda.max_memory_allocated() if on_gpu else None
     size = sum(f.stat().st_size for f in (db, db.with_name(db.name + ".wal")) if f.exists())
     print(f"  {summary['prompts']} prompts, {summary['firings']} firings (mean signal size "
           f"{summary['mean_signal_size']:.2f}), {summary['edges']} edges in {wall_s:.1f} s: "
           f"{summary['prompts'] / wall_s:.2f} prompts/s, {summary['firings'] / wall_s:.0f} firings/s")
     return wall_s, summary, size, peak
+
+
+# Where an ingest's time goes, by the function that spends it (cumulative: itself and its callees).
+PHASES = {"forward pass (model.run)": "run", "firings": "find_firings", "sparse signals": "sparse_signals",
+          "QK forms (rotary: per offset)": "layer_forms", "edges (trace_side)": "trace_side",
+          "side shares": "side_parts", "rows to Arrow": "table", "catalog writes (write_batch)": "write_batch"}
+
+
+def print_profile(profiler, wall_s: float) -> None:
+    import pstats
+
+    stats = pstats.Stats(profiler)
+    print(f"profile: {wall_s:.1f} s of wall time; phases (cumulative seconds of CPU-side time):")
+    for label, name in PHASES.items():
+        total = sum(v[3] for (file, line, fn), v in stats.stats.items() if fn == name and "catalog" in file)
+        print(f"  {label:<32} {total:7.1f} s")
+    print("functions with the most time of their own:")
+    stats.sort_stats("tottime").print_stats(15)
 
 
 if __name__ == "__main__":

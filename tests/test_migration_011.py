@@ -37,14 +37,26 @@ def v10_catalog(catalog_db, tmp_path):
 
 
 def _rows(con):
-    return con.execute("SELECT run_id, prompt_id, edge_id, rank, sv, weight FROM edge_svs ORDER BY ALL").fetchall()
+    """Every row of edge_svs, and of the two tables that lost their indexes."""
+    return [con.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall()
+            for table in ("edge_svs", "firing_svs", "side_shares")]
 
 
-def _answers(path):
+# What the readers join on an older catalog, which has only the rows: the edges' lists built from
+# them in the connection (a temporary view; the stored ones are checked row by row above).
+LISTS_OF_ROWS = """CREATE TEMPORARY VIEW edge_sv_lists AS
+    SELECT run_id, prompt_id, edge_id, list(sv ORDER BY rank) AS svs, list(weight ORDER BY rank) AS weights,
+           list(rank ORDER BY rank) AS ranks
+    FROM edge_svs GROUP BY ALL"""
+
+
+def _answers(path, older=False):
     """What the query layer answers on the catalog: edges into and from its busiest heads, their
     summaries, a trace (every table compared as rows)."""
     heads = busiest_heads(path)[:2]
     with duckdb.connect(str(path), read_only=True) as con:  # not open_readonly: it refuses an old version
+        if older:
+            con.execute(LISTS_OF_ROWS)
         found = {}
         for head in heads:
             found[f"into {head}"] = query.edges_into(con, head).to_pylist()
@@ -58,16 +70,22 @@ def _answers(path):
 def test_migration_11_keeps_every_row_and_answer(v10_catalog):
     con = duckdb.connect(str(v10_catalog))
     before_rows = _rows(con)
-    before_types = con.execute("SELECT column_name, data_type FROM information_schema.columns "
-                               "WHERE table_name = 'edge_svs' ORDER BY ordinal_position").fetchall()
+    before_types = con.execute("SELECT table_name, column_name, data_type, CASE WHEN table_name <> 'edge_svs' THEN is_nullable END "
+                       "FROM information_schema.columns "
+                               "WHERE table_name IN ('edge_svs', 'firing_svs', 'side_shares') ORDER BY ALL").fetchall()
     con.close()
-    before = _answers(v10_catalog)
+    before = _answers(v10_catalog, older=True)
 
     con = duckdb.connect(str(v10_catalog))
     assert apply_migrations(con) == [11] and schema_version(con) == 11
-    assert _rows(con) == before_rows and len(before_rows) > 100
-    assert con.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'edge_svs' "
-                       "ORDER BY ordinal_position").fetchall() == before_types
+    assert _rows(con) == before_rows and min(len(rows) for rows in before_rows) > 100
+    # the same columns and types (nullability too, but a view's columns all say they are nullable);
+    # firing_svs and side_shares without a primary key
+    assert not con.execute("SELECT table_name FROM duckdb_constraints() WHERE constraint_type = 'PRIMARY KEY' "
+                           "AND table_name IN ('firing_svs', 'side_shares', 'edge_sv_lists')").fetchall()
+    assert con.execute("SELECT table_name, column_name, data_type, CASE WHEN table_name <> 'edge_svs' THEN is_nullable END "
+                       "FROM information_schema.columns "
+                       "WHERE table_name IN ('edge_svs', 'firing_svs', 'side_shares') ORDER BY ALL").fetchall() == before_types
     assert con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'edge_svs'").fetchall() == [
         ("VIEW",)]
     # one stored row per edge with directions; ranks kept only where they are not 0..n-1

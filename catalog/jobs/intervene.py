@@ -33,7 +33,7 @@ WITH chosen AS (
 SELECT c.prompt_id, c.edge_id, c.layer, c.head, c.dest_pos, c.src_pos, c.side, c.up_kind,
        coalesce(c.up_layer, -1) AS up_layer, coalesce(c.up_head, -1) AS up_head,
        coalesce(c.up_src_pos, -1) AS up_src_pos,
-       (SELECT list(s.sv ORDER BY s.rank) FROM edge_svs s
+       (SELECT s.svs FROM edge_sv_lists s  -- stored in rank order (edge_svs, one row per edge)
         WHERE s.run_id = $run AND s.prompt_id = c.prompt_id AND s.edge_id = c.edge_id) AS svs,
        EXISTS (SELECT 1 FROM interventions i
                WHERE i.run_id = $run AND i.prompt_id = c.prompt_id AND i.edge_id = c.edge_id

@@ -61,13 +61,15 @@ def _edge_table(con, run: Run, fixed: str, layer_head: tuple[int, int], group: l
         {"HAVING $min_effect IS NULL OR avg(effect) >= $min_effect" if effect else ""}
     ),
     by_sv AS (
-        SELECT {", ".join("c." + g for g in group)}, {"c.pos_offset" if per_offset else "NULL"} AS pos_offset,
-               s.sv, sum(s.weight) AS sv_weight
-        FROM chosen c
-        -- Filtered before the join: a plain join would hash all of the run's edge_svs, whatever the head.
-        JOIN (SELECT * FROM edge_svs WHERE run_id = $run
-              AND (prompt_id, edge_id) IN (SELECT prompt_id, edge_id FROM chosen)) s
-          ON s.prompt_id = c.prompt_id AND s.edge_id = c.edge_id
+        SELECT {group_sql}, pos_offset, sv, sum(w) AS sv_weight
+        FROM (SELECT {", ".join("c." + g for g in group)}, {"c.pos_offset" if per_offset else "NULL"} AS pos_offset,
+                     unnest(s.svs) AS sv, unnest(s.weights) AS w
+              FROM chosen c
+              -- The stored lists (one row per edge), filtered before the join: a plain join would
+              -- hash all of the run's edges, whatever the head; the edge_svs view would unnest them all.
+              JOIN (SELECT * FROM edge_sv_lists WHERE run_id = $run
+                    AND (prompt_id, edge_id) IN (SELECT prompt_id, edge_id FROM chosen)) s
+                ON s.prompt_id = c.prompt_id AND s.edge_id = c.edge_id)
         GROUP BY ALL
     ),
     sv_lists AS (

@@ -68,7 +68,8 @@ def prune(graph: TraceGraph, min_count: int | None = None, min_weight: float | N
     for name, value in (("min_count", min_count), ("max_depth", max_depth), ("top_k", top_k)):
         if value is not None and value < (0 if name == "max_depth" else 1):
             raise CatalogError(f"{name} must be at least {0 if name == 'max_depth' else 1}, not {value}")
-    edges = graph.edges.to_pylist()
+    # Without top_svs (slow to turn into Python, not needed to choose); rows in the table's order.
+    edges = graph.edges.select([c for c in graph.edges.column_names if c != "top_svs"]).to_pylist()
     weighted = [e for e in edges if e["kind"] != "reads"]
     left_out = {}
 
@@ -125,7 +126,8 @@ def prune(graph: TraceGraph, min_count: int | None = None, min_weight: float | N
     n_kept = sum(1 for e in kept if e["kind"] != "reads")
     detail = ", ".join(f"{n} {reason}" for reason, n in left_out.items()) or "none"
     note = f"pruned: kept {n_kept} of {n_weighted} weighted edges (left out: {detail})"
-    edges_table = pa.Table.from_pylist(kept, schema=graph.edges.schema)
+    kept_rows = {id(e) for e in kept}
+    edges_table = graph.edges.filter(pa.array([id(e) in kept_rows for e in edges], pa.bool_()))
     return TraceGraph(graph.run_id, graph.prompt_id, graph.roots, graph.dest_role, graph.src_role, graph.firings,
                       nodes, edges_table, graph.notes + [note], graph.run)
 
@@ -177,7 +179,7 @@ def prune_for_picture(graph: TraceGraph, max_edges: int | None = None) -> TraceG
 def _depth(graph: TraceGraph) -> int:
     """The most upstream steps from a root to any node of the graph (a "reads" edge is no step)."""
     into: dict[str, list[dict]] = {}
-    for e in graph.edges.to_pylist():
+    for e in graph.edges.select(["source", "target", "kind"]).to_pylist():
         into.setdefault(e["target"], []).append(e)
     depth = {n["node"]: 0 for n in graph.nodes.to_pylist() if n["is_root"]}
     frontier = list(depth)

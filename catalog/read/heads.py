@@ -87,7 +87,8 @@ def head_summary(con, head: str, run_id: int | None = None, top: int = 10, effec
                    count(DISTINCT (e.prompt_id, e.dest_pos, e.src_pos)) / (SELECT count(*) FROM firings WHERE {this_head})
                        AS share_of_firings,
                    sum(s.weight) AS total_drop
-            FROM edges e JOIN edge_svs s USING (run_id, prompt_id, edge_id)
+            FROM edges e JOIN (SELECT run_id, prompt_id, edge_id, unnest(svs) AS sv, unnest(weights) AS weight
+                               FROM edge_sv_lists WHERE run_id = $run) s USING (run_id, prompt_id, edge_id)
             LEFT JOIN singular_vectors v ON v.model_id = $model AND v.form = $form AND v.layer = e.layer
                  AND v.head = e.head AND v.sv = s.sv AND {same_form("v", "e")}
             WHERE e.run_id = $run AND e.layer = $layer AND e.head = $head

@@ -19,10 +19,14 @@ from dataclasses import dataclass, fields, replace
 
 from catalog.read.graph import PICTURE_EDGES, TraceGraph, prune, prune_for_picture
 from catalog.read.runs import HEAD_TABLES, check_effect_mode, resolve_run, run_info
-from catalog.read.trace_heads import DEFAULT_DEST_ROLE, DEFAULT_ROOTS, DEFAULT_SRC_ROLE, resolve_roots, trace_heads
+from catalog.read.trace_heads import (DEFAULT_DEST_ROLE, DEFAULT_ROOTS, DEFAULT_SRC_ROLE, resolve_roots, trace_heads,
+                                      with_top_svs)
 from catalog.read.trace_seeded import trace_seeded
 
 TRACERS = {"heads": trace_heads, "seeded": trace_seeded}  # Method.trace -> (con, run, options) -> TraceGraph
+# What a tracer leaves until its graph is pruned (con, run, graph, n_svs) -> TraceGraph: the heads
+# tracer's edge directions, summed for the drawn edges only.
+AFTER_PRUNING = {"heads": with_top_svs}
 
 __all__ = ["trace", "TraceOptions", "TraceGraph", "prune", "prune_for_picture", "PICTURE_EDGES", "resolve_roots", "DEFAULT_ROOTS", "DEFAULT_DEST_ROLE",
            "DEFAULT_SRC_ROLE", "TRACERS"]
@@ -86,4 +90,6 @@ def trace(con, options: TraceOptions | None = None, **keywords) -> TraceGraph:
         check_effect_mode(con, options.effect_mode)
     graph = TRACERS[run.method_spec.trace](con, run, options)
     graph.run = run_info(con, run)
-    return prune(graph, options.min_count, options.min_weight, options.max_depth, options.top_k)
+    graph = prune(graph, options.min_count, options.min_weight, options.max_depth, options.top_k)
+    finish = AFTER_PRUNING.get(run.method_spec.trace)
+    return finish(con, run, graph, options.n_svs) if finish else graph

@@ -17,14 +17,17 @@ its head.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
 
 from catalog.errors import CatalogError
 from catalog.heads import parse_head
 from catalog.read.fragments import (EFFECT, aggregated_token, edge_token_join, edges_of_firing, effect_match,
                                     firing_offset, head_name_sql, no_svs, token_pos, top_svs)
 from catalog.read.graph import TraceGraph
-from catalog.read.runs import Run, check_role, fetch, head_name, per_offset_forms, rows
+from catalog.read.runs import Run, check_role, fetch, head_name, per_offset_forms, rows, rows_table
 
 # The IOI name movers (Wang et al. 2022), traced from `end` to `IO` unless told otherwise.
 DEFAULT_ROOTS = ("9.6", "9.9", "10.0")
@@ -149,31 +152,13 @@ grouped AS (
     FROM traced GROUP BY up_layer, up_head, layer, head, token, side
     HAVING $min_effect IS NULL OR avg(effect) >= $min_effect  -- only edges measured to matter
 ),
-by_sv AS (
-    -- Joined from the reached firings, not from `traced`: DuckDB would otherwise pre-aggregate
-    -- all of edge_svs before the join (seconds on a large catalog).
-    SELECT e.up_layer, e.up_head, e.layer, e.head, {token} AS token, e.side, {sv_offset} AS pos_offset, s.sv,
-           sum(s.weight) AS sv_weight
-    FROM {reached} r
-    JOIN edges e ON {edge_of_reached}
-    JOIN edge_svs s ON s.run_id = $run AND s.prompt_id = e.prompt_id AND s.edge_id = e.edge_id
-    {token_join}
-    GROUP BY ALL
-),
-sv_lists AS (
-    SELECT up_layer, up_head, layer, head, token, side,
-           {top_svs} AS top_svs
-    FROM (SELECT b.*, sum(sv_weight) OVER (PARTITION BY up_layer, up_head, layer, head, token, side) AS total
-          FROM by_sv b)
-    GROUP BY ALL
-),
 writes AS (
     SELECT {up_name} AS source, {down_name} || '@' || g.token AS target,
            'writes' AS kind, g.side, 'head' AS up_kind, g.up_layer, g.up_head, g.layer AS down_layer,
            g.head AS down_head, CAST(g.token AS VARCHAR) AS token, {count} AS count, g.n_edges, g.mean_weight,
-           coalesce(l.top_svs, {no_svs}) AS top_svs, g.layer AS sort_layer,
+           {no_svs} AS top_svs, g.layer AS sort_layer,  -- filled in after pruning: with_top_svs
            g.head AS sort_head, g.token AS sort_token, g.mean_effect
-    FROM grouped g LEFT JOIN sv_lists l USING (up_layer, up_head, layer, head, token, side)
+    FROM grouped g
 ),
 reads AS (
     SELECT {head} || '@' || token AS source, {head} AS target,
@@ -193,6 +178,63 @@ FROM (SELECT * FROM writes UNION ALL SELECT * FROM reads)
 -- Each token node's incoming edges (strongest first), then its edge to its head.
 ORDER BY sort_layer DESC, sort_head, sort_token, kind DESC, count DESC, mean_weight DESC, source, side
 """
+
+
+# The singular directions of the drawn "writes" edges ({kept}: up_layer, up_head, down_layer,
+# down_head, token, side), after pruning: a pruned trace sums the directions of a few edges, not of
+# every traced one. Joined from the reached firings, not from a grouped list: DuckDB would
+# otherwise pre-aggregate all of the directions before the join (seconds on a large catalog). The
+# stored lists (edge_sv_lists, one row per edge) are joined, then unnested: the edge_svs view
+# would unnest every edge of the catalog first.
+_SVS_SQL = """
+WITH by_sv AS (
+    SELECT up_layer, up_head, layer, head, token, side, pos_offset, sv, sum(w) AS sv_weight
+    FROM (SELECT e.up_layer, e.up_head, e.layer, e.head, k.token, e.side, {sv_offset} AS pos_offset,
+                 unnest(l.svs) AS sv, unnest(l.weights) AS w
+          FROM {reached} r
+          JOIN edges e ON {edge_of_reached}
+          {token_join}
+          JOIN {kept} k ON k.up_layer = e.up_layer AND k.up_head = e.up_head AND k.down_layer = e.layer
+                       AND k.down_head = e.head AND k.side = e.side AND k.token = CAST({token} AS VARCHAR)
+          JOIN edge_sv_lists l ON l.run_id = $run AND l.prompt_id = e.prompt_id AND l.edge_id = e.edge_id)
+    GROUP BY ALL
+)
+SELECT up_layer, up_head, layer AS down_layer, head AS down_head, token, side, {top_svs} AS top_svs
+FROM (SELECT b.*, sum(sv_weight) OVER (PARTITION BY up_layer, up_head, layer, head, token, side) AS total
+      FROM by_sv b)
+GROUP BY ALL
+"""
+SVS_KEY = ("up_layer", "up_head", "down_layer", "down_head", "token", "side")
+
+
+def with_top_svs(con, run: Run, graph: TraceGraph, n_svs: int) -> TraceGraph:
+    """The graph with the top_svs of its "writes" edges filled in (trace_heads leaves them empty
+    so that pruning comes first)."""
+    writes = graph.edges.filter(pa.compute.equal(graph.edges.column("kind"), "writes")).select(list(SVS_KEY))
+    if not writes.num_rows:
+        return graph
+    per_offset = per_offset_forms(con, run)
+    sql = _SVS_SQL.format(
+        reached="_circuit_catalog_reached", kept="_circuit_catalog_kept", **_FRAGMENTS,
+        sv_offset=firing_offset("e") if per_offset else "NULL",
+        token="t.pos" if graph.prompt_id is not None else aggregated_token("t"),
+        top_svs=top_svs("sv", "sv_weight", "total", "sv_weight DESC, pos_offset, sv", "$n_svs", "pos_offset")
+        if per_offset else top_svs("sv", "sv_weight", "total", "sv_weight DESC", "$n_svs"))
+    con.register("_circuit_catalog_reached", graph.firings)
+    con.register("_circuit_catalog_kept", writes)
+    try:
+        found = fetch(con, sql, {"run": run.run_id, "n_svs": int(n_svs)})
+    finally:
+        con.unregister("_circuit_catalog_kept")
+        con.unregister("_circuit_catalog_reached")
+    by_key = {tuple(row[c] for c in SVS_KEY): row["top_svs"] for row in found.to_pylist()}
+    column = graph.edges.column("top_svs")
+    keys = graph.edges.select(list(SVS_KEY) + ["kind"]).to_pylist()
+    filled = [by_key.get(tuple(k[c] for c in SVS_KEY), []) if k["kind"] == "writes" else old
+              for k, old in zip(keys, column.to_pylist())]
+    edges = graph.edges.set_column(graph.edges.column_names.index("top_svs"), "top_svs",
+                                   pa.array(filled, column.type))
+    return replace(graph, edges=edges)
 
 
 # An edge's measured effect: the downstream attention drop when it is ablated (`intervene`).
@@ -248,14 +290,16 @@ def _nodes(con, run: Run, edges: pa.Table, roots: list[tuple[int, int]], prompt_
 
     for layer, head in roots:
         add(head_name(layer, head), "head", layer, head)
-    for e in edges.to_pylist():
+    edge_rows = edges.select(["source", "target", "kind", "up_layer", "up_head", "down_layer", "down_head",
+                              "token"]).to_pylist()  # not top_svs: slow to turn into Python, unused here
+    for e in edge_rows:
         down = head_name(e["down_layer"], e["down_head"])
         add(down, "head", e["down_layer"], e["down_head"])
         add(f"{down}@{e['token']}", "token", e["down_layer"], e["down_head"], e["token"])
         if e["kind"] == "writes":
             add(e["source"], "head", e["up_layer"], e["up_head"])
     # Only the nodes the edges name (a head with no token node is a root or an upstream head).
-    names = {n for e in edges.to_pylist() for n in (e["source"], e["target"])} | {
+    names = {n for e in edge_rows for n in (e["source"], e["target"])} | {
         head_name(l, h) for l, h in roots}
     nodes = [row for name, row in found.items() if name in names]
     if prompt_id is not None:
@@ -267,7 +311,7 @@ def _nodes(con, run: Run, edges: pa.Table, roots: list[tuple[int, int]], prompt_
     nodes.sort(key=lambda r: (-r["layer"], r["head"], r["kind"] != "head", r["pos"] or 0, r["role"] or ""))
     schema = pa.schema([("node", pa.string()), ("kind", pa.string()), ("layer", pa.int32()), ("head", pa.int32()),
                         ("role", pa.string()), ("pos", pa.int32()), ("token", pa.string()), ("is_root", pa.bool_())])
-    return pa.Table.from_pylist(nodes, schema=schema)
+    return rows_table(nodes, schema)
 
 
 def _root_notes(con, run: Run, reached: pa.Table, roots: list[tuple[int, int]], dest_role, src_role, prompt_id,

@@ -24,7 +24,7 @@ import pyarrow as pa
 from catalog.errors import CatalogError
 from catalog.read.fragments import EFFECT, NO_SVS, aggregated_token, edges_of_firing, effect_join, token_pos, top_svs
 from catalog.read.graph import TraceGraph
-from catalog.read.runs import Run, check_kinds, fetch, rows
+from catalog.read.runs import Run, check_kinds, fetch, rows, rows_table
 
 # Label of a token: its position for one prompt, its role (or "other", never its position: the same
 # position is a different word in each template) over all prompts.
@@ -94,7 +94,10 @@ _EDGES_SQL = """
 WITH sv_lists AS (
     SELECT l.source, l.target, l.side,
            {top_svs} AS top_svs
-    FROM _accpp_graph l JOIN edge_svs s ON s.run_id = $run AND s.prompt_id = l.prompt_id AND s.edge_id = l.edge_id
+    FROM _accpp_graph l
+    JOIN (SELECT prompt_id, edge_id, unnest(svs) AS sv, unnest(weights) AS weight,
+                 unnest(coalesce(ranks, CAST(range(len(svs)) AS SMALLINT[]))) AS rank
+          FROM edge_sv_lists WHERE run_id = $run AND $one_prompt) s ON s.prompt_id = l.prompt_id AND s.edge_id = l.edge_id
     WHERE $one_prompt
     GROUP BY ALL
 )
@@ -202,4 +205,4 @@ def _nodes(graph: pa.Table, objective: str | None) -> pa.Table:
             node["prompts"].add(edge["prompt_id"])
     nodes = [dict({k: v for k, v in n.items() if k != "prompts"}, count=len(n["prompts"])) for n in seen.values()]
     nodes.sort(key=lambda n: (n["kind"] != "root", -(n["layer"] if n["layer"] is not None else -1), n["node"]))
-    return pa.Table.from_pylist(nodes, schema=NODE_SCHEMA)
+    return rows_table(nodes, NODE_SCHEMA)

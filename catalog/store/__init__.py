@@ -46,7 +46,7 @@ def _connect(path: str | Path, read_only: bool, config: dict | None = None) -> d
         raise CatalogError(f"{path} is not a readable DuckDB catalog ({foreign})")
     try:
         if config is not None:
-            return duckdb.connect(str(path), read_only=read_only, config=config)
+            return _quiet(duckdb.connect(str(path), read_only=read_only, config=config))
         # DuckDB's defaults at connect time, switched off right after: DuckDB keeps one instance per
         # file in a process and refuses a second connection whose connect-time configuration differs,
         # so a notebook's own duckdb.connect(path) beside the catalog's must keep working.
@@ -55,7 +55,7 @@ def _connect(path: str | Path, read_only: bool, config: dict | None = None) -> d
             # Already off in an instance opened before (a service's, whose configuration is locked).
             if con.execute("SELECT current_setting(?)", [name]).fetchone()[0]:
                 con.execute(f"SET {name} = false")
-        return con
+        return _quiet(con)
     except PermissionError:
         raise CatalogError(f"{path} cannot be read: permission denied") from None
     except duckdb.Error as err:
@@ -66,6 +66,17 @@ def _connect(path: str | Path, read_only: bool, config: dict | None = None) -> d
             raise CatalogError(held_by_service(path)
                                or f"{path} is in use by another process (an ingest still running?)") from None
         raise CatalogError(f"{path} is not a readable DuckDB catalog ({message})") from None
+
+
+def _quiet(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """No DuckDB progress bar: on a busy machine a query past 2 s drew one on stdout, inside the
+    JSON or CSV a command writes there. Not where the configuration is locked (USER_SQL: DuckDB
+    takes no progress-bar setting at connect time)."""
+    try:
+        con.execute("SET enable_progress_bar = false")
+    except duckdb.Error:
+        pass
+    return con
 
 
 DUCKDB_HEADER_BYTES = 3 * 4096  # the file header and two database headers, before the first block
@@ -258,14 +269,13 @@ def open_readonly(path: str | Path, config: dict | None = None) -> duckdb.DuckDB
     if version == 0:
         con.close()
         raise CatalogError(f"{path} is a DuckDB file but not a circuit-catalog (no schema_migrations table)")
-    recorded = {r[0] for r in con.execute("SELECT version FROM schema_migrations").fetchall()}
-    if version < LATEST_VERSION or {m.version for m in migrations()} - recorded:  # older, or one merged in since
-        version = min({m.version for m in migrations()} - recorded) - 1
+    missing = sorted({m.version for m in migrations()} - {r[0] for r in con.execute(
+        "SELECT version FROM schema_migrations").fetchall()})
+    if version < LATEST_VERSION or missing:  # older, or lacking one merged in since
         con.close()
-        raise CatalogError(
-            f"{path} has schema version {version}, older than {LATEST_VERSION}: "
-            f"upgrade it with `circuit-catalog migrate --db {path}`"
-        )
+        older = (f"has schema version {version}, older than {LATEST_VERSION}" if version < LATEST_VERSION
+                 else f"lacks migration {', '.join(map(str, missing))}")
+        raise CatalogError(f"{path} {older}: upgrade it with `circuit-catalog migrate --db {path}`")
     if version > LATEST_VERSION:
         con.close()
         raise CatalogError(f"{path} has schema version {version}, newer than this circuit-catalog: upgrade it")
