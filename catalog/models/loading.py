@@ -190,13 +190,20 @@ def resolve_device(device: str) -> str:
 
 def check_family(model: str = "gpt2", path=None, method: str | None = None) -> None:
     """For a local checkpoint, CatalogError at once (before any slow load) unless its config names a
-    family the catalog reads (by `method`, when given); hub models are checked when they load."""
+    family the catalog reads (by `method`, when given); so is a hub model whose config is cached,
+    and any other hub model when it loads."""
     if is_gguf(path):
         if not Path(path).is_file():
             raise CatalogError(f"--model-path {path}: no such GGUF file")
         _family_of_gguf(Path(path), str(path), method)
     elif path is not None and (Path(path) / "config.json").is_file():
         _family_of_config(Path(path) / "config.json", str(path), method)
+    elif path is None:  # a hub name whose config is in the local cache is checked the same way
+        from catalog.models.checkpoint import checkpoint_dir
+
+        directory = checkpoint_dir(model)
+        if directory is not None:
+            _family_of_config(directory / "config.json", model, method)
 
 
 def _family_of_config(config_path: Path, display: str, method: str | None = None):
