@@ -42,7 +42,7 @@ class NormedAdapter(FamilyAdapter):
         return self.bridge.original_model.model.layers
 
     def _gain(self, norm):
-        return norm.weight.detach().double() + self.gain_offset
+        return norm.weight.detach().cpu().double() + self.gain_offset  # weights are combined on the CPU
 
     def qk_factors(self):
         """W_Q, b_Q, W_K, b_K per query head with every gain inside (module docstring), float32."""
@@ -55,8 +55,8 @@ class NormedAdapter(FamilyAdapter):
             g_in = self._gain(layer.input_layernorm) if self.pre_norm else torch.ones(self.d_model, dtype=torch.float64)
             for proj, norm, heads, Ws, bs in ((attn.q_proj, attn.q_norm if self.qk_norm else None, n, W_Q, b_Q),
                                               (attn.k_proj, attn.k_norm if self.qk_norm else None, n_kv, W_K, b_K)):
-                W = proj.weight.detach().double().T * g_in.unsqueeze(1)     # [d_model, heads * d_head]
-                b = proj.bias.detach().double() if proj.bias is not None else torch.zeros(W.shape[1], dtype=W.dtype)
+                W = proj.weight.detach().cpu().double().T * g_in.unsqueeze(1)     # [d_model, heads * d_head]
+                b = proj.bias.detach().cpu().double() if proj.bias is not None else torch.zeros(W.shape[1], dtype=W.dtype)
                 if norm is not None:
                     g = self._gain(norm)
                     g = g.repeat(heads) if g.numel() == d_head else g       # per head: one gain for every head
