@@ -207,3 +207,24 @@ def test_accpp_is_refused_on_them_before_the_model_loads(model_type, tmp_path):
                                        "--method", "accpp"])
     _one_error_line(result, "--method accpp", "--method sad")
     assert not (tmp_path / "c.duckdb").exists()
+
+
+def test_a_hub_model_of_a_family_not_read_is_refused_from_its_cached_config(tmp_path, monkeypatch):
+    """`--model NAME` whose config.json is in the local hub cache: checked before the model loads."""
+    import huggingface_hub
+    from click.testing import CliRunner
+
+    from catalog.cli import main
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda name, filename, *a, **k: str(snapshot / filename) if name == "org/moe" else None)
+    result = CliRunner().invoke(main, ["ingest", "--db", str(tmp_path / "c.duckdb"), "--model", "org/moe"])
+    _one_error_line(result, "org/moe", "'qwen3_moe'")
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "olmo2"}))
+    result = CliRunner().invoke(main, ["ingest", "--db", str(tmp_path / "c.duckdb"), "--model", "org/moe",
+                                       "--method", "accpp"])
+    _one_error_line(result, "--method accpp", "OLMo-2")
+    assert not (tmp_path / "c.duckdb").exists()
