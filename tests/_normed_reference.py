@@ -16,6 +16,20 @@ import numpy as np
 from _per_firing import ATTN, select_edges, _signal
 
 
+def dense_svd(matrix):
+    """numpy.linalg.svd's (U, S, Vt) of a float64 matrix, through torch on one thread: a small SVD on
+    several BLAS threads of a busy 2-core machine spins up to 50x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        U, S, Vt = torch.linalg.svd(torch.from_numpy(matrix))
+    finally:
+        torch.set_num_threads(threads)
+    return U.numpy(), S.numpy(), Vt.numpy()
+
+
 class RawModel:
     def __init__(self, checkpoint):
         from safetensors.numpy import load_file
@@ -72,7 +86,7 @@ class RawModel:
 
     @lru_cache(maxsize=None)
     def svd(self, layer, head, offset):
-        return np.linalg.svd(self.omega(layer, head, offset))
+        return dense_svd(self.omega(layer, head, offset))
 
     # -- one prompt ----------------------------------------------------------------------------------
     def _rms(self, x):
