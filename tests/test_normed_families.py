@@ -58,8 +58,8 @@ def test_the_family_is_recorded_and_fires(normed_run):
     assert row == [(family, "rotary", 2, raw.d_head, "RMSNorm", pytest.approx(raw.scale))]
     if family.startswith("gemma"):
         assert raw.scale != np.sqrt(raw.d_head)  # query_pre_attn_scalar, not d_head
-    assert lm.adapter.family == family and config["model_type"] in lm.adapter.hooks[0:0] + (
-        {"gemma3": "gemma3_text"}.get(family, family),)
+    assert lm.adapter.family == family
+    assert config["model_type"] == {"gemma3": "gemma3_text"}.get(family, family)
     n_firings, n_edges = (con.execute(f"SELECT count(*) FROM {t} WHERE run_id = ?", [run_id]).fetchall()[0][0]
                           for t in ("firings", "edges"))
     assert n_firings > 50 and n_edges > 50
@@ -228,3 +228,39 @@ def test_a_hub_model_of_a_family_not_read_is_refused_from_its_cached_config(tmp_
                                        "--method", "accpp"])
     _one_error_line(result, "--method accpp", "OLMo-2")
     assert not (tmp_path / "c.duckdb").exists()
+
+
+def test_gemma3s_linear_global_rope_gives_the_scores_the_model_computes(tmp_path):
+    """Gemma-3's larger models scale the global layers' rotation (rope_type 'linear', factor 8) and
+    keep the local ones: every (head, destination, source) pair of a prompt, firing or not, gets
+    back the model's own score from the catalog's forms of its layer."""
+    from catalog.methods.sad.batch import qk_forms
+    from catalog.methods.sad.signals import augment
+    from catalog.models.families.base import layer_window, qk_scales, residual_in
+    from catalog.models.loading import load_model
+
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    lm = load_model(path=save_normed_family("gemma3", tmp_path / "model", rope_parameters=rope))
+    rotaries = lm.adapter.rotaries
+    assert rotaries[1].rope_type == "linear" and rotaries[0].rope_type == "default"
+    assert rotaries[1].inv_freq[1] == pytest.approx(1e6 ** (-2 / 16) / 8, rel=1e-6)
+    assert rotaries[0].inv_freq[1] == pytest.approx(1e4 ** (-2 / 16), rel=1e-6)
+    qk = qk_forms(lm)
+    ids = lm.tokenizer("When Mary and John went to the store, John gave a drink to")["input_ids"]
+    cache = lm.run(torch.tensor([ids]))
+    dest, src = torch.tril_indices(len(ids), len(ids))
+    for layer in range(lm.n_layers):
+        window = layer_window(lm.adapter, layer)
+        seen = (dest - src < window) if window else torch.ones_like(dest, dtype=torch.bool)
+        d, s = dest[seen], src[seen]
+        x, _ = residual_in(lm.adapter, cache, layer)
+        r_Q, r_K = qk_scales(lm.adapter, cache, layer)
+        for head in range(lm.n_heads):
+            heads = torch.full_like(d, head)
+            forms, form = qk.layer_forms(layer, heads, d - s)
+            dest_proj, src_proj = forms.projections(augment(x.float()), torch.zeros_like(d), d, s, form)
+            dest_proj, src_proj = dest_proj / r_Q[0, d, head, None], src_proj / r_K[0, s, head, None]
+            total = (forms.sigma[form] * dest_proj * src_proj).sum(dim=1).double()
+            hook = cache[f"blocks.{layer}.attn.hook_attn_scores"][0, head, d, s].double() * lm.adapter.score_scale
+            np.testing.assert_allclose(total.numpy(), hook.numpy(), rtol=1e-4, atol=1e-4 * hook.abs().max().item())

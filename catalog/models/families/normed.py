@@ -153,9 +153,14 @@ def normed_adapter(family: str, bridge, *, gain_offset: float = 0.0, pre_norm: b
 def rotaries_by_layer_type(hf) -> tuple[Rotary, ...]:
     """Gemma-3's rotations: one per layer type (local layers' base and global layers' base), read
     from the rotary module's own `{layer_type}_original_inv_freq`, in layer order."""
+    from catalog.errors import CatalogError
+
     config = hf.config
-    module = next(m for _, m in hf.named_modules() if any(
-        hasattr(m, f"{t}_inv_freq") for t in config.layer_types))
+    kinds = getattr(config, "layer_types", None) or ()
+    module = next((m for _, m in hf.named_modules() if any(hasattr(m, f"{t}_inv_freq") for t in kinds)), None)
+    if module is None:  # transformers 4.x keeps two rotary modules and no layer types
+        raise CatalogError("reading Gemma-3 needs the rotary module of transformers 5 (one frequency set "
+                           "per layer type); upgrade transformers")
     parameters = getattr(config, "rope_parameters", None) or {}
     by_type = {}
     for kind in set(config.layer_types):
@@ -164,8 +169,6 @@ def rotaries_by_layer_type(hf) -> tuple[Rotary, ...]:
         rope = parameters.get(kind, {}) if isinstance(parameters.get(kind), dict) else {}
         rope_type = str(rope.get("rope_type", "default"))
         if rope_type not in ("default", "linear"):
-            from catalog.errors import CatalogError
-
             raise CatalogError(f"this Gemma-3 model's {kind} layers use rope_type '{rope_type}'; the catalog "
                                "reads Gemma-3 models with the default or linear rotation")
         scaling = getattr(module, f"{kind}_attention_scaling", None) or 1.0
