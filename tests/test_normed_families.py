@@ -6,8 +6,8 @@ checkpoints whose every norm gain is away from 1 (docs/normed.md):
   model's own hook_pattern, so what it derives from it can be trusted;
 - the contributions identity: every stored firing's d_head contributions, from the catalog's own
   forms and activations, sum to the model's score before the softcap;
-- the decomposition: each stored triplet is one of a dense numpy SVD of the form built from the
-  raw weights (gains inside, rotation of the firing's layer);
+- the decomposition: each stored triplet is one of a dense float64 SVD (LAPACK) of the form built
+  in numpy from the raw weights (gains inside, rotation of the firing's layer);
 - firings, signals, edges, per-direction terms, each side's projection and its heads' share equal a
   per-firing recomputation (which pins the choice that the ln1 scale and the QK-norm divisor both
   divide the upstream terms);
@@ -115,7 +115,7 @@ def test_contributions_sum_to_the_score_before_the_softcap(normed_run):
     assert family != "gemma2" or capped > 10
 
 
-def test_stored_triplets_equal_a_dense_numpy_svd_of_the_raw_form(normed_run):
+def test_stored_triplets_equal_a_dense_svd_of_the_raw_form(normed_run):
     _, _, lm, con, _, raw = normed_run
     rows = con.execute("""SELECT layer, head, pos_offset, list(sv ORDER BY sv), list(sigma ORDER BY sv),
                                  list(u ORDER BY sv), list(v ORDER BY sv) FROM singular_vectors
