@@ -43,7 +43,8 @@ def normed_run(request, tmp_path_factory):
 
 
 def _prompts(con, run_id, limit=None):
-    rows = con.execute("SELECT prompt_id, end_pos FROM prompts WHERE run_id = ? ORDER BY prompt_id", [run_id]).fetchall()
+    rows = con.execute("SELECT prompt_id, end_pos FROM prompts WHERE run_id = ? ORDER BY prompt_id",
+                       [run_id]).fetchall()
     for prompt_id, end_pos in rows[:limit]:
         ids = [t for (t,) in con.execute("SELECT token_id FROM tokens WHERE run_id = ? AND prompt_id = ? ORDER BY pos",
                                          [run_id, prompt_id]).fetchall()]

@@ -56,7 +56,8 @@ class NormedAdapter(FamilyAdapter):
             for proj, norm, heads, Ws, bs in ((attn.q_proj, attn.q_norm if self.qk_norm else None, n, W_Q, b_Q),
                                               (attn.k_proj, attn.k_norm if self.qk_norm else None, n_kv, W_K, b_K)):
                 W = proj.weight.detach().cpu().double().T * g_in.unsqueeze(1)     # [d_model, heads * d_head]
-                b = proj.bias.detach().cpu().double() if proj.bias is not None else torch.zeros(W.shape[1], dtype=W.dtype)
+                b = (proj.bias.detach().cpu().double() if proj.bias is not None
+                     else torch.zeros(W.shape[1], dtype=W.dtype))
                 if norm is not None:
                     g = self._gain(norm)
                     g = g.repeat(heads) if g.numel() == d_head else g       # per head: one gain for every head
