@@ -10,9 +10,24 @@ recomputed here from config.json and model.safetensors."""
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 
 import numpy as np
 from _per_firing import ATTN, select_edges, _signal
+
+
+def dense_svd(matrix):
+    """numpy.linalg.svd's (U, S, Vt) of a float64 matrix, through torch on one thread: a small SVD on
+    several BLAS threads of a busy 2-core machine spins up to 50x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        U, S, Vt = torch.linalg.svd(torch.from_numpy(matrix))
+    finally:
+        torch.set_num_threads(threads)
+    return U.numpy(), S.numpy(), Vt.numpy()
 
 
 class RawModel:
@@ -54,6 +69,7 @@ class RawModel:
         W = W[:, h * self.d_head:(h + 1) * self.d_head]
         return np.vstack([W, np.zeros((1, self.d_head))])
 
+    @lru_cache(maxsize=None)
     def rotation(self, layer, offset):
         d = self.d_head
         freq = (1.0 / self.theta[layer] ** (np.arange(0, d, 2) / d)).astype(np.float32).astype(np.float64)
@@ -64,8 +80,13 @@ class RawModel:
             M[p, p + half], M[p + half, p] = s, -s
         return M
 
+    @lru_cache(maxsize=None)
     def omega(self, layer, head, offset):
         return self._side(layer, head, "q") @ self.rotation(layer, offset) @ self._side(layer, head, "k").T
+
+    @lru_cache(maxsize=None)
+    def svd(self, layer, head, offset):
+        return dense_svd(self.omega(layer, head, offset))
 
     # -- one prompt ----------------------------------------------------------------------------------
     def _rms(self, x):
@@ -139,7 +160,7 @@ def per_firing(raw: RawModel, acts, end_pos: int) -> dict:
                 for j in range(1, i + 1):
                     if a["pattern"][head, i, j] < ATTN or a["score"][head, i, j] <= 0:
                         continue
-                    U, S, Vt = np.linalg.svd(raw.omega(layer, head, i - j))
+                    U, S, Vt = raw.svd(layer, head, i - j)
                     U, S, V = U[:, :raw.d_head], S[:raw.d_head], Vt[:raw.d_head].T
                     xi, xj = xt[i] / a["r_Q"][i, head], xt[j] / a["r_K"][j, head]
                     c = [S[k] * (xi @ U[:, k]) * (V[:, k] @ xj) for k in range(len(S))]

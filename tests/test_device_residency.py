@@ -13,7 +13,7 @@ import torch
 from _second_device import SecondDevice, on_device
 
 from catalog.jobs.ingest import ingest
-from catalog.testing.families import FAMILY_NAMES, save_random_family
+from catalog.testing.families import FAMILY_NAMES, NORMED_FAMILY_NAMES, save_normed_family, save_random_family
 from catalog.testing.tokenizers import llama_style_tokenizer
 
 # Where a batch may take values off the device, and why each is small.
@@ -111,6 +111,16 @@ def test_a_batch_leaves_the_device_only_through_its_rows(family, tmp_path, monke
             assert transfer.numel == 1
         if transfer.site == "tensors.py:prompt_outputs":
             assert transfer.numel <= 3 * vocab
+
+
+@pytest.mark.parametrize("family", NORMED_FAMILY_NAMES)
+def test_a_normed_familys_batch_leaves_the_device_only_through_its_rows(family, tmp_path, monkeypatch):
+    """QK-norm divisors, post-norm scales, pre-softcap scores and windows (docs/normed.md) stay on it too."""
+    checkpoint = save_normed_family(family, tmp_path / "model")
+    summary, device, batch_transfers, _ = _ingest_on_second_device(tmp_path, monkeypatch, checkpoint)
+    assert summary["firings"] > 0 and summary["edges"] > 0
+    assert device.problems == []
+    assert {t.site for t in batch_transfers} <= set(BATCH_EXITS), {t.site for t in batch_transfers}
 
 
 @pytest.mark.parametrize("seeding", ["linear", "prob"])

@@ -6,8 +6,8 @@ checkpoints whose every norm gain is away from 1 (docs/normed.md):
   model's own hook_pattern, so what it derives from it can be trusted;
 - the contributions identity: every stored firing's d_head contributions, from the catalog's own
   forms and activations, sum to the model's score before the softcap;
-- the decomposition: each stored triplet is one of a dense numpy SVD of the form built from the
-  raw weights (gains inside, rotation of the firing's layer);
+- the decomposition: each stored triplet is one of a dense float64 SVD (LAPACK) of the form built
+  in numpy from the raw weights (gains inside, rotation of the firing's layer);
 - firings, signals, edges, per-direction terms, each side's projection and its heads' share equal a
   per-firing recomputation (which pins the choice that the ln1 scale and the QK-norm divisor both
   divide the upstream terms);
@@ -43,7 +43,8 @@ def normed_run(request, tmp_path_factory):
 
 
 def _prompts(con, run_id, limit=None):
-    rows = con.execute("SELECT prompt_id, end_pos FROM prompts WHERE run_id = ? ORDER BY prompt_id", [run_id]).fetchall()
+    rows = con.execute("SELECT prompt_id, end_pos FROM prompts WHERE run_id = ? ORDER BY prompt_id",
+                       [run_id]).fetchall()
     for prompt_id, end_pos in rows[:limit]:
         ids = [t for (t,) in con.execute("SELECT token_id FROM tokens WHERE run_id = ? AND prompt_id = ? ORDER BY pos",
                                          [run_id, prompt_id]).fetchall()]
@@ -58,8 +59,8 @@ def test_the_family_is_recorded_and_fires(normed_run):
     assert row == [(family, "rotary", 2, raw.d_head, "RMSNorm", pytest.approx(raw.scale))]
     if family.startswith("gemma"):
         assert raw.scale != np.sqrt(raw.d_head)  # query_pre_attn_scalar, not d_head
-    assert lm.adapter.family == family and config["model_type"] in lm.adapter.hooks[0:0] + (
-        {"gemma3": "gemma3_text"}.get(family, family),)
+    assert lm.adapter.family == family
+    assert config["model_type"] == {"gemma3": "gemma3_text"}.get(family, family)
     n_firings, n_edges = (con.execute(f"SELECT count(*) FROM {t} WHERE run_id = ?", [run_id]).fetchall()[0][0]
                           for t in ("firings", "edges"))
     assert n_firings > 50 and n_edges > 50
@@ -115,7 +116,7 @@ def test_contributions_sum_to_the_score_before_the_softcap(normed_run):
     assert family != "gemma2" or capped > 10
 
 
-def test_stored_triplets_equal_a_dense_numpy_svd_of_the_raw_form(normed_run):
+def test_stored_triplets_equal_a_dense_svd_of_the_raw_form(normed_run):
     _, _, lm, con, _, raw = normed_run
     rows = con.execute("""SELECT layer, head, pos_offset, list(sv ORDER BY sv), list(sigma ORDER BY sv),
                                  list(u ORDER BY sv), list(v ORDER BY sv) FROM singular_vectors
@@ -123,11 +124,13 @@ def test_stored_triplets_equal_a_dense_numpy_svd_of_the_raw_form(normed_run):
     assert len(rows) > 20
     layers_offsets = set()
     for layer, head, offset, svs, sigma, u, v in rows:
-        U_all, S_all, Vt_all = np.linalg.svd(raw.omega(layer, head, offset))
+        U_all, S_all, Vt_all = raw.svd(layer, head, offset)
         U, S, V = np.array(u).T, np.array(sigma), np.array(v).T
         np.testing.assert_allclose(S, S_all[svs], rtol=1e-4, atol=1e-6 * S_all[0])
-        for n, k in enumerate(svs):
-            np.testing.assert_allclose(np.outer(U[:, n], V[:, n]), np.outer(U_all[:, k], Vt_all[k]), atol=1e-3)
+        # each stored pair (u_k, v_k) is the dense one up to the pair's shared sign
+        sign = np.sign(np.einsum("dk,dk->k", U, U_all[:, svs]))
+        np.testing.assert_allclose(U * sign, U_all[:, svs], atol=1e-3)
+        np.testing.assert_allclose(V * sign, Vt_all[svs].T, atol=1e-3)
         layers_offsets.add((layer, offset))
     assert any(offset > 0 for _, offset in layers_offsets)
 
@@ -205,3 +208,60 @@ def test_accpp_is_refused_on_them_before_the_model_loads(model_type, tmp_path):
                                        "--method", "accpp"])
     _one_error_line(result, "--method accpp", "--method sad")
     assert not (tmp_path / "c.duckdb").exists()
+
+
+def test_a_hub_model_of_a_family_not_read_is_refused_from_its_cached_config(tmp_path, monkeypatch):
+    """`--model NAME` whose config.json is in the local hub cache: checked before the model loads."""
+    import huggingface_hub
+    from click.testing import CliRunner
+
+    from catalog.cli import main
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda name, filename, *a, **k: str(snapshot / filename) if name == "org/moe" else None)
+    result = CliRunner().invoke(main, ["ingest", "--db", str(tmp_path / "c.duckdb"), "--model", "org/moe"])
+    _one_error_line(result, "org/moe", "'qwen3_moe'")
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "olmo2"}))
+    result = CliRunner().invoke(main, ["ingest", "--db", str(tmp_path / "c.duckdb"), "--model", "org/moe",
+                                       "--method", "accpp"])
+    _one_error_line(result, "--method accpp", "OLMo-2")
+    assert not (tmp_path / "c.duckdb").exists()
+
+
+def test_gemma3s_linear_global_rope_gives_the_scores_the_model_computes(tmp_path):
+    """Gemma-3's larger models scale the global layers' rotation (rope_type 'linear', factor 8) and
+    keep the local ones: every (head, destination, source) pair of a prompt, firing or not, gets
+    back the model's own score from the catalog's forms of its layer."""
+    from catalog.methods.sad.batch import qk_forms
+    from catalog.methods.sad.signals import augment
+    from catalog.models.families.base import layer_window, qk_scales, residual_in
+    from catalog.models.loading import load_model
+
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    lm = load_model(path=save_normed_family("gemma3", tmp_path / "model", rope_parameters=rope))
+    rotaries = lm.adapter.rotaries
+    assert rotaries[1].rope_type == "linear" and rotaries[0].rope_type == "default"
+    assert rotaries[1].inv_freq[1] == pytest.approx(1e6 ** (-2 / 16) / 8, rel=1e-6)
+    assert rotaries[0].inv_freq[1] == pytest.approx(1e4 ** (-2 / 16), rel=1e-6)
+    qk = qk_forms(lm)
+    ids = lm.tokenizer("When Mary and John went to the store, John gave a drink to")["input_ids"]
+    cache = lm.run(torch.tensor([ids]))
+    dest, src = torch.tril_indices(len(ids), len(ids))
+    for layer in range(lm.n_layers):
+        window = layer_window(lm.adapter, layer)
+        seen = (dest - src < window) if window else torch.ones_like(dest, dtype=torch.bool)
+        d, s = dest[seen], src[seen]
+        x, _ = residual_in(lm.adapter, cache, layer)
+        r_Q, r_K = qk_scales(lm.adapter, cache, layer)
+        for head in range(lm.n_heads):
+            heads = torch.full_like(d, head)
+            forms, form = qk.layer_forms(layer, heads, d - s)
+            dest_proj, src_proj = forms.projections(augment(x.float()), torch.zeros_like(d), d, s, form)
+            dest_proj, src_proj = dest_proj / r_Q[0, d, head, None], src_proj / r_K[0, s, head, None]
+            total = (forms.sigma[form] * dest_proj * src_proj).sum(dim=1).double()
+            hook = cache[f"blocks.{layer}.attn.hook_attn_scores"][0, head, d, s].double() * lm.adapter.score_scale
+            np.testing.assert_allclose(total.numpy(), hook.numpy(), rtol=1e-4, atol=1e-4 * hook.abs().max().item())

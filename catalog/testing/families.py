@@ -85,14 +85,15 @@ WINDOW = 5          # the sliding window of the tiny Gemmas: shorter than every 
 SOFTCAP = 4.0       # Gemma-2's attention softcap, small enough that the cap changes most firing scores
 
 
-def save_normed_family(family: str, out_dir: str | Path, n_layers: int = 3, d_model: int = 64, seed: int = 0) -> Path:
+def save_normed_family(family: str, out_dir: str | Path, n_layers: int = 3, d_model: int = 64, seed: int = 0,
+                       rope_parameters: dict | None = None) -> Path:
     """Write a random checkpoint of `family` (one of NORMED_FAMILY_NAMES) with GPT-2's tokenizer.
 
     4 heads of width 16 over 2 key heads; the Gemmas slide a window of WINDOW on layers 0 and 2
     (Gemma-3 with rope bases 10,000 there and 1,000,000 on its global layer) and scale scores by
     query_pre_attn_scalar 24, not d_head. Every norm gain is redrawn away from 1 (a gain left out
     of a form would go unnoticed at 1), and the query/key weights and QK-norm gains are scaled up
-    so that heads fire."""
+    so that heads fire. rope_parameters: the config's own (Gemma-3: one dict per layer type)."""
     import torch
     import transformers as tf
 
@@ -106,6 +107,8 @@ def save_normed_family(family: str, out_dir: str | Path, n_layers: int = 3, d_mo
                   max_position_embeddings=128, bos_token_id=tokenizer.eos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     gemma = dict(head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24)
+    if rope_parameters:
+        common["rope_parameters"] = rope_parameters
     if family == "gemma2":
         model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, **gemma, attn_logit_softcapping=SOFTCAP,
                                                      final_logit_softcapping=30.0))

@@ -13,7 +13,8 @@ import torch
 from catalog.methods.sad import shares
 from catalog.methods.sad.edges import SIDES, trace_side, upstream_outputs
 from catalog.methods.sad.settings import SadSettings
-from catalog.models.families.base import attention_logits, head_z, layer_window, qk_scales, residual_in
+from catalog.models.families.base import (attention_logits, head_z, layer_rotary, layer_window, qk_scales,
+                                          residual_in)
 from catalog.methods.shared.tensors import pad_tokens, prompt_outputs, rows_of
 from catalog.schema.rows import concat, number_edges, table, take
 from catalog.methods.sad.signals import find_firings, find_sinks, sparse_signals, subset
@@ -32,8 +33,6 @@ def qk_forms(model, stored_form=None):
     firings need them (rotary; nothing stored is read)."""
     if model.adapter.rotary is not None:
         from catalog.methods.sad.rotary import RotaryForms
-
-        from catalog.models.families.base import layer_rotary
 
         by_layer = [layer_rotary(model.adapter, layer) for layer in range(model.n_layers)]
         return RotaryForms(*model.adapter.qk_factors(), model.adapter.rotary, device=model.device,

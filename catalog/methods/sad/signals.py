@@ -83,7 +83,8 @@ def find_firings(pattern, attn_scores, end_pos, attn_threshold: float, score_sca
 
     end_pos [prompt] is the last destination analysed (the prompt's `end` token), which also keeps
     the padding of shorter prompts out. Source 0 (the attention sink, or the BOS) never fires.
-    score_scale: hook_attn_scores = s / score_scale (sqrt(d_head) in every family read).
+    attn_scores: the layer's logits before any softcap (catalog.models.families.base.attention_logits);
+    score_scale: attn_scores = s / score_scale (sqrt(d_head); Gemma: sqrt(query_pre_attn_scalar)).
     window: the layer's sliding window; a source with i - j >= window is never a firing (the model
     masks it; stated here too so that no pattern rounding can let one through).
     """

@@ -42,7 +42,7 @@ class NormedAdapter(FamilyAdapter):
         return self.bridge.original_model.model.layers
 
     def _gain(self, norm):
-        return norm.weight.detach().double() + self.gain_offset
+        return norm.weight.detach().cpu().double() + self.gain_offset  # weights are combined on the CPU
 
     def qk_factors(self):
         """W_Q, b_Q, W_K, b_K per query head with every gain inside (module docstring), float32."""
@@ -55,8 +55,9 @@ class NormedAdapter(FamilyAdapter):
             g_in = self._gain(layer.input_layernorm) if self.pre_norm else torch.ones(self.d_model, dtype=torch.float64)
             for proj, norm, heads, Ws, bs in ((attn.q_proj, attn.q_norm if self.qk_norm else None, n, W_Q, b_Q),
                                               (attn.k_proj, attn.k_norm if self.qk_norm else None, n_kv, W_K, b_K)):
-                W = proj.weight.detach().double().T * g_in.unsqueeze(1)     # [d_model, heads * d_head]
-                b = proj.bias.detach().double() if proj.bias is not None else torch.zeros(W.shape[1], dtype=W.dtype)
+                W = proj.weight.detach().cpu().double().T * g_in.unsqueeze(1)     # [d_model, heads * d_head]
+                b = (proj.bias.detach().cpu().double() if proj.bias is not None
+                     else torch.zeros(W.shape[1], dtype=W.dtype))
                 if norm is not None:
                     g = self._gain(norm)
                     g = g.repeat(heads) if g.numel() == d_head else g       # per head: one gain for every head
@@ -153,9 +154,14 @@ def normed_adapter(family: str, bridge, *, gain_offset: float = 0.0, pre_norm: b
 def rotaries_by_layer_type(hf) -> tuple[Rotary, ...]:
     """Gemma-3's rotations: one per layer type (local layers' base and global layers' base), read
     from the rotary module's own `{layer_type}_original_inv_freq`, in layer order."""
+    from catalog.errors import CatalogError
+
     config = hf.config
-    module = next(m for _, m in hf.named_modules() if any(
-        hasattr(m, f"{t}_inv_freq") for t in config.layer_types))
+    kinds = getattr(config, "layer_types", None) or ()
+    module = next((m for _, m in hf.named_modules() if any(hasattr(m, f"{t}_inv_freq") for t in kinds)), None)
+    if module is None:  # transformers 4.x keeps two rotary modules and no layer types
+        raise CatalogError("reading Gemma-3 needs the rotary module of transformers 5 (one frequency set "
+                           "per layer type); upgrade transformers")
     parameters = getattr(config, "rope_parameters", None) or {}
     by_type = {}
     for kind in set(config.layer_types):
@@ -164,8 +170,6 @@ def rotaries_by_layer_type(hf) -> tuple[Rotary, ...]:
         rope = parameters.get(kind, {}) if isinstance(parameters.get(kind), dict) else {}
         rope_type = str(rope.get("rope_type", "default"))
         if rope_type not in ("default", "linear"):
-            from catalog.errors import CatalogError
-
             raise CatalogError(f"this Gemma-3 model's {kind} layers use rope_type '{rope_type}'; the catalog "
                                "reads Gemma-3 models with the default or linear rotation")
         scaling = getattr(module, f"{kind}_attention_scaling", None) or 1.0
