@@ -13,7 +13,7 @@ and separately the whole call with the catalog reads and writes. Loading the mod
 counted.
 
     python scripts/bench_interventions.py [--method accpp|sad] [--n-prompts 8] [--mode local]
-                                          [--repeat 2] [--workdir DIR] [--family F]
+                                          [--repeat 2] [--workdir DIR] [--family F] [--top-edges N]
 
 --family gpt_neox|llama|qwen2 times the same work on a random model of that family with GPT-2
 small's sizes (12 layers, 12 heads of 64 dims, d_model 768; Llama and Qwen2 with 4 key heads,
@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n-prompts", type=int, default=8, help="IOI prompts in the run (default 8)")
     parser.add_argument("--mode", choices=["local", "global"], default="local")
     parser.add_argument("--repeat", type=int, default=2, help="timed repetitions; the best counts (default 2)")
+    parser.add_argument("--top-edges", type=int, default=None,
+                        help="only the N heaviest edges of each prompt (default: every edge)")
     parser.add_argument("--family", choices=["gpt2", "gpt_neox", "llama", "qwen2"], default="gpt2",
                         help="gpt2: the attn-real GPT-2 small (default); else a random model of the family, "
                              "GPT-2 small's sizes")
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
         shutil.copy(base, db)
         warn_if_busy(0.5)
         started = time.perf_counter()
-        summary = intervene_run(db, mode=args.mode, loaded_model=lm)
+        summary = intervene_run(db, mode=args.mode, loaded_model=lm, top_edges=args.top_edges)
         wall = time.perf_counter() - started
         rate = summary["stored"] / summary["intervene_s"]
         results.append(rate)
