@@ -183,11 +183,11 @@ def test_the_cli_intervenes_on_each_family(family_catalog):
             assert diff_before == pytest.approx(prompt_diff, abs=1e-4)
         assert other == 0.0
     pairs = _sql(db, """
-        SELECT a.norm_ratio, a.cos_sim, b.norm_ratio, b.cos_sim, a.signal_norm, a.attn_after, b.attn_after, a.attn_before
+        SELECT a.norm_ratio, a.cos_sim, b.norm_ratio, b.cos_sim, a.signal_norm
         FROM interventions a JOIN interventions b USING (run_id, prompt_id, edge_id)
         WHERE a.mode = 'local' AND b.mode = 'local' AND NOT a.boost AND b.boost""")
     assert len(pairs) == n_edges
-    for nr_a, cos_a, nr_b, cos_b, sig, after_a, after_b, before in pairs:
+    for nr_a, cos_a, nr_b, cos_b, sig in pairs:
         assert cos_a * nr_a + cos_b * nr_b == pytest.approx(2.0, abs=1e-5)
         # |x| of an RMSNorm input is sqrt(d_model) (less eps), of a LayerNorm input sqrt(d_model) too
         assert nr_a ** 2 + nr_b ** 2 == pytest.approx(2.0 + 2.0 * sig ** 2 / 64.0, rel=1e-3)
