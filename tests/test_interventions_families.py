@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from catalog.interventions.core import HEAD, MLP, OFFSET, UP_KINDS, Directions, EdgeBatch, intervene
+from catalog.interventions.core import HEAD, Directions, EdgeBatch, intervene
 from catalog.interventions.forward import ModelWeights, clean_forward
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -38,9 +38,11 @@ def family_checkpoints(tmp_path_factory):
         pytest.skip(f"{SHARED} is absent")
     root = tmp_path_factory.mktemp("family-references")
     scripts = SHARED / "families"
-    for name in ("neox", "llama", "qwen2"):
-        subprocess.run([sys.executable, str(scripts / "make_family_model.py"), name, str(root / name)], check=True,
-                       capture_output=True)
+    builds = [subprocess.Popen([sys.executable, str(scripts / "make_family_model.py"), name, str(root / name)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+              for name in ("neox", "llama", "qwen2")]  # side by side: each is mostly one process' start-up
+    for build in builds:
+        assert build.wait() == 0, build.stderr.read().decode()[-2000:]
     subprocess.run([sys.executable, str(scripts / "make_bias_variant.py"), str(root / "qwen2"),
                     str(root / "qwen2-bias")], check=True, capture_output=True)
     for name, digest in SHA256.items():
@@ -166,12 +168,13 @@ def test_the_cli_intervenes_on_each_family(family_catalog):
                        "QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY weight DESC, edge_id) <= 40)")[0][0]
     assert n_edges > 0
     for args in ([], ["--boost"], ["--mode", "global"]):
-        result = CliRunner().invoke(main, ["intervene", "--db", str(db), "--top-edges", 40, *args])
+        result = CliRunner().invoke(main, ["intervene", "--db", str(db), "--top-edges", "40", *args])
         assert result.exit_code == 0, result.output
     rows = _sql(db, """
         SELECT i.mode, i.boost, i.attn_before, f.attn_weight, i.logit_diff_before, p.logit_diff, i.other_logit_change
         FROM interventions i JOIN edges e USING (run_id, prompt_id, edge_id)
-        JOIN firings f USING (run_id, prompt_id, layer, head, dest_pos, src_pos) JOIN prompts p USING (run_id, prompt_id)""")
+        JOIN firings f USING (run_id, prompt_id, layer, head, dest_pos, src_pos)
+        JOIN prompts p USING (run_id, prompt_id)""")
     modes = [(r[0], r[1]) for r in rows]
     assert all(modes.count(m) == n_edges for m in (("local", False), ("local", True), ("global", False)))
     for _, _, before, stored, diff_before, prompt_diff, other in rows:
@@ -180,11 +183,11 @@ def test_the_cli_intervenes_on_each_family(family_catalog):
             assert diff_before == pytest.approx(prompt_diff, abs=1e-4)
         assert other == 0.0
     pairs = _sql(db, """
-        SELECT a.norm_ratio, a.cos_sim, b.norm_ratio, b.cos_sim, a.signal_norm, a.attn_after, b.attn_after, a.attn_before
+        SELECT a.norm_ratio, a.cos_sim, b.norm_ratio, b.cos_sim, a.signal_norm
         FROM interventions a JOIN interventions b USING (run_id, prompt_id, edge_id)
         WHERE a.mode = 'local' AND b.mode = 'local' AND NOT a.boost AND b.boost""")
     assert len(pairs) == n_edges
-    for nr_a, cos_a, nr_b, cos_b, sig, after_a, after_b, before in pairs:
+    for nr_a, cos_a, nr_b, cos_b, sig in pairs:
         assert cos_a * nr_a + cos_b * nr_b == pytest.approx(2.0, abs=1e-5)
         # |x| of an RMSNorm input is sqrt(d_model) (less eps), of a LayerNorm input sqrt(d_model) too
         assert nr_a ** 2 + nr_b ** 2 == pytest.approx(2.0 + 2.0 * sig ** 2 / 64.0, rel=1e-3)
@@ -210,3 +213,130 @@ def test_a_family_without_a_forward_pass_is_refused_before_the_model_is_loaded(f
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert lines[0].startswith("error: interventions do not replay gemma2 models yet"), result.output
+
+
+# -- random edges of every kind against the same edge alone, through the bridge's hooks -----------
+
+def _random_edges(family, n, seed):
+    from catalog.interventions.core import UP_KINDS
+
+    lm, end = family["lm"], family["end"]
+    rng = np.random.default_rng(seed)
+    cols = {k: [] for k in ("prompt", "layer", "head", "dest", "src", "query_side", "up_kind", "up_layer", "up_head",
+                            "up_src", "svs")}
+    for _ in range(n):
+        p = int(rng.integers(len(end)))
+        layer = int(rng.integers(1, lm.n_layers))
+        dest = int(rng.integers(1, int(end[p]) + 1))
+        src = int(rng.integers(0, dest + 1))
+        query = bool(rng.integers(2))
+        kind = int(rng.integers(len(UP_KINDS)))
+        pos = dest if query else src
+        up_layer = int(rng.integers(layer)) if kind in (0, 1, 2) else -1
+        for name, value in (("prompt", p), ("layer", layer), ("head", int(rng.integers(lm.n_heads))),
+                            ("dest", dest), ("src", src), ("query_side", query), ("up_kind", kind),
+                            ("up_layer", up_layer), ("up_head", int(rng.integers(lm.n_heads)) if kind == 0 else -1),
+                            ("up_src", int(rng.integers(pos + 1)) if kind == 0 and rng.integers(2) else -1),
+                            ("svs", list(rng.choice(lm.d_head, size=3, replace=False)))):
+            cols[name].append(value)
+    svs = torch.tensor(cols.pop("svs"))
+    return EdgeBatch(svs=svs, **{k: torch.tensor(v) for k, v in cols.items()})
+
+
+def _alone(family, edges, mode, boost, k):
+    """Edge k alone through the bridge: the signal built with numpy (QR of the directions; pinv for
+    the offsets; centred on LayerNorm models only), patched into hook_q / hook_k (before the
+    rotation; a key patch replaces the key head h // group) or added to hook_attn_out / hook_mlp_out /
+    hook_resid_pre. Returns (attention after, logits at the prompt's end, |sig|, norm_ratio, cos_sim)."""
+    from catalog.interventions.core import ATTN_BIAS, EMBED, MLP
+
+    lm, w, tokens = family["lm"], family["w"], family["tokens"]
+    bridge, group = lm.bridge, w.group
+    W_Q, b_Q, W_K, b_K, W_O = (t.double().numpy() for t in lm.attention_weights())
+    if "bridge_cache" not in family:
+        family["bridge_cache"] = bridge.run_with_cache(tokens)[1]
+    cache = family["bridge_cache"]
+    get = lambda name: cache[name].double().numpy()  # noqa: E731
+    p, layer, head = int(edges.prompt[k]), int(edges.layer[k]), int(edges.head[k])
+    dest, src, query = int(edges.dest[k]), int(edges.src[k]), bool(edges.query_side[k])
+    kind, up_layer, up_head, up_src = (int(edges.up_kind[k]), int(edges.up_layer[k]), int(edges.up_head[k]),
+                                       int(edges.up_src[k]))
+    t = dest if query else src
+    if kind == HEAD and up_src >= 0:
+        y = get(f"blocks.{up_layer}.attn.hook_pattern")[p, up_head, t, up_src] * \
+            get(f"blocks.{up_layer}.attn.hook_v")[p, up_src, up_head // group] @ W_O[up_layer, up_head]
+    elif kind == HEAD:
+        y = get(f"blocks.{up_layer}.attn.hook_z")[p, t, up_head] @ W_O[up_layer, up_head]
+    elif kind == MLP:
+        y = get(f"blocks.{up_layer}.hook_mlp_out")[p, t]
+    elif kind == ATTN_BIAS:
+        y = w.b_O[up_layer].double().numpy()
+    elif kind == EMBED:
+        y = get("blocks.0.hook_resid_pre")[p, t]
+    else:
+        W, b = (W_Q, b_Q) if query else (W_K, b_K)
+        y = b[layer, head] @ np.linalg.pinv(W[layer, head])
+    directions = family["directions"]
+    basis = (directions.U if query else directions.V)[layer, head][:, edges.svs[k]].double().numpy()
+    Q, _ = np.linalg.qr(basis)
+    sig = Q @ (Q.T @ y)
+    if family["name"] == "neox":
+        sig -= sig.mean()
+    sign = 1.0 if boost else -1.0
+    if mode == "local":
+        sig = sig / get(f"blocks.{layer}.ln1.hook_scale")[p, t, 0]
+        before = get(f"blocks.{layer}.ln1.hook_normalized")[p, t]
+        after = before + sign * sig
+        W, b, name, slot = (W_Q, b_Q, "q", head) if query else (W_K, b_K, "k", head // group)
+        new = torch.tensor(after @ W[layer, head] + b[layer, head], dtype=torch.float32)
+        hook = f"blocks.{layer}.attn.hook_{name}"
+
+        def change(value, hook):
+            value = value.clone()
+            value[p, t, slot] = new
+            return value
+    else:
+        hook = {HEAD: f"blocks.{up_layer}.hook_attn_out", ATTN_BIAS: f"blocks.{up_layer}.hook_attn_out",
+                MLP: f"blocks.{up_layer}.hook_mlp_out", EMBED: "blocks.0.hook_resid_pre"}[kind]
+        before = get(hook)[p, t]
+        after = before + sign * sig
+        delta = torch.tensor(sign * sig, dtype=torch.float32)
+
+        def change(value, hook):
+            value = value.clone()
+            value[p, t] += delta
+            return value
+    patterns = {}
+
+    def keep(value, hook):
+        patterns["pattern"] = value.detach().clone()
+    logits = bridge.run_with_hooks(tokens, fwd_hooks=[(hook, change), (f"blocks.{layer}.attn.hook_pattern", keep)])
+    return (float(patterns["pattern"][p, head, dest, src]), logits[p, int(family["end"][p])].double(),
+            float(np.linalg.norm(sig)), float(np.linalg.norm(after) / np.linalg.norm(before)),
+            float(after @ before / np.linalg.norm(after) / np.linalg.norm(before)))
+
+
+@pytest.mark.parametrize("mode", ["local", "global"])
+def test_random_edges_equal_the_same_edge_alone_through_the_bridges_hooks(family, mode):
+    """Every kind of component on both sides (head slices, whole heads, MLPs, the attention bias, the
+    embedding, offsets in local mode), local ablate and global boost, batched on both prompts, against
+    each edge alone: downstream
+    attention, logits at the end token (so also the logit difference), |sig|, norm_ratio, cos_sim."""
+    from catalog.interventions.core import OFFSET
+
+    edges = _random_edges(family, n=10, seed=7)
+    if mode == "global":
+        edges = edges.take(torch.nonzero(edges.up_kind != OFFSET).flatten())
+    prompts = family["meta"]["prompts"]
+    for boost in [mode == "global"]:  # local ablate and global boost (both directions, at half the cost)
+        result = intervene(family["w"], family["clean"], edges, family["directions"], mode, boost,
+                           answer=[q["io_token_id"] for q in prompts], wrong=[q["s_token_id"] for q in prompts])
+        for k in range(len(edges)):
+            attn, logits, norm, ratio, cos = _alone(family, edges, mode, boost, k)
+            p = int(edges.prompt[k])
+            diff = float(logits[prompts[p]["io_token_id"]] - logits[prompts[p]["s_token_id"]])
+            assert float(result.attn_after[k]) == pytest.approx(attn, abs=2e-5), k
+            assert float(result.logit_diff_after[k]) == pytest.approx(diff, abs=1e-4), k
+            assert float(result.signal_norm[k]) == pytest.approx(norm, rel=1e-4, abs=1e-6), k
+            assert float(result.norm_ratio[k]) == pytest.approx(ratio, abs=1e-5), k
+            assert float(result.cos_sim[k]) == pytest.approx(cos, abs=1e-5), k

@@ -87,8 +87,8 @@ class EdgeBatch(TensorColumns):
             U, V = directions.U[self.layer, self.head], directions.V[self.layer, self.head]
         else:  # the form of the firing's offset
             offset, known = self.dest - self.src, directions.form_index.shape[2]
-            form = torch.where(offset < known, directions.form_index[self.layer, self.head, offset.clamp(max=known - 1)],
-                               -1)
+            form = directions.form_index[self.layer, self.head, offset.clamp(max=known - 1)]
+            form = torch.where(offset < known, form, -1)
             if bool((form < 0).any()):
                 raise ValueError("an edge names a (head, offset) form that the directions do not hold")
             U, V = directions.U[form], directions.V[form]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from catalog.interventions.blocks import (  # noqa: F401  (ModelWeights, unembed: this module's API too)
-    ModelWeights, attend, embed, linear, ln_scale, mlp, normalize, qkv, rotate, unembed,
+    ModelWeights, attend, embed, linear, ln_scale, mlp, normalize, qkv, unembed,
 )
 
 
