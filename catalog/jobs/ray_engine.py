@@ -74,7 +74,7 @@ class BatchWorker:
         scripts/bench_ingest.py reports: analysis, transfer, the writer)."""
         began = time.time()
         rows = self.analyse(range(first, stop))
-        return rows, {"began": began, "ended": time.time(),
+        return rows, {"began": began, "ended": time.time(), "pid": os.getpid(),
                       "bytes": sum(t.nbytes for t in rows.values() if t is not None)}
 
     def pid(self) -> int:
@@ -92,6 +92,7 @@ class RayEngine:
         self.analysis = analysis
         # Per batch received: its worker's timings and size, and when the driver had it ("received").
         self.timings: list[dict] = []
+        self.workers: list = []  # the run's actors (handles), once started
 
     def analysed(self, job, chosen, context):
         """Start the workers for this run (they load the model while the driver goes on) and
@@ -110,8 +111,8 @@ class RayEngine:
                                 max_task_retries=WORKER_RESTARTS)(BatchWorker)
             spec = {"model": job.model, "model_path": str(job.model_path) if job.model_path else None,
                     "device": job.device, "dtype": job.dtype}
-            workers = [worker.remote(spec, self.analysis or chosen.analysis, [shared])
-                       for _ in range(self.settings.workers)]
+            workers = self.workers = [worker.remote(spec, self.analysis or chosen.analysis, [shared])
+                                      for _ in range(self.settings.workers)]
         except BaseException:
             if started_here:
                 ray.shutdown()
