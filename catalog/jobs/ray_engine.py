@@ -83,7 +83,7 @@ class RunData:
     """One Ray actor holding the run's shared data for the workers. Workers get it from here, not
     as a constructor argument: Ray does not promise a restarted actor the objects its constructor
     was given, and this actor lives as long as the driver's handle. (Ray 2.60 still logs, once per
-    worker, that the constructor has an argument in the object store: the handle itself.)"""
+    worker, a note that the constructor has arguments in the object store.)"""
 
     def __init__(self, data: dict):
         self.data = data
