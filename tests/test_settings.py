@@ -65,7 +65,10 @@ def test_every_cli_option_has_its_settings_default():
     from catalog.cli.ingest import ingest
     from catalog.cli.intervene import intervene
 
-    for command, classes in ((ingest, [IngestSettings, SadSettings, AccppSettings]), (intervene, [InterveneSettings])):
+    from catalog.jobs.settings import EngineSettings
+
+    for command, classes in ((ingest, [IngestSettings, SadSettings, AccppSettings, EngineSettings]),
+                             (intervene, [InterveneSettings])):
         resolved = command.make_context(command.name, ["--db", "unused.duckdb"]).params
         fields = {f.name: f for cls in classes for f in fields_of(cls)}
         options = {p.name: p for p in command.params if p.name not in ("db_path", "server")}

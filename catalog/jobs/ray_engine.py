@@ -43,18 +43,16 @@ def import_ray():
 class BatchWorker:
     """One Ray actor: the model loaded once, the run's batch analysis ready for any batch.
 
-    `shared` holds what every worker needs of the run: the prompts, the method's settings and the
+    `run_data` (a RunData actor) holds what every worker needs of the run: the prompts, the method's settings and the
     stored form the method reads (the driver has stored it; workers never open the catalog)."""
 
-    def __init__(self, job: dict, analysis: str, shared_ref: list):
+    def __init__(self, job: dict, analysis: str, run_data):
         import ray
 
         from catalog.methods.context import AnalysisContext
         from catalog.models.loading import load_model
 
-        # Passed inside a list, the reference is not an argument Ray resolves (and pins for
-        # restarts): the driver keeps it alive for the run, and a restarted worker reads it again.
-        shared = ray.get(shared_ref[0])
+        shared = ray.get(run_data.get.remote())  # a restarted worker asks again
         self.model = load_model(job["model"], job["model_path"], device=job["device"], dtype=job["dtype"])
         if self.model.weights_digest() != shared["weights_digest"]:
             raise CatalogError(f"the worker on {os.uname().nodename} loaded other weights than the driver "
@@ -74,11 +72,24 @@ class BatchWorker:
         scripts/bench_ingest.py reports: analysis, transfer, the writer)."""
         began = time.time()
         rows = self.analyse(range(first, stop))
-        return rows, {"began": began, "ended": time.time(),
+        return rows, {"began": began, "ended": time.time(), "pid": os.getpid(),
                       "bytes": sum(t.nbytes for t in rows.values() if t is not None)}
 
     def pid(self) -> int:
         return os.getpid()
+
+
+class RunData:
+    """One Ray actor holding the run's shared data for the workers. Workers get it from here, not
+    as a constructor argument: Ray does not promise a restarted actor the objects its constructor
+    was given, and this actor lives as long as the driver's handle. (Ray 2.60 still logs, once per
+    worker, a note that the constructor has arguments in the object store.)"""
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    def get(self) -> dict:
+        return self.data
 
 
 class RayEngine:
@@ -92,6 +103,7 @@ class RayEngine:
         self.analysis = analysis
         # Per batch received: its worker's timings and size, and when the driver had it ("received").
         self.timings: list[dict] = []
+        self.workers: list = []  # the run's actors (handles), once started
 
     def analysed(self, job, chosen, context):
         """Start the workers for this run (they load the model while the driver goes on) and
@@ -100,7 +112,8 @@ class RayEngine:
         started_here = _connect(ray, self.settings)
         try:
             context.say(f"starting {self.settings.workers} Ray worker(s), each loading {job.model_path or job.model} ...")
-            shared = ray.put({
+            holder = ray.remote(num_cpus=0, max_restarts=0)(RunData)
+            run_data = holder.remote({
                 "items": context.items, "token_lists": context.token_lists, "end_pos": context.end_pos,
                 "answers": context.answers, "wrongs": context.wrongs, "settings": context.settings,
                 "forms": {chosen.form: context.stored_form(chosen.form)},
@@ -110,13 +123,13 @@ class RayEngine:
                                 max_task_retries=WORKER_RESTARTS)(BatchWorker)
             spec = {"model": job.model, "model_path": str(job.model_path) if job.model_path else None,
                     "device": job.device, "dtype": job.dtype}
-            workers = [worker.remote(spec, self.analysis or chosen.analysis, [shared])
-                       for _ in range(self.settings.workers)]
+            workers = self.workers = [worker.remote(spec, self.analysis or chosen.analysis, run_data)
+                                      for _ in range(self.settings.workers)]
         except BaseException:
             if started_here:
                 ray.shutdown()
             raise
-        return lambda pending: _Results(ray, workers, pending, started_here, shared, self.timings)
+        return lambda pending: _Results(ray, workers, run_data, pending, started_here, self.timings)
 
 
 def _connect(ray, settings: EngineSettings) -> bool:
@@ -140,12 +153,12 @@ def _connect(ray, settings: EngineSettings) -> bool:
 
 class _Results:
     """The workers' results in the order they finish, each worker kept IN_FLIGHT_PER_WORKER
-    batches deep. close() (the loop ended, failed or was interrupted) cancels what is still
-    running, ends the workers and, if this ingest started Ray, the local cluster."""
+    batches deep. close() (the loop ended, failed or was interrupted) ends the workers, and the
+    batches they are running with them, and, if this ingest started Ray, the local cluster."""
 
-    def __init__(self, ray, workers, pending, started_here: bool, shared, timings: list):
-        self.ray, self.workers, self.started_here, self.timings = ray, workers, started_here, timings
-        self.shared = shared  # the run's prompts and forms, kept in the object store while workers may restart
+    def __init__(self, ray, workers, run_data, pending, started_here: bool, timings: list):
+        self.ray, self.started_here, self.timings = ray, started_here, timings
+        self.actors = [*workers, run_data]
         self.waiting = deque(pending)
         self.running: dict = {}  # ObjectRef -> (batch, prompt ids, worker)
         self.closed = False
@@ -183,8 +196,8 @@ class _Results:
             return
         self.closed = True
         ray = self.ray
-        for worker in self.workers:  # its running batch ends with it (Ray cannot force-cancel an actor's task)
-            ray.kill(worker, no_restart=True)
+        for actor in self.actors:  # a running batch ends with its worker (Ray cannot force-cancel an actor's task)
+            ray.kill(actor, no_restart=True)
         if self.started_here:
             ray.shutdown()
 
