@@ -10,6 +10,9 @@ from pathlib import Path
 
 import click
 
+from catalog.cli.output import format_option
+from catalog.formats.table import render
+
 _DB = click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
                    help="The catalog file (DuckDB).")
 _RUN = click.option("--run", "run_id", type=int, default=None, help="Run id (default: the latest finished run).")
@@ -103,6 +106,39 @@ def features(db_path, run_id, sae_dirs, model, model_path, device, batch_size):
                f"dictionaries {dictionaries}{note}, {summary['wall_s']:.1f} s -> {summary['db']}")
 
 
+@click.command("feature")
+@_DB
+@click.argument("name", metavar="DICTIONARY:FEATURE")
+@_RUN
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Keep the first N rows.")
+@format_option()
+def feature(db_path, name, run_id, top, fmt):
+    """Every edge of a run that one SAE feature carries (d1:f17, or 1:17).
+
+    One row per downstream head, side, upstream head and token role: the prompts and edges, the
+    feature's mean activation there, its part of their weight and its share, largest part first.
+
+    Example: circuit-catalog feature --db ioi.duckdb d1:f17
+    """
+    from catalog.errors import CatalogError
+    from catalog.read.features import feature_edges
+    from catalog.read.query import resolve_run, result_notes
+    from catalog.store import open_readonly
+
+    parts = name.lower().replace("d", "", 1).replace("f", "", 1).split(":")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise CatalogError(f"'{name}' is not a feature name: give DICTIONARY:FEATURE, e.g. d1:f17")
+    con = open_readonly(db_path)
+    try:
+        run = resolve_run(con, run_id)
+        table = feature_edges(con, run, int(parts[0]), int(parts[1]), top)
+    finally:
+        con.close()
+    for note in result_notes(table):
+        click.echo(f"note: {note}", err=True)
+    click.echo(render(table, fmt))
+
+
 def _progress(message: str) -> None:
     click.echo(f"\r{message}", nl=False, err=True)
     _progress.shown = True
@@ -110,4 +146,4 @@ def _progress(message: str) -> None:
 
 _progress.shown = False
 
-COMMANDS = [train_sae, features]
+COMMANDS = [train_sae, features, feature]
