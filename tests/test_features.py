@@ -59,6 +59,15 @@ def by_hand(tmp_path_factory):
     return out, weights
 
 
+@pytest.fixture(scope="module")
+def featured(features_db, trained, by_hand, tiny_model):
+    """The latest run's head edges split by the trained SAE (layer 1) and the hand-written one (layer 0)."""
+    result = invoke("features", "--db", features_db, "--sae", trained[0], "--sae", by_hand[0],
+                    "--model-path", tiny_model.name)
+    assert result.exit_code == 0, result.output
+    return features_db
+
+
 def _z(tiny_model, db, layer):
     """hook_z of every prompt of the latest run: {prompt_id: [pos, n_heads * d_head]} (a plain forward pass)."""
     rows = fetch_dicts(db, "SELECT prompt_id, list(token_id ORDER BY pos) AS ids FROM tokens WHERE run_id = ? "
@@ -117,12 +126,10 @@ def test_jumprelu_training_writes_thresholds(features_db, tiny_model, tmp_path):
         "Mary.", "A quiet river runs under the old bridge."])
 
 
-def test_edge_parts_add_up_to_the_stored_weights(features_db, trained, by_hand, tiny_model):
+def test_edge_parts_add_up_to_the_stored_weights(featured):
     """Every head edge from layers 0 and 1 is split; its parts add up to edges.weight (and, per
     singular direction, to edge_svs.weight) as the ingest stored them, to 1e-5 relative."""
-    result = invoke("features", "--db", features_db, "--sae", trained[0], "--sae", by_hand[0],
-                    "--model-path", tiny_model.name)
-    assert result.exit_code == 0, result.output
+    features_db = featured
     edges = fetch_dicts(features_db, """
         SELECT e.prompt_id, e.edge_id, e.weight, e.up_layer,
                (SELECT list(s.weight ORDER BY s.rank) FROM edge_svs s WHERE s.run_id = e.run_id
@@ -145,10 +152,11 @@ def test_edge_parts_add_up_to_the_stored_weights(features_db, trained, by_hand, 
             assert r["weight"] == pytest.approx(sum(r["sv_weights"]), rel=1e-9, abs=1e-12)
 
 
-def test_feature_rows_are_the_sae_activations_at_the_edge_token(features_db, by_hand, tiny_model):
+def test_feature_rows_are_the_sae_activations_at_the_edge_token(featured, by_hand, tiny_model):
     """The hand-written JumpReLU SAE's features at each layer-0 edge's token, recomputed in numpy:
     the stored rows are exactly the active ones, with their activations."""
     _, weights = by_hand
+    features_db = featured
     z = _z(tiny_model, features_db, 0)
     dictionary = fetch_dicts(features_db, "SELECT dictionary_id FROM dictionaries WHERE layer = 0 AND d_sae = 48")
     rows = fetch_dicts(features_db, """
@@ -165,7 +173,7 @@ def test_feature_rows_are_the_sae_activations_at_the_edge_token(features_db, by_
         assert np.allclose(row["activations"] or [], pre[active], rtol=1e-4, atol=1e-5)
 
 
-def test_features_again_stores_nothing_twice(features_db, trained, tiny_model):
+def test_features_again_stores_nothing_twice(featured, features_db, trained, tiny_model):
     before = fetch_dicts(features_db, "SELECT count(*) AS n FROM edge_features")[0]["n"]
     result = invoke("features", "--db", features_db, "--sae", trained[0], "--model-path", tiny_model.name)
     assert result.exit_code == 0 and "already stored" in result.output, result.output
@@ -182,3 +190,70 @@ def test_bad_sae_directories_are_one_error_line(features_db, by_hand, tmp_path):
     (wrong / "cfg.json").write_text(json.dumps(dict(cfg, d_in=32)))
     assert_one_line_error(invoke("features", "--db", features_db, "--sae", wrong))
     assert_one_line_error(invoke("train-sae", "--db", features_db, "--layer", 7, "--out", tmp_path / "x"))
+
+
+def _parts_by_group(db, where: str, group: str) -> dict:
+    """{group value: (edge weight total, {(dictionary, feature): part total}, error total)}, by plain
+    Python over the stored rows (the read side's answers, recomputed)."""
+    edges = fetch_dicts(db, f"""
+        SELECT e.prompt_id, e.edge_id, e.weight, {group} AS grp FROM edges e
+        LEFT JOIN tokens t ON t.run_id = e.run_id AND t.prompt_id = e.prompt_id
+             AND t.pos = CASE WHEN e.side = 'query' THEN e.dest_pos ELSE e.src_pos END
+        WHERE e.run_id = ? AND e.up_kind = 'head' AND {where}""", [LATEST_RUN])
+    parts = fetch_dicts(db, "SELECT * FROM edge_features WHERE run_id = ?", [LATEST_RUN])
+    of_edge = {}
+    for row in parts:
+        of_edge.setdefault((row["prompt_id"], row["edge_id"]), []).append(row)
+    found = {}
+    for edge in edges:
+        rows = of_edge.get((edge["prompt_id"], edge["edge_id"]))
+        if not rows:
+            continue
+        total, features, error = found.get(edge["grp"], (0.0, {}, 0.0))
+        for row in rows:
+            if row["part"] == "feature":
+                key = (row["dictionary_id"], row["feature"])
+                features[key] = features.get(key, 0.0) + row["weight"]
+            elif row["part"] == "error":
+                error += row["weight"]
+        found[edge["grp"]] = (total + edge["weight"], features, error)
+    return found
+
+
+def test_edges_features_lists_the_top_shares(featured):
+    head = fetch_dicts(featured, "SELECT layer || '.' || head AS h, count(*) AS n FROM edges WHERE run_id = ? "
+                                 "AND up_layer = 1 GROUP BY ALL ORDER BY n DESC LIMIT 1", [LATEST_RUN])[0]["h"]
+    layer, index = map(int, head.split("."))
+    result = invoke("edges", "--db", featured, "--into", head, "--features", 2, "--format", "json")
+    assert result.exit_code == 0, result.output
+    expected = _parts_by_group(featured, f"e.layer = {layer} AND e.head = {index}",
+                               "'L' || e.up_layer || 'H' || e.up_head || e.side")
+    shown = json.loads(result.stdout)
+    assert {r["upstream"] + r["side"] for r in shown if r["top_features"]} == set(expected)
+    for row in shown:
+        if row["upstream"] + row["side"] not in expected:
+            assert row["top_features"] is None
+            continue
+        total, features, error = expected[row["upstream"] + row["side"]]
+        ranked = sorted(features.items(), key=lambda item: (-item[1], item[0]))[:2]
+        assert [(f["dictionary"], f["feature"]) for f in row["top_features"]] == [key for key, _ in ranked]
+        assert [f["share"] for f in row["top_features"]] == pytest.approx([w / total for _, w in ranked], rel=1e-5)
+        assert row["error_share"] == pytest.approx(error / total, rel=1e-4, abs=1e-7)
+
+
+def test_head_features_and_feature_pages(featured):
+    head = fetch_dicts(featured, "SELECT layer || '.' || head AS h, count(*) AS n FROM edges WHERE run_id = ? "
+                                 "AND up_layer = 1 GROUP BY ALL ORDER BY n DESC LIMIT 1", [LATEST_RUN])[0]["h"]
+    result = invoke("head", "--db", featured, head, "--features", "--top", 3, "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["features"]
+    assert len(rows) == 3 and rows[0]["total_weight"] >= rows[1]["total_weight"] >= rows[2]["total_weight"]
+    top = rows[0]
+    result = invoke("feature", "--db", featured, f"d{top['dictionary']}:f{top['feature']}", "--format", "json")
+    assert result.exit_code == 0, result.output
+    stored = fetch_dicts(featured, "SELECT sum(weight) AS w, count(*) AS n FROM edge_features WHERE run_id = ? AND "
+                                   "dictionary_id = ? AND feature = ?", [LATEST_RUN, top["dictionary"], top["feature"]])
+    pages = json.loads(result.stdout)
+    assert sum(r["n_edges"] for r in pages) == stored[0]["n"]
+    assert sum(r["feature_weight"] for r in pages) == pytest.approx(stored[0]["w"], rel=1e-6)
+    assert_one_line_error(invoke("feature", "--db", featured, "seventeen"))
