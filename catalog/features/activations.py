@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 
 from catalog.features.sae import AttentionSae
-from catalog.methods.shared.tensors import pad_tokens
+
+
+def pad_tokens(token_lists: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Right-padded [batch, pos] ids; attention is causal, so padding changes no real position."""
+    tokens = torch.full((len(token_lists), max(map(len, token_lists))), pad_id, dtype=torch.long)
+    for row, ids in enumerate(token_lists):
+        tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return tokens
 
 
 def _batches(token_lists: list[list[int]], batch_size: int):
