@@ -284,39 +284,35 @@ def _batch_rows(cat, run, lm, sae, dictionary_id: int, batch: list[int]):
     W_O = lm.attention_weights()[4][sae.layer].float().to(device)
     parts = split_edges(sae, z, torch.as_tensor(first["up_head"].astype(np.int64), device=device), W_O,
                         torch.as_tensor(directions, device=device), scale, bool(run["append_constant"]))
-    in_edge = np.arange(n_ranks)[None, :] < np.diff(np.r_[starts, len(key)])[:, None]  # [edge, R] real ranks
-    columns = {name: [] for name in ("prompt_id", "edge_id", "part", "feature", "activation", "weight", "sv_weights")}
+    n_of_edge = np.diff(np.r_[starts, len(key)])
+    in_edge = np.arange(n_ranks)[None, :] < n_of_edge[:, None]  # [edge, R]: the edge's own ranks
+    pieces = []
 
-    def add(edge_index, part, feature, activation, per_rank):
-        per_rank = per_rank.cpu().numpy()
-        for e, f, a, ranks in zip(edge_index, feature, activation, per_rank):
-            columns["prompt_id"].append(int(first["prompt_id"][e]))
-            columns["edge_id"].append(int(first["edge_id"][e]))
-            columns["part"].append(part)
-            columns["feature"].append(f)
-            columns["activation"].append(a)
-            kept = ranks[in_edge[e]]
-            columns["weight"].append(float(kept.sum()))
-            columns["sv_weights"].append(kept.tolist())
+    def piece(edge_index, part, feature, activation, per_rank):
+        """Rows of one part for some edges; per_rank [rows, R] keeps each edge's own ranks."""
+        per_rank = per_rank.cpu().numpy() * in_edge[edge_index]
+        offsets = np.r_[0, np.cumsum(n_of_edge[edge_index])].astype(np.int32)
+        pieces.append(pa.table({
+            "prompt_id": pa.array(first["prompt_id"][edge_index], pa.int32()),
+            "edge_id": pa.array(first["edge_id"][edge_index], pa.int32()),
+            "dictionary_id": pa.array(np.full(len(edge_index), dictionary_id), pa.int32()),
+            "part": pa.array([part] * len(edge_index), pa.string()),
+            "feature": pa.array(feature, pa.int32()), "activation": pa.array(activation, pa.float32()),
+            "weight": pa.array(per_rank.sum(axis=1), pa.float64()),
+            "sv_weights": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                                   pa.array(per_rank[in_edge[edge_index]], pa.float64())),
+        }))
 
-    edge_index = np.arange(n_edges)
+    every_edge, nothing = np.arange(n_edges), [None] * n_edges
     feature = parts.feature.cpu().numpy()
-    activation = parts.activation.cpu().numpy()
     e_idx, a_idx = np.nonzero(feature >= 0)
-    add(e_idx, "feature", feature[e_idx, a_idx].tolist(), activation[e_idx, a_idx].tolist(),
-        parts.feature_part[torch.as_tensor(e_idx, device=device), torch.as_tensor(a_idx, device=device)])
-    for part, values in (("decoder_bias", parts.bias_part), ("error", parts.error_part)):
-        add(edge_index, part, [None] * n_edges, [None] * n_edges, values)
+    piece(e_idx, "feature", feature[e_idx, a_idx], parts.activation.cpu().numpy()[e_idx, a_idx],
+          parts.feature_part[torch.as_tensor(e_idx, device=device), torch.as_tensor(a_idx, device=device)])
+    piece(every_edge, "decoder_bias", nothing, nothing, parts.bias_part)
+    piece(every_edge, "error", nothing, nothing, parts.error_part)
     if run["append_constant"]:
-        add(edge_index, "constant", [None] * n_edges, [None] * n_edges, parts.constant_part)
-    table = pa.table({
-        "prompt_id": pa.array(columns["prompt_id"], pa.int32()), "edge_id": pa.array(columns["edge_id"], pa.int32()),
-        "dictionary_id": pa.array([dictionary_id] * len(columns["part"]), pa.int32()),
-        "part": pa.array(columns["part"], pa.string()), "feature": pa.array(columns["feature"], pa.int32()),
-        "activation": pa.array(columns["activation"], pa.float32()),
-        "weight": pa.array(columns["weight"], pa.float64()),
-        "sv_weights": pa.array(columns["sv_weights"], pa.list_(pa.float64())),
-    })
+        piece(every_edge, "constant", nothing, nothing, parts.constant_part)
+    table = pa.concat_tables(pieces)
     return n_edges, table
 
 
