@@ -106,6 +106,17 @@ def read_corpus(path: str | Path, tokenizer, n_ctx: int) -> list[list[int]]:
     return token_lists
 
 
+def register_digest(path: Path) -> str:
+    """sha256 of a weights file: a dictionary's identity."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def register(cat, model_id: int, sae, sae_dir: Path) -> int:
     """The dictionary's id, inserting its row the first time its weights are seen."""
     from catalog.features.sae import CFG_FILE, weights_digest
@@ -116,12 +127,17 @@ def register(cat, model_id: int, sae, sae_dir: Path) -> int:
     if found:
         return found[0][0]
     new_id = cat.con.execute("SELECT coalesce(max(dictionary_id), 0) + 1 FROM dictionaries").fetchall()[0][0]
-    cat.con.execute(
-        "INSERT INTO dictionaries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [new_id, model_id, KIND, sae.layer, sae.hook_name, sae.architecture, sae.d_in, sae.d_sae,
-         str(Path(sae_dir).resolve()), digest, json.dumps(sae.figures) if sae.figures else None,
-         (Path(sae_dir) / CFG_FILE).read_text(), datetime.now()])
+    insert_dictionary(cat, dict(
+        dictionary_id=new_id, model_id=model_id, kind=KIND, layer=sae.layer, head=None, hook_name=sae.hook_name,
+        architecture=sae.architecture, d_in=sae.d_in, d_sae=sae.d_sae, source=str(Path(sae_dir).resolve()),
+        weights_digest=digest, figures=json.dumps(sae.figures) if sae.figures else None,
+        config=(Path(sae_dir) / CFG_FILE).read_text(), created_at=datetime.now()))
     return new_id
+
+
+def insert_dictionary(cat, row: dict) -> None:
+    cat.con.execute(f"INSERT INTO dictionaries ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                    list(row.values()))
 
 
 def train_sae_job(db_path, layer: int, out_dir, *, corpus=None, run_id: int | None = None, settings=None,
@@ -195,23 +211,26 @@ ORDER BY e.prompt_id, e.edge_id, es.rank
 """
 
 
-def features_run(db_path, sae_dirs: list, *, run_id: int | None = None, model: str | None = None, model_path=None,
-                 device: str = "cpu", batch_size: int = 16, loaded_model=None, say=None) -> dict:
+def features_run(db_path, sae_dirs: list, *, qk_dirs: list = (), n_pairs: int = 10, run_id: int | None = None,
+                 model: str | None = None, model_path=None, device: str = "cpu", batch_size: int = 16,
+                 loaded_model=None, say=None) -> dict:
     """Split every `head` edge of a finished 2024-method run by the features of the SAEs given
-    (one per upstream layer at most) and store the parts in `edge_features`; return a summary."""
+    (one per upstream layer at most) and store the parts in `edge_features`; and every firing of
+    the heads of the QK transcoders given into feature pairs (`firing_feature_pairs`, both
+    methods). Return a summary."""
     from catalog.features.sae import load_sae
     from catalog.models.loading import resolve_device
     from catalog.store import Catalog
 
     device = resolve_device(device)
-    if not sae_dirs:
-        raise CatalogError("give at least one --sae DIR")
+    if not sae_dirs and not qk_dirs:
+        raise CatalogError("give at least one --sae DIR or --qk DIR")
     if not Path(db_path).is_file():
         raise CatalogError(f"no catalog at {db_path}")
     started = time.perf_counter()
     with Catalog(db_path) as cat:
         run = _open_run(cat, run_id)
-        if run["method"] != "sad":
+        if run["method"] != "sad" and sae_dirs:
             raise CatalogError(f"run {run['run_id']} is an ACC++ run: features split the 2024 method's edges only "
                                "so far (an ACC++ edge weight is a probability drop, not a sum over directions)")
         saes = {}
@@ -243,6 +262,11 @@ def features_run(db_path, sae_dirs: list, *, run_id: int | None = None, model: s
                 summary["edges"] += n_edges
                 if say is not None:
                     say(f"layer {layer}: {min(first + batch_size, len(todo))} of {len(todo)} prompts")
+        if qk_dirs:
+            from catalog.jobs.features_qk import store_qk_pairs
+
+            lm = lm or _load_model(run, model, model_path, device)
+            summary["qk"] = store_qk_pairs(cat, run, lm, list(qk_dirs), n_pairs, batch_size, say)
     summary["wall_s"] = time.perf_counter() - started
     return summary
 
