@@ -6,6 +6,7 @@ an SAE written by hand in SAELens's format is read; bad input is one error line.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -257,3 +258,38 @@ def test_head_features_and_feature_pages(featured):
     assert sum(r["n_edges"] for r in pages) == stored[0]["n"]
     assert sum(r["feature_weight"] for r in pages) == pytest.approx(stored[0]["w"], rel=1e-6)
     assert_one_line_error(invoke("feature", "--db", featured, "seventeen"))
+
+
+def test_qk_pairs_add_up_to_the_firing_scores(features_db, tiny_model, tmp_path):
+    """train-qk's transcoders of the busiest head; every firing's stored pairs, rest and error add
+    up to the score the ingest stored, and a kept pair's part is a_i b_j <D_i, E_j> recomputed in
+    numpy from the weights file."""
+    from catalog.jobs.features_qk import train_qk_job
+
+    from _catalog_fixture import busiest_heads
+
+    head = busiest_heads(features_db)[0]
+    layer, index = map(int, head.split("."))
+    trained = train_qk_job(features_db, head, tmp_path / "qk", expansion=2, k=3, steps=40, train_batch=256,
+                           loaded_model=tiny_model)["heads"][0]
+    assert 0 <= trained["pattern_kl"] and trained["l0_query"] <= 3 and trained["l0_key"] <= 3
+    result = invoke("features", "--db", features_db, "--qk", trained["out"], "--pairs", 4,
+                    "--model-path", tiny_model.name)
+    assert result.exit_code == 0, result.output
+    firings = fetch_dicts(features_db, """
+        SELECT f.prompt_id, f.dest_pos, f.src_pos, f.score, list(p.weight) AS parts, list(p.part) AS kinds
+        FROM firings f JOIN firing_feature_pairs p USING (run_id, prompt_id, layer, head, dest_pos, src_pos)
+        WHERE f.run_id = ? AND f.layer = ? AND f.head = ? GROUP BY ALL""", [LATEST_RUN, layer, index])
+    n_firings = fetch_dicts(features_db, "SELECT count(*) AS n FROM firings WHERE run_id = ? AND layer = ? AND head = ?",
+                            [LATEST_RUN, layer, index])[0]["n"]
+    assert len(firings) == n_firings > 0
+    for firing in firings:
+        assert sorted(firing["kinds"]).count("pair") <= 4 and {"rest", "error"} <= set(firing["kinds"])
+        magnitude = max(abs(firing["score"]), sum(abs(w) for w in firing["parts"]))
+        assert abs(sum(firing["parts"]) - firing["score"]) <= 1e-5 * magnitude
+    weights = load_file(str(Path(trained["out"]) / "qk_weights.safetensors"))
+    pair = fetch_dicts(features_db, """
+        SELECT * FROM firing_feature_pairs WHERE run_id = ? AND layer = ? AND head = ? AND part = 'pair'
+          AND query_feature IS NOT NULL AND key_feature IS NOT NULL LIMIT 1""", [LATEST_RUN, layer, index])[0]
+    inner = float(weights["q_W_dec"][pair["query_feature"]] @ weights["k_W_dec"][pair["key_feature"]])
+    assert pair["weight"] == pytest.approx(pair["query_activation"] * pair["key_activation"] * inner, rel=1e-4)
