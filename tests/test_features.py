@@ -293,3 +293,11 @@ def test_qk_pairs_add_up_to_the_firing_scores(features_db, tiny_model, tmp_path)
           AND query_feature IS NOT NULL AND key_feature IS NOT NULL LIMIT 1""", [LATEST_RUN, layer, index])[0]
     inner = float(weights["q_W_dec"][pair["query_feature"]] @ weights["k_W_dec"][pair["key_feature"]])
     assert pair["weight"] == pytest.approx(pair["query_activation"] * pair["key_activation"] * inner, rel=1e-4)
+    shown = invoke("head", "--db", features_db, head, "--features", "--format", "json")
+    assert shown.exit_code == 0, shown.output
+    top = json.loads(shown.stdout)["qk_pairs"][0]
+    same = fetch_dicts(features_db, """
+        SELECT sum(weight) AS w FROM firing_feature_pairs WHERE run_id = ? AND layer = ? AND head = ? AND part = 'pair'
+          AND query_feature IS NOT DISTINCT FROM ? AND key_feature IS NOT DISTINCT FROM ?""",
+                       [LATEST_RUN, layer, index, top["query_feature"], top["key_feature"]])[0]["w"]
+    assert top["total_weight"] == pytest.approx(same, rel=1e-9)

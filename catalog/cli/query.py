@@ -138,6 +138,7 @@ HEAD_TITLES = {
     "upstream": "Main upstream heads",
     "downstream": "Main downstream heads",
     "features": "SAE features carrying its upstream edges",
+    "qk_pairs": "QK feature pairs carrying its firings (query feature x key feature)",
 }
 
 
@@ -161,22 +162,23 @@ def head(db_path, head_name, run_id, top, effect, min_effect, effect_mode, with_
         run = query.resolve_run(con, run_id)
         tables = query.head_summary(con, head_name, run_id=run.run_id, top=top, effect=effect, min_effect=min_effect,
                                     effect_mode=effect_mode)
-        features = _head_features(con, run, head_name, top) if with_features else None
+        features, pairs = _head_features(con, run, head_name, top) if with_features else (None, None)
         if fmt == "json":  # one object: the head, its run and notes, then one list of rows per table
             document = query.head_document(con, head_name, run_id=run.run_id, top=top,
                                            rows_of=lambda table: json.loads(render(table, "json")), effect=effect,
                                            min_effect=min_effect, effect_mode=effect_mode)
             if features is not None:
                 document["features"] = json.loads(render(features, "json"))
+                document["qk_pairs"] = json.loads(render(pairs, "json"))
             _notes(document["run"], document["notes"])
             click.echo(json.dumps(document, indent=2))
             return
     layer, head_index = run.head(head_name)
     name = query.head_name(layer, head_index)
     if features is not None:
-        tables["features"] = features
+        tables.update(features=features, qk_pairs=pairs)
     _notes(query.result_run(tables["upstream"]), query.head_notes(run, name, tables)
-           + (query.result_notes(features) if features is not None else []))
+           + (query.result_notes(features) + query.result_notes(pairs) if features is not None else []))
     blocks = []
     for key, table in tables.items():
         title = f"{HEAD_TITLES[key]} ({name}, run {run.run_id})"
@@ -185,12 +187,12 @@ def head(db_path, head_name, run_id, top, effect, min_effect, effect_mode, with_
 
 
 def _head_features(con, run, head_text, top):
-    from catalog.read.features import has_features, head_features
+    from catalog.read.features import has_features, has_pairs, head_features, head_pairs
 
-    if not has_features(con, run):
-        raise CatalogError(f"run {run.run_id} has no edge features: store them with `circuit-catalog features "
-                           "--sae DIR` first (docs/features.md)")
-    return head_features(con, run, head_text, top)
+    if not has_features(con, run) and not has_pairs(con, run):
+        raise CatalogError(f"run {run.run_id} has no features: store them with `circuit-catalog features "
+                           "--sae DIR` (or --qk DIR) first (docs/features.md)")
+    return head_features(con, run, head_text, top), head_pairs(con, run, head_text, top)
 
 
 ANY_ROLE = "any"

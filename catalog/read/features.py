@@ -136,3 +136,39 @@ def feature_edges(con, run: Run, dictionary: int, feature: int, top: int | None 
     """, {"run": run.run_id, "dictionary": int(dictionary), "feature": int(feature)})
     notes = [] if table.num_rows else [f"feature d{dictionary}:f{feature} carries no stored edge of run {run.run_id}"]
     return with_notes(table, {}, notes)
+
+
+def has_pairs(con, run: Run) -> bool:
+    return has_table(con, "firing_feature_pairs") and bool(rows(
+        con, "SELECT count(*) FROM (SELECT 1 FROM firing_feature_pairs WHERE run_id = ? LIMIT 1)", [run.run_id])[0][0])
+
+
+def head_pairs(con, run: Run, head: str, top: int = 10) -> pa.Table:
+    """The query/key feature pairs that carry the head's firings (`features --qk`): one row per
+    (dictionary, query feature, key feature) among the pairs kept, with the firings it is kept for,
+    its mean part of the score and its share of those firings' summed score; the bias of a side
+    is shown as `bias`."""
+    layer, head_index = run.head(head)
+    table = fetch(con, """
+        WITH firing_totals AS (
+            SELECT sum(f.score) AS total FROM firings f
+            WHERE f.run_id = $run AND f.layer = $layer AND f.head = $head
+              AND (f.prompt_id, f.dest_pos, f.src_pos) IN (
+                  SELECT prompt_id, dest_pos, src_pos FROM firing_feature_pairs
+                  WHERE run_id = $run AND layer = $layer AND head = $head)
+        )
+        SELECT 'd' || dictionary_id || ':' || coalesce('f' || query_feature, 'bias') || ' x '
+                   || coalesce('f' || key_feature, 'bias') AS pair,
+               dictionary_id AS dictionary, query_feature, key_feature, count(*) AS n_firings,
+               avg(weight) AS mean_weight, sum(weight) AS total_weight,
+               CAST(sum(weight) / nullif(any_value(t.total), 0) AS FLOAT) AS share
+        FROM firing_feature_pairs, firing_totals t
+        WHERE run_id = $run AND layer = $layer AND head = $head AND part = 'pair'
+        GROUP BY ALL
+        ORDER BY total_weight DESC, dictionary, query_feature NULLS FIRST, key_feature NULLS FIRST
+        LIMIT $top
+    """, {"run": run.run_id, "layer": layer, "head": head_index, "top": int(top)})
+    notes = [] if table.num_rows else [
+        f"no firing of {head_name(layer, head_index)} is split into QK feature pairs in run {run.run_id}: run "
+        "`circuit-catalog features --qk DIR` with its transcoders (train-qk)"]
+    return with_notes(table, {}, notes)
