@@ -82,8 +82,8 @@ def effect_options(command):
               help="ACC++ runs: only upstream components of these kinds (head, mlp, attn_bias, embed, offset).")
 @effect_options
 @click.option("--features", "n_features", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Add the N SAE features that carry most of each row's edges (top_features, error_share; "
-                   "stored by `circuit-catalog features`, docs/features.md).")
+              help="Add the N SAE features that carry most of each row's edges, and the share the SAE does not "
+                   "reconstruct (stored by `circuit-catalog features`, docs/features.md).")
 @format_option()
 def edges(db_path, into_head, from_head, side, role, dest_role, src_role, run_id, top, kinds, effect, min_effect, effect_mode,
           n_features, fmt):
