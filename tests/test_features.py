@@ -301,3 +301,27 @@ def test_qk_pairs_add_up_to_the_firing_scores(features_db, tiny_model, tmp_path)
           AND query_feature IS NOT DISTINCT FROM ? AND key_feature IS NOT DISTINCT FROM ?""",
                        [LATEST_RUN, layer, index, top["query_feature"], top["key_feature"]])[0]["w"]
     assert top["total_weight"] == pytest.approx(same, rel=1e-9)
+    # Through the singular directions: each kept pair's parts add up to its weight, and the same
+    # maps turn the head's true q and k into the firing's stored contributions c_s (firing_svs).
+    for row in fetch_dicts(features_db, "SELECT weight, sv_parts FROM firing_feature_pairs WHERE run_id = ? AND "
+                                        "layer = ? AND head = ? AND part = 'pair'", [LATEST_RUN, layer, index]):
+        assert sum(row["sv_parts"]) == pytest.approx(row["weight"], rel=1e-4, abs=1e-6)
+    from catalog.features.qk import direction_maps
+
+    svs = fetch_dicts(features_db, "SELECT sigma, u, v FROM singular_vectors WHERE form = 'augmented' AND layer = ? "
+                                   "AND head = ? ORDER BY sv", [layer, index])
+    W_Q, b_Q, W_K, b_K, _ = tiny_model.attention_weights()
+    to_q, to_k = direction_maps(torch.tensor([r["u"] for r in svs]), torch.tensor([r["sigma"] for r in svs]),
+                                torch.tensor([r["v"] for r in svs]), torch.cat([W_Q[layer, index], b_Q[layer, index][None]]),
+                                torch.cat([W_K[layer, index], b_K[layer, index][None]]))
+    signal = fetch_dicts(features_db, """
+        SELECT s.prompt_id, s.dest_pos, s.src_pos, s.sv, s.contribution,
+               (SELECT list(token_id ORDER BY pos) FROM tokens t WHERE t.run_id = s.run_id AND t.prompt_id = s.prompt_id) AS ids
+        FROM firing_svs s WHERE s.run_id = ? AND s.layer = ? AND s.head = ? AND s.rank = 0 LIMIT 3""",
+                         [LATEST_RUN, layer, index])
+    for row in signal:
+        cache = tiny_model.run(torch.tensor([row["ids"]]), (f"blocks.{layer}.attn.hook_q", f"blocks.{layer}.attn.hook_k"))
+        alpha = cache[f"blocks.{layer}.attn.hook_q"][0, row["dest_pos"], index].double() @ to_q
+        beta = cache[f"blocks.{layer}.attn.hook_k"][0, row["src_pos"], index].double() @ to_k
+        expected = svs[row["sv"]]["sigma"] * float(alpha[row["sv"]] * beta[row["sv"]])
+        assert expected == pytest.approx(row["contribution"], rel=1e-3, abs=1e-4 * abs(row["contribution"]) + 1e-5)

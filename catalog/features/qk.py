@@ -136,10 +136,31 @@ class FiringPairs:
     key_activation: torch.Tensor
     weight: torch.Tensor         # [firing, P] the pair's part of the score (float64)
     error: torch.Tensor          # [firing] q . k - q^ . k^
+    # With the head's singular directions: each side's active rows (times activation) in the
+    # coordinates of the directions, [firing, k + 1, K], so that a pair (i, j) = P index
+    # i * (k + 1) + j has part sigma_s alpha[i, s] beta[j, s] through direction s.
+    alpha: torch.Tensor | None = None
+    beta: torch.Tensor | None = None
+
+
+def direction_maps(U: torch.Tensor, sigma: torch.Tensor, V: torch.Tensor, W_Q: torch.Tensor,
+                   W_K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps from query space and key space (d_head) to the coordinates of the head's singular
+    directions, [d_head, K] each (float64).
+
+    The form W_Q W_K^T = U S V^T (W_Q, W_K as the form has them: [D, d_head], bias-augmented for
+    the 2024 method) gives W_Q = U S^1/2 M and W_K = V S^1/2 N with M N^T = I, so a query q = x W_Q
+    has x . u_s = (q M^-1 S^-1/2)_s, a key likewise with N, and q . k = sum_s sigma_s (x . u_s)(v_s . x').
+    U, V: [K, D] (rows u_s, v_s), sigma [K]."""
+    U, V, sigma = U.double(), V.double(), sigma.double()
+    root = sigma.clamp_min(1e-30).sqrt()
+    M = (U @ W_Q.double()) / root.unsqueeze(1)
+    N = (V @ W_K.double()) / root.unsqueeze(1)
+    return torch.linalg.inv(M) / root.unsqueeze(0), torch.linalg.inv(N) / root.unsqueeze(0)
 
 
 def split_scores(qk: QkTranscoders, x_dest: torch.Tensor, x_src: torch.Tensor, q: torch.Tensor,
-                 k: torch.Tensor) -> FiringPairs:
+                 k: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor] | None = None) -> FiringPairs:
     """Every pair of active features (and biases) of F firings, from the normalized residual at
     their destination and source and the head's true q, k there: the pairs and the error add up to
     q . k (float64)."""
@@ -156,7 +177,10 @@ def split_scores(qk: QkTranscoders, x_dest: torch.Tensor, x_src: torch.Tensor, q
     b_idx = torch.where(b_val > 0, b_idx, torch.full_like(b_idx, -2))
     D_rows = torch.where((a_idx >= 0).unsqueeze(-1), D[a_idx.clamp_min(0)], c_q.expand(*a_idx.shape, -1))
     E_rows = torch.where((b_idx >= 0).unsqueeze(-1), E[b_idx.clamp_min(0)], c_k.expand(*b_idx.shape, -1))
-    weight = torch.einsum("fi,fid,fj,fjd->fij", a_val * (a_idx > -2), D_rows, b_val * (b_idx > -2), E_rows)
+    D_rows = D_rows * (a_val * (a_idx > -2)).unsqueeze(-1)  # each row times its activation (0 if inactive)
+    E_rows = E_rows * (b_val * (b_idx > -2)).unsqueeze(-1)
+    weight = torch.einsum("fid,fjd->fij", D_rows, E_rows)
+    alpha, beta = (D_rows @ maps[0], E_rows @ maps[1]) if maps is not None else (None, None)
     q_hat, k_hat = a @ D + c_q, b @ E + c_k
     error = (q.double() * k.double()).sum(1) - (q_hat * k_hat).sum(1)
     n_a, n_b = a_idx.shape[1], b_idx.shape[1]
@@ -166,4 +190,4 @@ def split_scores(qk: QkTranscoders, x_dest: torch.Tensor, x_src: torch.Tensor, q
         key_feature=b_idx.unsqueeze(1).expand(-1, n_a, n_b).flatten(1),
         query_activation=torch.where(a_idx >= 0, a_val, nan).unsqueeze(2).expand(-1, n_a, n_b).flatten(1),
         key_activation=torch.where(b_idx >= 0, b_val, nan).unsqueeze(1).expand(-1, n_a, n_b).flatten(1),
-        weight=weight.flatten(1), error=error)
+        weight=weight.flatten(1), error=error, alpha=alpha, beta=beta)

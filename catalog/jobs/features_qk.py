@@ -162,6 +162,7 @@ def store_qk_pairs(cat, run: dict, lm, qk_dirs: list, n_pairs: int, batch_size: 
                                               "AND dictionary_id = ?", [run["run_id"], dictionary_id]).fetchall()}
         summary["already_stored"] += len(done)
         todo = [p for p in prompt_ids if p not in done]
+        sigma, maps = _direction_maps(cat, run, lm, qk)
         hooks = tuple(f"blocks.{qk.layer}.{name}" for name in ("ln1.hook_normalized", "attn.hook_q", "attn.hook_k"))
         for first in range(0, len(todo), batch_size):
             batch = todo[first:first + batch_size]
@@ -176,8 +177,8 @@ def store_qk_pairs(cat, run: dict, lm, qk_dirs: list, n_pairs: int, batch_size: 
             dest, src = (torch.as_tensor(firings[:, c], device=lm.device) for c in (1, 2))
             x = cache[hooks[0]].float()
             pairs = split_scores(qk, x[b, dest], x[b, src], cache[hooks[1]][b, dest, qk.head],
-                                 cache[hooks[2]][b, src, qk.head])
-            table = _pair_rows(firings, pairs, n_pairs, qk, dictionary_id)
+                                 cache[hooks[2]][b, src, qk.head], maps)
+            table = _pair_rows(firings, pairs, n_pairs, qk, dictionary_id, sigma)
             cat.con.execute("BEGIN TRANSACTION")
             try:
                 cat._append("firing_feature_pairs", table, run_id=run["run_id"])
@@ -192,7 +193,31 @@ def store_qk_pairs(cat, run: dict, lm, qk_dirs: list, n_pairs: int, batch_size: 
     return summary
 
 
-def _pair_rows(firings: np.ndarray, pairs, n_pairs: int, qk, dictionary_id: int):
+def _direction_maps(cat, run: dict, lm, qk):
+    """The head's singular directions of the run's form (sad: bias-augmented, accpp: plain), as
+    stored, and the maps of its query and key spaces onto them (catalog.features.qk.direction_maps)."""
+    import torch
+
+    from catalog.features.qk import direction_maps
+
+    form = "plain" if run["method"] == "accpp" else "augmented"
+    found = cat.con.execute("SELECT sigma, u, v FROM singular_vectors WHERE model_id = ? AND form = ? AND layer = ? "
+                            "AND head = ? AND pos_offset IS NULL ORDER BY sv",
+                            [run["model_id"], form, qk.layer, qk.head]).fetchall()
+    if not found:
+        raise CatalogError(f"the catalog has no '{form}' singular vectors of L{qk.layer}H{qk.head}")
+    sigma = torch.tensor([r[0] for r in found], dtype=torch.float64, device=lm.device)
+    U = torch.tensor([r[1] for r in found], dtype=torch.float64, device=lm.device)
+    V = torch.tensor([r[2] for r in found], dtype=torch.float64, device=lm.device)
+    W_Q, b_Q, W_K, b_K, _ = lm.attention_weights()
+    W_Q, W_K = W_Q[qk.layer, qk.head], W_K[qk.layer, qk.head]
+    if form == "augmented":  # x~ = [x ; 1]: the bias is the last row
+        W_Q = torch.cat([W_Q, b_Q[qk.layer, qk.head].unsqueeze(0)])
+        W_K = torch.cat([W_K, b_K[qk.layer, qk.head].unsqueeze(0)])
+    return sigma, direction_maps(U, sigma, V, W_Q.to(lm.device), W_K.to(lm.device))
+
+
+def _pair_rows(firings: np.ndarray, pairs, n_pairs: int, qk, dictionary_id: int, sigma=None):
     import pyarrow as pa
     import torch
 
@@ -213,6 +238,16 @@ def _pair_rows(firings: np.ndarray, pairs, n_pairs: int, qk, dictionary_id: int)
     nulls = [None] * (2 * n)
     as_list = lambda values: [None if v < 0 else int(v) for v in values]  # noqa: E731
     as_float = lambda values: [None if np.isnan(v) else float(v) for v in values]  # noqa: E731
+    columns = {}
+    if pairs.alpha is not None:  # each kept pair through every singular direction: sigma_s alpha_is beta_js
+        f_t = torch.as_tensor(f_idx, device=order.device)
+        slot = order[f_t, torch.as_tensor(p_idx, device=order.device)]
+        n_b = pairs.beta.shape[1]
+        through = sigma * pairs.alpha[f_t, slot // n_b] * pairs.beta[f_t, slot % n_b]  # [rows, K]
+        flat = through.cpu().numpy()
+        offsets = np.arange(len(flat) + 1, dtype=np.int32) * flat.shape[1]
+        listed = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat.ravel(), pa.float64()))
+        columns["sv_parts"] = pa.concat_arrays([listed, pa.nulls(2 * n, pa.list_(pa.float64()))])
     return pa.table({
         "prompt_id": pa.array(repeat(0), pa.int32()),
         "layer": pa.array(np.full(len(f_idx) + 2 * n, qk.layer), pa.int16()),
@@ -226,4 +261,5 @@ def _pair_rows(firings: np.ndarray, pairs, n_pairs: int, qk, dictionary_id: int)
         "key_activation": pa.array(as_float(k_act[f_idx, p_idx]) + nulls, pa.float32()),
         "weight": pa.array(np.concatenate([kept_weight[f_idx, p_idx], rest, pairs.error.cpu().numpy()]),
                            pa.float64()),
+        **columns,
     })
