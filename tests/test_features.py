@@ -325,3 +325,12 @@ def test_qk_pairs_add_up_to_the_firing_scores(features_db, tiny_model, tmp_path)
         beta = cache[f"blocks.{layer}.attn.hook_k"][0, row["src_pos"], index].double() @ to_k
         expected = svs[row["sv"]]["sigma"] * float(alpha[row["sv"]] * beta[row["sv"]])
         assert expected == pytest.approx(row["contribution"], rel=1e-3, abs=1e-4 * abs(row["contribution"]) + 1e-5)
+    # The query feature's page: every firing whose kept pairs use it, their parts summed.
+    if top["query_feature"] is not None:
+        page = invoke("feature", "--db", features_db, f"d{top['dictionary']}:f{top['query_feature']}", "--format", "json")
+        assert page.exit_code == 0, page.output
+        used = fetch_dicts(features_db, """
+            SELECT sum(weight) AS w FROM firing_feature_pairs WHERE run_id = ? AND dictionary_id = ? AND part = 'pair'
+              AND (query_feature = ? OR key_feature = ?)""",
+                           [LATEST_RUN, top["dictionary"], top["query_feature"], top["query_feature"]])[0]["w"]
+        assert sum(r["pair_weight"] for r in json.loads(page.stdout)) == pytest.approx(used, rel=1e-9)

@@ -161,15 +161,17 @@ def train_qk(db_path, heads, out_dir, corpus, run_id, expansion, k, steps, train
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Keep the first N rows.")
 @format_option()
 def feature(db_path, name, run_id, top, fmt):
-    """Every edge of a run that one SAE feature carries (d1:f17, or 1:17).
+    """Every edge (SAE) or firing (QK transcoders) of a run that one feature carries (d1:f17, or 1:17).
 
-    One row per downstream head, side, upstream head and token role: the prompts and edges, the
-    feature's mean activation there, its part of their weight and its share, largest part first.
+    An SAE feature: one row per downstream head, side, upstream head and token role: the prompts
+    and edges, the feature's mean activation there, its part of their weight and its share,
+    largest part first. A QK transcoder feature: one row per head, side and firing roles, from
+    the kept pairs that use it (their part of the firings' scores).
 
     Example: circuit-catalog feature --db ioi.duckdb d1:f17
     """
     from catalog.errors import CatalogError
-    from catalog.read.features import feature_edges
+    from catalog.read.features import feature_edges, feature_firings
     from catalog.read.query import resolve_run, result_notes
     from catalog.store import open_readonly
 
@@ -179,7 +181,11 @@ def feature(db_path, name, run_id, top, fmt):
     con = open_readonly(db_path)
     try:
         run = resolve_run(con, run_id)
-        table = feature_edges(con, run, int(parts[0]), int(parts[1]), top)
+        kind = con.execute("SELECT kind FROM dictionaries WHERE dictionary_id = ?", [int(parts[0])]).fetchall()
+        if not kind:
+            raise CatalogError(f"no dictionary {parts[0]} in the catalog (see the dictionaries table)")
+        show = feature_firings if kind[0][0] == "qk_transcoder" else feature_edges
+        table = show(con, run, int(parts[0]), int(parts[1]), top)
     finally:
         con.close()
     for note in result_notes(table):

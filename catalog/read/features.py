@@ -172,3 +172,31 @@ def head_pairs(con, run: Run, head: str, top: int = 10) -> pa.Table:
         f"no firing of {head_name(layer, head_index)} is split into QK feature pairs in run {run.run_id}: run "
         "`circuit-catalog features --qk DIR` with its transcoders (train-qk)"]
     return with_notes(table, {}, notes)
+
+
+def feature_firings(con, run: Run, dictionary: int, feature: int, top: int | None = None) -> pa.Table:
+    """Every firing of the run whose kept QK pairs use the feature (a `qk_transcoder` dictionary's
+    query or key feature): one row per head, side and token roles, with the firings, the feature's
+    mean activation, its pairs' part of those firings' scores and their share."""
+    table = fetch(con, f"""
+        WITH used AS (
+            SELECT p.*, CASE WHEN p.query_feature = $feature THEN 'query' ELSE 'key' END AS side,
+                   CASE WHEN p.query_feature = $feature THEN p.query_activation ELSE p.key_activation END AS activation
+            FROM firing_feature_pairs p
+            WHERE p.run_id = $run AND p.dictionary_id = $dictionary AND p.part = 'pair'
+              AND (p.query_feature = $feature OR p.key_feature = $feature)
+        ),
+        per_firing AS (
+            SELECT run_id, prompt_id, layer, head, dest_pos, src_pos, side, avg(activation) AS activation,
+                   sum(weight) AS part FROM used GROUP BY ALL
+        )
+        SELECT 'L' || u.layer || 'H' || u.head AS head_name, u.side, fd.role AS dest_role, fs.role AS src_role,
+               count(*) AS n_firings, avg(u.activation) AS mean_activation, sum(u.part) AS pair_weight,
+               sum(f.score) AS score, CAST(sum(u.part) / nullif(sum(f.score), 0) AS FLOAT) AS share
+        FROM per_firing u JOIN firings f USING (run_id, prompt_id, layer, head, dest_pos, src_pos)
+        {firing_roles_join("u")}
+        GROUP BY ALL ORDER BY pair_weight DESC, head_name, u.side
+        {"LIMIT " + str(int(top)) if top is not None else ""}
+    """, {"run": run.run_id, "dictionary": int(dictionary), "feature": int(feature)})
+    notes = [] if table.num_rows else [f"feature d{dictionary}:f{feature} is in no kept QK pair of run {run.run_id}"]
+    return with_notes(table, {}, notes)
