@@ -334,3 +334,30 @@ def test_qk_pairs_add_up_to_the_firing_scores(features_db, tiny_model, tmp_path)
               AND (query_feature = ? OR key_feature = ?)""",
                            [LATEST_RUN, top["dictionary"], top["query_feature"], top["query_feature"]])[0]["w"]
         assert sum(r["pair_weight"] for r in json.loads(page.stdout)) == pytest.approx(used, rel=1e-9)
+
+
+def test_a_rotary_model_edges_split_at_their_firing_offsets(tmp_path):
+    """Qwen2 (rotary, grouped-query): each edge's directions are its form's at the firing's offset;
+    the parts still add up to the stored weights."""
+    from catalog.features.train import SaeTraining
+    from catalog.jobs.features import features_run, train_sae_job
+    from catalog.jobs.ingest import ingest
+    from catalog.models.loading import load_model
+    from catalog.testing.families import save_random_family
+
+    checkpoint = save_random_family("qwen2", tmp_path / "model")
+    lm = load_model(path=checkpoint)
+    db = tmp_path / "catalog.duckdb"
+    ingest(db, model_path=checkpoint, n_prompts=3, seed=2, batch_size=3, loaded_model=lm)
+    train_sae_job(db, 1, tmp_path / "sae", settings=SaeTraining(expansion=2, k=4, steps=20, batch_size=256),
+                  loaded_model=lm)
+    summary = features_run(db, [tmp_path / "sae"], loaded_model=lm)
+    found = fetch_dicts(db, """
+        WITH s AS (SELECT run_id, prompt_id, edge_id, sum(weight) AS parts, sum(abs(weight)) AS magnitude
+                   FROM edge_features GROUP BY ALL)
+        SELECT e.weight, s.parts, s.magnitude, f.pos_offset
+        FROM edges e JOIN s USING (run_id, prompt_id, edge_id)
+        JOIN firings f USING (run_id, prompt_id, layer, head, dest_pos, src_pos)""")
+    assert len(found) == summary["edges"] > 0 and len({r["pos_offset"] for r in found}) > 1
+    for row in found:
+        assert abs(row["parts"] - row["weight"]) <= 1e-5 * max(abs(row["weight"]), row["magnitude"])
