@@ -161,6 +161,8 @@ def train_sae_job(db_path, layer: int, out_dir, *, corpus=None, run_id: int | No
         raise CatalogError("--steps, --expansion, --k and --train-batch must be at least 1")
     if not Path(db_path).is_file():
         raise CatalogError(f"no catalog at {db_path}")
+    if corpus is not None and not Path(corpus).is_file():  # said before the model loads
+        raise CatalogError(f"--corpus {corpus}: no such file")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CatalogError(f"--out {out_dir} exists and is not empty: give a new directory")

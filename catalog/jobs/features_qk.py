@@ -82,6 +82,8 @@ def train_qk_job(db_path, heads: str, out_dir, *, corpus=None, run_id=None, expa
         raise CatalogError("--expansion, --k, --steps and --train-batch must be at least 1")
     if not Path(db_path).is_file():
         raise CatalogError(f"no catalog at {db_path}")
+    if corpus is not None and not Path(corpus).is_file():  # said before the model loads
+        raise CatalogError(f"--corpus {corpus}: no such file")
     out_dir, started, written = Path(out_dir), time.perf_counter(), []
     with Catalog(db_path) as cat:
         run = _open_run(cat, run_id)
