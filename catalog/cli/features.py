@@ -96,7 +96,8 @@ def features(db_path, run_id, sae_dirs, qk_dirs, n_pairs, model, model_path, dev
     from catalog.jobs.features import features_run
 
     try:
-        summary = features_run(db_path, list(sae_dirs), qk_dirs=list(qk_dirs), n_pairs=n_pairs, run_id=run_id, model=model, model_path=model_path,
+        summary = features_run(db_path, list(sae_dirs), qk_dirs=list(qk_dirs), n_pairs=n_pairs, run_id=run_id,
+                               model=model, model_path=model_path,
                                device=device, batch_size=batch_size, say=_progress)
     except KeyboardInterrupt:
         click.echo(f"interrupted: the batches committed so far are kept in {db_path}; run the same command again "

@@ -21,7 +21,7 @@ def _batches(token_lists: list[list[int]], batch_size: int):
         yield token_lists[first:first + batch_size]
 
 
-def _real(lengths: list[int], n_pos: int, device) -> torch.Tensor:
+def real_tokens(lengths: list[int], n_pos: int, device) -> torch.Tensor:
     """Mask [batch, pos] of the real (not padding) tokens."""
     return torch.arange(n_pos, device=device).unsqueeze(0) < torch.tensor(lengths, device=device).unsqueeze(1)
 
@@ -33,7 +33,7 @@ def layer_z(model, token_lists: list[list[int]], layer: int, batch_size: int = 1
     for batch in _batches(token_lists, batch_size):
         cache = model.run(pad_tokens(batch, pad_id), (f"blocks.{layer}.attn.hook_z",))
         z = cache[f"blocks.{layer}.attn.hook_z"].float()  # [batch, pos, head, d_head]
-        found.append(z.flatten(2)[_real([len(t) for t in batch], z.shape[1], z.device)])
+        found.append(z.flatten(2)[real_tokens([len(t) for t in batch], z.shape[1], z.device)])
     return torch.cat(found)
 
 
@@ -51,7 +51,7 @@ def loss_with_reconstruction(model, token_lists: list[list[int]], sae: Attention
 
     for batch in _batches(token_lists, batch_size):
         tokens = pad_tokens(batch, pad_id).to(model.device)
-        mask = _real([len(t) for t in batch], tokens.shape[1], tokens.device)[:, 1:]
+        mask = real_tokens([len(t) for t in batch], tokens.shape[1], tokens.device)[:, 1:]
         with torch.no_grad():
             clean = model.bridge(tokens, return_type="logits")
             patched = model.bridge.run_with_hooks(tokens, return_type="logits",

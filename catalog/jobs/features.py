@@ -24,7 +24,7 @@ from catalog.errors import CatalogError
 KIND = "attn_sae"
 
 
-def _open_run(cat, run_id: int | None) -> dict:
+def open_run(cat, run_id: int | None) -> dict:
     con = cat.con
     columns = ["run_id", "model_id", "method", "status", "params", "append_constant"]
     if run_id is None:
@@ -47,7 +47,7 @@ def _open_run(cat, run_id: int | None) -> dict:
     return run
 
 
-def _load_model(run: dict, model: str | None, model_path, device: str):
+def load_run_model(run: dict, model: str | None, model_path, device: str):
     from catalog.models.loading import load_model
 
     params = run["params"]
@@ -56,18 +56,18 @@ def _load_model(run: dict, model: str | None, model_path, device: str):
         if model_path and not (Path(model_path) / "config.json").is_file() and not Path(model_path).is_file():
             raise CatalogError(f"run {run['run_id']} was ingested from --model-path {model_path}, which is not there "
                                "any more: pass --model-path with the same checkpoint")
-    return _checked(run, load_model(model or "gpt2", model_path, device=device,
+    return checked_model(run, load_model(model or "gpt2", model_path, device=device,
                                     dtype=params.get("dtype") or "float32"))
 
 
-def _checked(run: dict, lm):
+def checked_model(run: dict, lm):
     if lm.weights_digest() != run["weights_digest"]:
         raise CatalogError(f"the model given ({lm.name}) is not the model of run {run['run_id']} (other weights); "
                            "pass the run's checkpoint with --model-path")
     return lm
 
 
-def _run_tokens(con, run_id: int, prompt_ids: list[int] | None = None) -> dict[int, list[int]]:
+def run_tokens(con, run_id: int, prompt_ids: list[int] | None = None) -> dict[int, list[int]]:
     chosen = "" if prompt_ids is None else " AND list_contains(?, prompt_id)"
     rows = con.execute(f"SELECT prompt_id, list(token_id ORDER BY pos) FROM tokens WHERE run_id = ?{chosen} "
                        "GROUP BY prompt_id ORDER BY prompt_id",
@@ -168,14 +168,15 @@ def train_sae_job(db_path, layer: int, out_dir, *, corpus=None, run_id: int | No
         raise CatalogError(f"--out {out_dir} exists and is not empty: give a new directory")
     started = time.perf_counter()
     with Catalog(db_path) as cat:
-        run = _open_run(cat, run_id)
+        run = open_run(cat, run_id)
         if not 0 <= layer < run["n_layers"]:
             raise CatalogError(f"--layer {layer} is not a layer of the model (0 .. {run['n_layers'] - 1})")
-        lm = _checked(run, loaded_model) if loaded_model is not None else _load_model(run, model, model_path, device)
+        lm = (checked_model(run, loaded_model) if loaded_model is not None
+              else load_run_model(run, model, model_path, device))
         if corpus is not None:
             token_lists = read_corpus(corpus, lm.tokenizer, lm.n_ctx)
         else:
-            token_lists = list(_run_tokens(cat.con, run["run_id"]).values())
+            token_lists = list(run_tokens(cat.con, run["run_id"]).values())
         activations = layer_z(lm, token_lists, layer, batch_size)
         torch.set_grad_enabled(False)
         sae = train_sae(activations, layer, lm.name, settings, say=say)
@@ -231,7 +232,7 @@ def features_run(db_path, sae_dirs: list, *, qk_dirs: list = (), n_pairs: int = 
         raise CatalogError(f"no catalog at {db_path}")
     started = time.perf_counter()
     with Catalog(db_path) as cat:
-        run = _open_run(cat, run_id)
+        run = open_run(cat, run_id)
         if run["method"] != "sad" and sae_dirs:
             raise CatalogError(f"run {run['run_id']} is an ACC++ run: features split the 2024 method's edges only "
                                "so far (an ACC++ edge weight is a probability drop, not a sum over directions)")
@@ -245,7 +246,7 @@ def features_run(db_path, sae_dirs: list, *, qk_dirs: list = (), n_pairs: int = 
             saes[sae.layer] = (sae, register(cat, run["model_id"], sae, Path(sae_dir)))
         summary = {"run_id": run["run_id"], "dictionaries": {layer: d for layer, (_, d) in saes.items()},
                    "edges": 0, "rows": 0, "already_stored": 0, "db": str(db_path)}
-        lm = _checked(run, loaded_model) if loaded_model is not None else None
+        lm = checked_model(run, loaded_model) if loaded_model is not None else None
         prompt_ids = [p for (p,) in cat.con.execute("SELECT prompt_id FROM prompts WHERE run_id = ? ORDER BY prompt_id",
                                                     [run["run_id"]]).fetchall()]
         for layer, (sae, dictionary_id) in sorted(saes.items()):
@@ -256,7 +257,7 @@ def features_run(db_path, sae_dirs: list, *, qk_dirs: list = (), n_pairs: int = 
             todo = [p for p in prompt_ids if p not in done]
             for first in range(0, len(todo), batch_size):
                 batch = todo[first:first + batch_size]
-                lm = lm or _load_model(run, model, model_path, device)
+                lm = lm or load_run_model(run, model, model_path, device)
                 n_edges, table = _batch_rows(cat, run, lm, sae.to(lm.device), dictionary_id, batch)
                 if table is not None:
                     _write(cat, table, run["run_id"])
@@ -267,7 +268,7 @@ def features_run(db_path, sae_dirs: list, *, qk_dirs: list = (), n_pairs: int = 
         if qk_dirs:
             from catalog.jobs.features_qk import store_qk_pairs
 
-            lm = lm or _load_model(run, model, model_path, device)
+            lm = lm or load_run_model(run, model, model_path, device)
             summary["qk"] = store_qk_pairs(cat, run, lm, list(qk_dirs), n_pairs, batch_size, say)
     summary["wall_s"] = time.perf_counter() - started
     return summary
@@ -294,7 +295,7 @@ def _batch_rows(cat, run, lm, sae, dictionary_id: int, batch: list[int]):
     weighted = np.stack(found["direction"]).astype(np.float64) * (found["sign"] * np.sqrt(found["sigma"]))[:, None]
     directions[edge_of, rank] = weighted
     first = {name: found[name][starts] for name in ("prompt_id", "edge_id", "layer", "up_head", "token_pos")}
-    tokens = _run_tokens(cat.con, run["run_id"], batch)
+    tokens = run_tokens(cat.con, run["run_id"], batch)
     row_of = {p: b for b, p in enumerate(batch)}
     layers = sorted(set(first["layer"].tolist()))
     hooks = (f"blocks.{sae.layer}.attn.hook_z",) + tuple(f"blocks.{layer}.ln1.hook_scale" for layer in layers)

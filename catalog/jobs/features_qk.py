@@ -12,7 +12,8 @@ import numpy as np
 
 from catalog.errors import CatalogError
 from catalog.heads import parse_head
-from catalog.jobs.features import _checked, _load_model, _open_run, _run_tokens, insert_dictionary, read_corpus
+from catalog.jobs.features import (checked_model, insert_dictionary, load_run_model, open_run, read_corpus,
+                                   run_tokens)
 
 KIND = "qk_transcoder"
 
@@ -28,14 +29,14 @@ def _head_inputs(lm, token_lists, layer: int, head: int, batch_size: int):
     """x (ln1.hook_normalized), q and k of the head at every real token, and per prompt its rows."""
     import torch
 
-    from catalog.features.activations import _real, pad_tokens
+    from catalog.features.activations import pad_tokens, real_tokens
 
     hooks = (f"blocks.{layer}.ln1.hook_normalized", f"blocks.{layer}.attn.hook_q", f"blocks.{layer}.attn.hook_k")
     xs, qs, ks, lengths = [], [], [], []
     for first in range(0, len(token_lists), batch_size):
         batch = token_lists[first:first + batch_size]
         cache = lm.run(pad_tokens(batch, lm.tokenizer.eos_token_id or 0), hooks)
-        real = _real([len(t) for t in batch], cache[hooks[0]].shape[1], cache[hooks[0]].device)
+        real = real_tokens([len(t) for t in batch], cache[hooks[0]].shape[1], cache[hooks[0]].device)
         xs.append(cache[hooks[0]].float()[real])
         qs.append(cache[hooks[1]][:, :, head].float()[real])
         ks.append(cache[hooks[2]][:, :, head].float()[real])
@@ -86,7 +87,7 @@ def train_qk_job(db_path, heads: str, out_dir, *, corpus=None, run_id=None, expa
         raise CatalogError(f"--corpus {corpus}: no such file")
     out_dir, started, written = Path(out_dir), time.perf_counter(), []
     with Catalog(db_path) as cat:
-        run = _open_run(cat, run_id)
+        run = open_run(cat, run_id)
         _refuse_rotary(cat, run)
         chosen = [parse_head(p.strip(), run["n_layers"], run["n_heads"]) for p in heads.split(",") if p.strip()]
         if not chosen:
@@ -94,9 +95,10 @@ def train_qk_job(db_path, heads: str, out_dir, *, corpus=None, run_id=None, expa
         for layer, head in chosen:
             if (out_dir / f"L{layer}H{head}").exists():
                 raise CatalogError(f"{out_dir / f'L{layer}H{head}'} exists: give a new --out")
-        lm = _checked(run, loaded_model) if loaded_model is not None else _load_model(run, model, model_path, device)
+        lm = (checked_model(run, loaded_model) if loaded_model is not None
+              else load_run_model(run, model, model_path, device))
         token_lists = (read_corpus(corpus, lm.tokenizer, lm.n_ctx) if corpus is not None
-                       else list(_run_tokens(cat.con, run["run_id"]).values()))
+                       else list(run_tokens(cat.con, run["run_id"]).values()))
         for layer, head in chosen:
             x, q, key, lengths = _head_inputs(lm, token_lists, layer, head, batch_size)
             d_sae = expansion * x.shape[1]
@@ -141,7 +143,6 @@ WHERE run_id = ? AND layer = ? AND head = ? AND list_contains(?, prompt_id) ORDE
 def store_qk_pairs(cat, run: dict, lm, qk_dirs: list, n_pairs: int, batch_size: int, say=None) -> dict:
     """For every firing of each head with transcoders: its n_pairs largest pairs (by |weight|), the
     rest, and the error, which add up to its score; one transaction per batch of prompts."""
-    import pyarrow as pa
     import torch
 
     from catalog.features.activations import pad_tokens
@@ -172,7 +173,7 @@ def store_qk_pairs(cat, run: dict, lm, qk_dirs: list, n_pairs: int, batch_size: 
                                dtype=np.int64).reshape(-1, 3)
             if not len(firings):
                 continue
-            tokens = _run_tokens(cat.con, run["run_id"], batch)
+            tokens = run_tokens(cat.con, run["run_id"], batch)
             cache = lm.run(pad_tokens([tokens[p] for p in batch], lm.tokenizer.eos_token_id or 0), hooks)
             row_of = {p: n for n, p in enumerate(batch)}
             b = torch.as_tensor([row_of[p] for p in firings[:, 0]], device=lm.device)
