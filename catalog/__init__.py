@@ -21,6 +21,9 @@ _LAZY = {
     "InterveneSettings": "catalog.jobs.settings:InterveneSettings",
     "SadSettings": "catalog.methods.sad.settings:SadSettings",
     "AccppSettings": "catalog.methods.accpp.settings:AccppSettings",
+    # docs/features.md (`features` itself is the package of SAEs and transcoders)
+    "train_sae": "catalog.jobs.features:train_sae_job", "SaeTraining": "catalog.features.train:SaeTraining",
+    "store_features": "catalog.jobs.features:features_run", "train_qk": "catalog.jobs.features_qk:train_qk_job",
     **{name: f"catalog.read.query:{name}" for name in (
         "edges_into", "edges_from", "head_summary", "head_document", "diff_runs", "trace", "TraceOptions",
         "export_parquet", "sql")},

@@ -182,7 +182,7 @@ def test_export_writes_every_table_as_parquet(catalog_db, tmp_path):
     tables = [r["table_name"] for r in fetch_dicts(
         catalog_db, "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'")]
     assert "edges" in tables and "firing_roles" not in tables and "edge_svs" not in tables
-    tables.append("edge_svs")  # a view since migration 011, exported with the rows users know
+    tables.append("edge_svs")  # a view since migration 010, exported with the rows users know
     assert sorted(p.stem for p in (tmp_path / "out").glob("*.parquet")) == sorted(tables)
     for name in tables:
         stored = fetch_dicts(catalog_db, f'SELECT count(*) AS n FROM "{name}"')[0]["n"]

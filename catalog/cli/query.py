@@ -82,8 +82,12 @@ def effect_options(command):
 @click.option("--kind", "kinds", metavar="KIND,...",
               help="ACC++ runs: only upstream components of these kinds (head, mlp, attn_bias, embed, offset).")
 @effect_options
+@click.option("--features", "n_features", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Add the N SAE features that carry most of each row's edges, and the share the SAE does not "
+                   "reconstruct (stored by `circuit-catalog features`, docs/features.md).")
 @format_option()
-def edges(db_path, into_head, from_head, side, role, dest_role, src_role, run_id, top, kinds, effect, min_effect, effect_mode, fmt):
+def edges(db_path, into_head, from_head, side, role, dest_role, src_role, run_id, top, kinds, effect, min_effect, effect_mode,
+          n_features, fmt):
     """Upstream heads of --into HEAD, or downstream heads of --from HEAD, with counts and weights.
 
     One row per head (and side; and token role for --from): its display name (upstream or
@@ -106,11 +110,24 @@ def edges(db_path, into_head, from_head, side, role, dest_role, src_role, run_id
         else:
             table = query.edges_from(con, from_head, side=side, role=role, run_id=run_id, top=top,
                                      dest_role=dest_role, src_role=src_role, effect=effect, min_effect=min_effect, effect_mode=effect_mode)
+        if n_features is not None:
+            table = _with_features(con, table, run_id, into_head or from_head, "into" if into_head else "from", side,
+                                   role, dest_role, src_role, n_features)
     _notes(query.result_run(table), query.result_notes(table))
     click.echo(render(table, fmt))
 
 
 
+
+
+def _with_features(con, table, run_id, head_text, direction, side, role, dest_role, src_role, n):
+    from catalog.read.features import has_features, with_top_features
+
+    run = query.resolve_run(con, run_id)
+    if not has_features(con, run):
+        raise CatalogError(f"run {run.run_id} has no edge features: store them with `circuit-catalog features "
+                           "--sae DIR` first (docs/features.md)")
+    return with_top_features(con, table, run, head_text, direction, side, role, dest_role, src_role, n)
 
 
 HEAD_TITLES = {
@@ -122,6 +139,8 @@ HEAD_TITLES = {
     "side_shares": "Who writes each side (median share of the sparse signal's projection)",
     "upstream": "Main upstream heads",
     "downstream": "Main downstream heads",
+    "features": "SAE features carrying its upstream edges",
+    "qk_pairs": "QK feature pairs carrying its firings (query feature x key feature)",
 }
 
 
@@ -131,8 +150,10 @@ HEAD_TITLES = {
 @run_option
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Rows per table.")
 @effect_options
+@click.option("--features", "with_features", is_flag=True,
+              help="Add the SAE features that carry its upstream edges (stored by `circuit-catalog features`).")
 @format_option()
-def head(db_path, head_name, run_id, top, effect, min_effect, effect_mode, fmt):
+def head(db_path, head_name, run_id, top, effect, min_effect, effect_mode, with_features, fmt):
     """Everything about one HEAD (L9H9 or 9.9): spectrum, firings, token roles, signal size, neighbours.
 
     With --format json, one object: name ("L9H9"), layer, head, run_id, run, notes, and one list
@@ -144,21 +165,37 @@ def head(db_path, head_name, run_id, top, effect, min_effect, effect_mode, fmt):
         run = query.resolve_run(con, run_id)
         tables = query.head_summary(con, head_name, run_id=run.run_id, top=top, effect=effect, min_effect=min_effect,
                                     effect_mode=effect_mode)
+        features, pairs = _head_features(con, run, head_name, top) if with_features else (None, None)
         if fmt == "json":  # one object: the head, its run and notes, then one list of rows per table
             document = query.head_document(con, head_name, run_id=run.run_id, top=top,
                                            rows_of=lambda table: json.loads(render(table, "json")), effect=effect,
                                            min_effect=min_effect, effect_mode=effect_mode)
+            if features is not None:
+                document["features"] = json.loads(render(features, "json"))
+                document["qk_pairs"] = json.loads(render(pairs, "json"))
             _notes(document["run"], document["notes"])
             click.echo(json.dumps(document, indent=2))
             return
     layer, head_index = run.head(head_name)
     name = query.head_name(layer, head_index)
-    _notes(query.result_run(tables["upstream"]), query.head_notes(run, name, tables))
+    if features is not None:
+        tables.update(features=features, qk_pairs=pairs)
+    _notes(query.result_run(tables["upstream"]), query.head_notes(run, name, tables)
+           + (query.result_notes(features) + query.result_notes(pairs) if features is not None else []))
     blocks = []
     for key, table in tables.items():
         title = f"{HEAD_TITLES[key]} ({name}, run {run.run_id})"
         blocks.append(f"# {title}\n{render(table, fmt)}" if fmt == "csv" else f"{title}\n{render(table, fmt)}")
     click.echo("\n\n".join(blocks))
+
+
+def _head_features(con, run, head_text, top):
+    from catalog.read.features import has_features, has_pairs, head_features, head_pairs
+
+    if not has_features(con, run) and not has_pairs(con, run):
+        raise CatalogError(f"run {run.run_id} has no features: store them with `circuit-catalog features "
+                           "--sae DIR` (or --qk DIR) first (docs/features.md)")
+    return head_features(con, run, head_text, top), head_pairs(con, run, head_text, top)
 
 
 ANY_ROLE = "any"

@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 
 from catalog.features.sae import AttentionSae
-from catalog.methods.shared.tensors import pad_tokens
+
+
+def pad_tokens(token_lists: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Right-padded [batch, pos] ids; attention is causal, so padding changes no real position."""
+    tokens = torch.full((len(token_lists), max(map(len, token_lists))), pad_id, dtype=torch.long)
+    for row, ids in enumerate(token_lists):
+        tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return tokens
 
 
 def _batches(token_lists: list[list[int]], batch_size: int):
@@ -14,7 +21,7 @@ def _batches(token_lists: list[list[int]], batch_size: int):
         yield token_lists[first:first + batch_size]
 
 
-def _real(lengths: list[int], n_pos: int, device) -> torch.Tensor:
+def real_tokens(lengths: list[int], n_pos: int, device) -> torch.Tensor:
     """Mask [batch, pos] of the real (not padding) tokens."""
     return torch.arange(n_pos, device=device).unsqueeze(0) < torch.tensor(lengths, device=device).unsqueeze(1)
 
@@ -26,7 +33,7 @@ def layer_z(model, token_lists: list[list[int]], layer: int, batch_size: int = 1
     for batch in _batches(token_lists, batch_size):
         cache = model.run(pad_tokens(batch, pad_id), (f"blocks.{layer}.attn.hook_z",))
         z = cache[f"blocks.{layer}.attn.hook_z"].float()  # [batch, pos, head, d_head]
-        found.append(z.flatten(2)[_real([len(t) for t in batch], z.shape[1], z.device)])
+        found.append(z.flatten(2)[real_tokens([len(t) for t in batch], z.shape[1], z.device)])
     return torch.cat(found)
 
 
@@ -44,7 +51,7 @@ def loss_with_reconstruction(model, token_lists: list[list[int]], sae: Attention
 
     for batch in _batches(token_lists, batch_size):
         tokens = pad_tokens(batch, pad_id).to(model.device)
-        mask = _real([len(t) for t in batch], tokens.shape[1], tokens.device)[:, 1:]
+        mask = real_tokens([len(t) for t in batch], tokens.shape[1], tokens.device)[:, 1:]
         with torch.no_grad():
             clean = model.bridge(tokens, return_type="logits")
             patched = model.bridge.run_with_hooks(tokens, return_type="logits",

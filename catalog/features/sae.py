@@ -9,8 +9,8 @@ pre-activations, ReLU'd; `jumprelu`: a pre-activation kept where it exceeds its 
 decoder that is affine in the activations), `reshape_activations` (`hook_z`: the input is a
 layer's `[n_heads, d_head]` z flattened head-major, so head h owns columns h*d_head ..
 (h+1)*d_head of every decoder row), and `hook_name`, `hook_head_index`, `model_name` — at the
-top level (SAELens before version 6 and the hub's attention-output SAEs) or under `meta`
-(SAELens 6). The catalog writes both places, so either SAELens reads what it writes.
+top level (SAELens before version 6 and the hub's attention-output SAEs; `hook_point` and
+`hook_point_head_index` in the oldest) or under `meta` (SAELens 6). The catalog writes both places, so either SAELens reads what it writes.
 """
 
 from __future__ import annotations
@@ -131,6 +131,9 @@ def load_sae(sae_dir: str | Path, n_heads: int | None = None, d_head: int | None
     except (OSError, ValueError) as err:
         raise CatalogError(f"{where}: {CFG_FILE} is not JSON ({err})") from None
     meta = {**cfg, **(cfg.get("meta") or {})} if isinstance(cfg, dict) else {}
+    for old_name, name in (("hook_point", "hook_name"), ("hook_point_head_index", "hook_head_index")):
+        if meta.get(name) is None and old_name in meta:  # the names of SAELens before version 3
+            meta[name] = meta[old_name]
     architecture = meta.get("architecture", "standard")
     if architecture not in ARCHITECTURES:
         raise CatalogError(f"{where}: architecture '{architecture}' is not read (one of {', '.join(ARCHITECTURES)})")

@@ -9,7 +9,7 @@ from a straight-through estimator with a rectangle kernel of width `bandwidth`.
 Activations are scaled by one number so that their mean squared norm is d_in while training
 (the coefficients then mean the same on every model), and the scale is folded back into the
 weights before saving, so the SAE reads the model's raw hook_z. Decoder rows are kept at unit
-norm (so an activation is the size of its feature's write). Adam, minibatches drawn with a
+norm while training (after folding, every row's norm is that scale). Adam, minibatches drawn with a
 seeded generator: the same corpus and settings give the same SAE on the same device.
 """
 

@@ -34,6 +34,9 @@ def _cell(value) -> str:
         if set(value) == {"pos_offset", "sv", "share"}:  # the same, of a rotary form: named d<offset>:sv<index>
             name = direction_name(value)
             return f"{name}:{value['share']:.2f}" if value["share"] is not None else f"{name}:"
+        if set(value) == {"dictionary", "feature", "share"}:  # a dictionary's feature and its share (features.md)
+            share = f"{value['share']:.2f}" if value["share"] is not None else ""
+            return f"d{value['dictionary']}:f{value['feature']}:{share}"
         return " ".join(f"{key}={_cell(item)}" for key, item in value.items())
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_cell(v) for v in value) + "]"

@@ -24,7 +24,7 @@ from catalog.errors import CatalogError
 KIND = "attn_sae"
 
 
-def _open_run(cat, run_id: int | None) -> dict:
+def open_run(cat, run_id: int | None) -> dict:
     con = cat.con
     columns = ["run_id", "model_id", "method", "status", "params", "append_constant"]
     if run_id is None:
@@ -47,7 +47,7 @@ def _open_run(cat, run_id: int | None) -> dict:
     return run
 
 
-def _load_model(run: dict, model: str | None, model_path, device: str):
+def load_run_model(run: dict, model: str | None, model_path, device: str):
     from catalog.models.loading import load_model
 
     params = run["params"]
@@ -56,18 +56,18 @@ def _load_model(run: dict, model: str | None, model_path, device: str):
         if model_path and not (Path(model_path) / "config.json").is_file() and not Path(model_path).is_file():
             raise CatalogError(f"run {run['run_id']} was ingested from --model-path {model_path}, which is not there "
                                "any more: pass --model-path with the same checkpoint")
-    return _checked(run, load_model(model or "gpt2", model_path, device=device,
+    return checked_model(run, load_model(model or "gpt2", model_path, device=device,
                                     dtype=params.get("dtype") or "float32"))
 
 
-def _checked(run: dict, lm):
+def checked_model(run: dict, lm):
     if lm.weights_digest() != run["weights_digest"]:
         raise CatalogError(f"the model given ({lm.name}) is not the model of run {run['run_id']} (other weights); "
                            "pass the run's checkpoint with --model-path")
     return lm
 
 
-def _run_tokens(con, run_id: int, prompt_ids: list[int] | None = None) -> dict[int, list[int]]:
+def run_tokens(con, run_id: int, prompt_ids: list[int] | None = None) -> dict[int, list[int]]:
     chosen = "" if prompt_ids is None else " AND list_contains(?, prompt_id)"
     rows = con.execute(f"SELECT prompt_id, list(token_id ORDER BY pos) FROM tokens WHERE run_id = ?{chosen} "
                        "GROUP BY prompt_id ORDER BY prompt_id",
@@ -106,6 +106,17 @@ def read_corpus(path: str | Path, tokenizer, n_ctx: int) -> list[list[int]]:
     return token_lists
 
 
+def register_digest(path: Path) -> str:
+    """sha256 of a weights file: a dictionary's identity."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def register(cat, model_id: int, sae, sae_dir: Path) -> int:
     """The dictionary's id, inserting its row the first time its weights are seen."""
     from catalog.features.sae import CFG_FILE, weights_digest
@@ -116,12 +127,17 @@ def register(cat, model_id: int, sae, sae_dir: Path) -> int:
     if found:
         return found[0][0]
     new_id = cat.con.execute("SELECT coalesce(max(dictionary_id), 0) + 1 FROM dictionaries").fetchall()[0][0]
-    cat.con.execute(
-        "INSERT INTO dictionaries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [new_id, model_id, KIND, sae.layer, sae.hook_name, sae.architecture, sae.d_in, sae.d_sae,
-         str(Path(sae_dir).resolve()), digest, json.dumps(sae.figures) if sae.figures else None,
-         (Path(sae_dir) / CFG_FILE).read_text(), datetime.now()])
+    insert_dictionary(cat, dict(
+        dictionary_id=new_id, model_id=model_id, kind=KIND, layer=sae.layer, head=None, hook_name=sae.hook_name,
+        architecture=sae.architecture, d_in=sae.d_in, d_sae=sae.d_sae, source=str(Path(sae_dir).resolve()),
+        weights_digest=digest, figures=json.dumps(sae.figures) if sae.figures else None,
+        config=(Path(sae_dir) / CFG_FILE).read_text(), created_at=datetime.now()))
     return new_id
+
+
+def insert_dictionary(cat, row: dict) -> None:
+    cat.con.execute(f"INSERT INTO dictionaries ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                    list(row.values()))
 
 
 def train_sae_job(db_path, layer: int, out_dir, *, corpus=None, run_id: int | None = None, settings=None,
@@ -145,19 +161,22 @@ def train_sae_job(db_path, layer: int, out_dir, *, corpus=None, run_id: int | No
         raise CatalogError("--steps, --expansion, --k and --train-batch must be at least 1")
     if not Path(db_path).is_file():
         raise CatalogError(f"no catalog at {db_path}")
+    if corpus is not None and not Path(corpus).is_file():  # said before the model loads
+        raise CatalogError(f"--corpus {corpus}: no such file")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CatalogError(f"--out {out_dir} exists and is not empty: give a new directory")
     started = time.perf_counter()
     with Catalog(db_path) as cat:
-        run = _open_run(cat, run_id)
+        run = open_run(cat, run_id)
         if not 0 <= layer < run["n_layers"]:
             raise CatalogError(f"--layer {layer} is not a layer of the model (0 .. {run['n_layers'] - 1})")
-        lm = _checked(run, loaded_model) if loaded_model is not None else _load_model(run, model, model_path, device)
+        lm = (checked_model(run, loaded_model) if loaded_model is not None
+              else load_run_model(run, model, model_path, device))
         if corpus is not None:
             token_lists = read_corpus(corpus, lm.tokenizer, lm.n_ctx)
         else:
-            token_lists = list(_run_tokens(cat.con, run["run_id"]).values())
+            token_lists = list(run_tokens(cat.con, run["run_id"]).values())
         activations = layer_z(lm, token_lists, layer, batch_size)
         torch.set_grad_enabled(False)
         sae = train_sae(activations, layer, lm.name, settings, say=say)
@@ -195,23 +214,26 @@ ORDER BY e.prompt_id, e.edge_id, es.rank
 """
 
 
-def features_run(db_path, sae_dirs: list, *, run_id: int | None = None, model: str | None = None, model_path=None,
-                 device: str = "cpu", batch_size: int = 16, loaded_model=None, say=None) -> dict:
+def features_run(db_path, sae_dirs: list, *, qk_dirs: list = (), n_pairs: int = 10, run_id: int | None = None,
+                 model: str | None = None, model_path=None, device: str = "cpu", batch_size: int = 16,
+                 loaded_model=None, say=None) -> dict:
     """Split every `head` edge of a finished 2024-method run by the features of the SAEs given
-    (one per upstream layer at most) and store the parts in `edge_features`; return a summary."""
+    (one per upstream layer at most) and store the parts in `edge_features`; and every firing of
+    the heads of the QK transcoders given into feature pairs (`firing_feature_pairs`, both
+    methods). Return a summary."""
     from catalog.features.sae import load_sae
     from catalog.models.loading import resolve_device
     from catalog.store import Catalog
 
     device = resolve_device(device)
-    if not sae_dirs:
-        raise CatalogError("give at least one --sae DIR")
+    if not sae_dirs and not qk_dirs:
+        raise CatalogError("give at least one --sae DIR or --qk DIR")
     if not Path(db_path).is_file():
         raise CatalogError(f"no catalog at {db_path}")
     started = time.perf_counter()
     with Catalog(db_path) as cat:
-        run = _open_run(cat, run_id)
-        if run["method"] != "sad":
+        run = open_run(cat, run_id)
+        if run["method"] != "sad" and sae_dirs:
             raise CatalogError(f"run {run['run_id']} is an ACC++ run: features split the 2024 method's edges only "
                                "so far (an ACC++ edge weight is a probability drop, not a sum over directions)")
         saes = {}
@@ -224,7 +246,7 @@ def features_run(db_path, sae_dirs: list, *, run_id: int | None = None, model: s
             saes[sae.layer] = (sae, register(cat, run["model_id"], sae, Path(sae_dir)))
         summary = {"run_id": run["run_id"], "dictionaries": {layer: d for layer, (_, d) in saes.items()},
                    "edges": 0, "rows": 0, "already_stored": 0, "db": str(db_path)}
-        lm = _checked(run, loaded_model) if loaded_model is not None else None
+        lm = checked_model(run, loaded_model) if loaded_model is not None else None
         prompt_ids = [p for (p,) in cat.con.execute("SELECT prompt_id FROM prompts WHERE run_id = ? ORDER BY prompt_id",
                                                     [run["run_id"]]).fetchall()]
         for layer, (sae, dictionary_id) in sorted(saes.items()):
@@ -235,7 +257,7 @@ def features_run(db_path, sae_dirs: list, *, run_id: int | None = None, model: s
             todo = [p for p in prompt_ids if p not in done]
             for first in range(0, len(todo), batch_size):
                 batch = todo[first:first + batch_size]
-                lm = lm or _load_model(run, model, model_path, device)
+                lm = lm or load_run_model(run, model, model_path, device)
                 n_edges, table = _batch_rows(cat, run, lm, sae.to(lm.device), dictionary_id, batch)
                 if table is not None:
                     _write(cat, table, run["run_id"])
@@ -243,6 +265,11 @@ def features_run(db_path, sae_dirs: list, *, run_id: int | None = None, model: s
                 summary["edges"] += n_edges
                 if say is not None:
                     say(f"layer {layer}: {min(first + batch_size, len(todo))} of {len(todo)} prompts")
+        if qk_dirs:
+            from catalog.jobs.features_qk import store_qk_pairs
+
+            lm = lm or load_run_model(run, model, model_path, device)
+            summary["qk"] = store_qk_pairs(cat, run, lm, list(qk_dirs), n_pairs, batch_size, say)
     summary["wall_s"] = time.perf_counter() - started
     return summary
 
@@ -268,7 +295,7 @@ def _batch_rows(cat, run, lm, sae, dictionary_id: int, batch: list[int]):
     weighted = np.stack(found["direction"]).astype(np.float64) * (found["sign"] * np.sqrt(found["sigma"]))[:, None]
     directions[edge_of, rank] = weighted
     first = {name: found[name][starts] for name in ("prompt_id", "edge_id", "layer", "up_head", "token_pos")}
-    tokens = _run_tokens(cat.con, run["run_id"], batch)
+    tokens = run_tokens(cat.con, run["run_id"], batch)
     row_of = {p: b for b, p in enumerate(batch)}
     layers = sorted(set(first["layer"].tolist()))
     hooks = (f"blocks.{sae.layer}.attn.hook_z",) + tuple(f"blocks.{layer}.ln1.hook_scale" for layer in layers)
@@ -284,39 +311,35 @@ def _batch_rows(cat, run, lm, sae, dictionary_id: int, batch: list[int]):
     W_O = lm.attention_weights()[4][sae.layer].float().to(device)
     parts = split_edges(sae, z, torch.as_tensor(first["up_head"].astype(np.int64), device=device), W_O,
                         torch.as_tensor(directions, device=device), scale, bool(run["append_constant"]))
-    in_edge = np.arange(n_ranks)[None, :] < np.diff(np.r_[starts, len(key)])[:, None]  # [edge, R] real ranks
-    columns = {name: [] for name in ("prompt_id", "edge_id", "part", "feature", "activation", "weight", "sv_weights")}
+    n_of_edge = np.diff(np.r_[starts, len(key)])
+    in_edge = np.arange(n_ranks)[None, :] < n_of_edge[:, None]  # [edge, R]: the edge's own ranks
+    pieces = []
 
-    def add(edge_index, part, feature, activation, per_rank):
-        per_rank = per_rank.cpu().numpy()
-        for e, f, a, ranks in zip(edge_index, feature, activation, per_rank):
-            columns["prompt_id"].append(int(first["prompt_id"][e]))
-            columns["edge_id"].append(int(first["edge_id"][e]))
-            columns["part"].append(part)
-            columns["feature"].append(f)
-            columns["activation"].append(a)
-            kept = ranks[in_edge[e]]
-            columns["weight"].append(float(kept.sum()))
-            columns["sv_weights"].append(kept.tolist())
+    def piece(edge_index, part, feature, activation, per_rank):
+        """Rows of one part for some edges; per_rank [rows, R] keeps each edge's own ranks."""
+        per_rank = per_rank.cpu().numpy() * in_edge[edge_index]
+        offsets = np.r_[0, np.cumsum(n_of_edge[edge_index])].astype(np.int32)
+        pieces.append(pa.table({
+            "prompt_id": pa.array(first["prompt_id"][edge_index], pa.int32()),
+            "edge_id": pa.array(first["edge_id"][edge_index], pa.int32()),
+            "dictionary_id": pa.array(np.full(len(edge_index), dictionary_id), pa.int32()),
+            "part": pa.array([part] * len(edge_index), pa.string()),
+            "feature": pa.array(feature, pa.int32()), "activation": pa.array(activation, pa.float32()),
+            "weight": pa.array(per_rank.sum(axis=1), pa.float64()),
+            "sv_weights": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                                   pa.array(per_rank[in_edge[edge_index]], pa.float64())),
+        }))
 
-    edge_index = np.arange(n_edges)
+    every_edge, nothing = np.arange(n_edges), [None] * n_edges
     feature = parts.feature.cpu().numpy()
-    activation = parts.activation.cpu().numpy()
     e_idx, a_idx = np.nonzero(feature >= 0)
-    add(e_idx, "feature", feature[e_idx, a_idx].tolist(), activation[e_idx, a_idx].tolist(),
-        parts.feature_part[torch.as_tensor(e_idx, device=device), torch.as_tensor(a_idx, device=device)])
-    for part, values in (("decoder_bias", parts.bias_part), ("error", parts.error_part)):
-        add(edge_index, part, [None] * n_edges, [None] * n_edges, values)
+    piece(e_idx, "feature", feature[e_idx, a_idx], parts.activation.cpu().numpy()[e_idx, a_idx],
+          parts.feature_part[torch.as_tensor(e_idx, device=device), torch.as_tensor(a_idx, device=device)])
+    piece(every_edge, "decoder_bias", nothing, nothing, parts.bias_part)
+    piece(every_edge, "error", nothing, nothing, parts.error_part)
     if run["append_constant"]:
-        add(edge_index, "constant", [None] * n_edges, [None] * n_edges, parts.constant_part)
-    table = pa.table({
-        "prompt_id": pa.array(columns["prompt_id"], pa.int32()), "edge_id": pa.array(columns["edge_id"], pa.int32()),
-        "dictionary_id": pa.array([dictionary_id] * len(columns["part"]), pa.int32()),
-        "part": pa.array(columns["part"], pa.string()), "feature": pa.array(columns["feature"], pa.int32()),
-        "activation": pa.array(columns["activation"], pa.float32()),
-        "weight": pa.array(columns["weight"], pa.float64()),
-        "sv_weights": pa.array(columns["sv_weights"], pa.list_(pa.float64())),
-    })
+        piece(every_edge, "constant", nothing, nothing, parts.constant_part)
+    table = pa.concat_tables(pieces)
     return n_edges, table
 
 

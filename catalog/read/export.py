@@ -10,7 +10,7 @@ from catalog.errors import CatalogError
 from catalog.read.runs import database_path, rows
 
 
-# Views exported as tables: what a table was before its storage changed (edge_svs, migration 011),
+# Views exported as tables: what a table was before its storage changed (edge_svs, migration 010),
 # so that an export has the rows users know beside the stored form.
 ROW_VIEWS = ("edge_svs",)
 

@@ -78,7 +78,7 @@ def _sortable(values: np.ndarray) -> np.ndarray:
 
 def edge_sv_lists(edge_svs: pa.Table) -> pa.Table:
     """edge_svs rows (prompt_id, edge_id, rank, sv, weight) as the stored form, one row per edge
-    (table edge_sv_lists, migration 011): its directions and weights as lists in rank order, and
+    (table edge_sv_lists, migration 010): its directions and weights as lists in rank order, and
     its ranks only where they are not 0, 1, ..., n - 1 (else NULL). Other columns are dropped."""
     columns = {c: edge_svs.column(c).to_numpy() for c in ("prompt_id", "edge_id", "rank", "sv", "weight")}
     order = np.lexsort((columns["rank"], columns["edge_id"], columns["prompt_id"]))

@@ -466,7 +466,7 @@ class Catalog:
                 elif table in self.MODEL_ROWS:
                     if data is not None and data.num_rows:
                         self._append_missing(table, data, self.MODEL_ROWS[table], run_id)
-                elif table == "edge_svs":  # stored one row per edge (migration 011); edge_svs is a view
+                elif table == "edge_svs":  # stored one row per edge (migration 010); edge_svs is a view
                     if data.num_rows:
                         self._append("edge_sv_lists", edge_sv_lists(data), run_id=run_id)
                 elif data.num_rows:

@@ -8,12 +8,14 @@
 CREATE TABLE dictionaries (
     dictionary_id   INTEGER PRIMARY KEY,  -- assigned by the catalog: 1, 2, ...
     model_id        INTEGER NOT NULL,     -- -> models: the model whose activations it reads
-    kind            VARCHAR NOT NULL,     -- 'attn_sae': an SAE over a layer's concatenated hook_z
+    kind            VARCHAR NOT NULL,     -- 'attn_sae': an SAE over a layer's concatenated hook_z;
+                                          -- 'qk_transcoder': a head's query and key transcoders
     layer           SMALLINT NOT NULL,    -- the layer it reads
-    hook_name       VARCHAR NOT NULL,     -- e.g. blocks.5.attn.hook_z
+    head            SMALLINT,             -- 'qk_transcoder': the head; NULL for an SAE of the whole layer
+    hook_name       VARCHAR NOT NULL,     -- what it reads: blocks.5.attn.hook_z, blocks.5.ln1.hook_normalized
     architecture    VARCHAR NOT NULL,     -- 'topk', 'jumprelu' or 'standard' (ReLU)
-    d_in            INTEGER NOT NULL,     -- n_heads * d_head
-    d_sae           INTEGER NOT NULL,     -- features
+    d_in            INTEGER NOT NULL,     -- n_heads * d_head (attn_sae); d_model (qk_transcoder)
+    d_sae           INTEGER NOT NULL,     -- features (qk_transcoder: per side)
     source          VARCHAR NOT NULL,     -- the directory it was read from (absolute path)
     weights_digest  VARCHAR NOT NULL,     -- sha256 of sae_weights.safetensors: its identity
     figures         JSON,                 -- fraction_variance_explained, l0, loss_change, ... (NULL: unknown)
