@@ -87,7 +87,8 @@ def family_catalog(request, family_checkpoints, tmp_path_factory):
     checkpoint = family_checkpoints[family]
     lm = load_model(path=checkpoint)
     tmp = tmp_path_factory.mktemp(f"accpp-{family}")
-    heads = list(meta["heads"]) + [f"{f['firing'][0]}.{f['firing'][1]}" for f in meta["extra_firings"]]  # [layer, head, dest, src]
+    # extra firings are [layer, head, dest, src]
+    heads = list(meta["heads"]) + [f"{f['firing'][0]}.{f['firing'][1]}" for f in meta["extra_firings"]]
     common = dict(model_path=checkpoint, method="accpp", loaded_model=lm, prompts_file=reference / "prompts.jsonl")
     db = tmp / "accpp.duckdb"
     runs = {

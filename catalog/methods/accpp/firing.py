@@ -252,7 +252,8 @@ class LayerDecomposer:
 
         # Key side: IG = acoef[k] * sum_j' (v_k . y(j')) g[j'].
         if rot is None:
-            Ag = torch.einsum("fntp,ft->fnp", self.A[b, :, :T, :T], g32[:, :T] / self.scale[b, :T])  # [F, layer*head, tb]
+            # [F, layer*head, tb]
+            Ag = torch.einsum("fntp,ft->fnp", self.A[b, :, :T, :T], g32[:, :T] / self.scale[b, :T])
             key_heads = self.Pv_heads[..., :T].index_select(0, q).mul_(Ag.unsqueeze(2))
             dense_g = _per_head(_weighted_by_prompt(self.dense[:, :T], b, g32[:, :T]), self.V, h)  # [F, 2L + 1, r]
             offset_g = self.cv[h] * g32.sum(1, keepdim=True)
@@ -276,7 +277,8 @@ class LayerDecomposer:
             coef = acoef[fs, k]  # [F', K]
             n = (up * H + comp).clamp(max=L * H - 1)
             if rot is None:
-                head_rows = (coef * self.Pv_heads[q[fs], n, k, tb]).unsqueeze(-1) * self.A[bs, n, :, tb] / self.scale[bs]
+                head_rows = ((coef * self.Pv_heads[q[fs], n, k, tb]).unsqueeze(-1) * self.A[bs, n, :, tb]
+                             / self.scale[bs])
                 offset_rows = (coef * self.cv[hs, k]).unsqueeze(-1).expand(-1, -1, n_pos)
             else:  # the slice's projection at every key column j', rotated by R_j': [F', K, pos]
                 vec, back = self.Pk_heads[q[fs], n, tb], self.Bk.transpose(-1, -2)[hs, k]  # [F', K, r] each
