@@ -46,7 +46,7 @@ def family(request, tmp_path_factory):
     if request.param == "qwen2":
         _with_random_biases(checkpoint)
     lm = load_model(path=checkpoint)
-    items = ioi_prompts(3, seed=5, tokenizer=lm.tokenizer)
+    items = ioi_prompts(2, seed=5, tokenizer=lm.tokenizer)
     token_lists = tokenize_prompts(items, lm.tokenizer)
     _, cache = lm.run(pad_tokens(token_lists, 0), HOOKS, with_logits=True)
     W_Q, b_Q, W_K, b_K, W_O = lm.attention_weights()
@@ -96,7 +96,7 @@ def test_ig_shortcut_equals_the_trapezoid_over_the_full_breakdown(family):
 def test_seeding_none_decomposes_every_firing_of_the_heads(family, tmp_path):
     name, checkpoint, lm, items, res, _ = family
     db = tmp_path / "c.duckdb"
-    run = ingest(db, model_path=checkpoint, method="accpp", seeding="none", heads="2.0,2.3", n_prompts=3, seed=5,
+    run = ingest(db, model_path=checkpoint, method="accpp", seeding="none", heads="2.0,2.3", n_prompts=2, seed=5,
                  loaded_model=lm)["run_id"]
     stored = set(open_readonly(db).execute("SELECT prompt_id, layer, head, dest_pos, src_pos FROM firings "
                                            "WHERE run_id = ? AND layer = 2", [run]).fetchall())

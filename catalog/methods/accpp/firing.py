@@ -11,6 +11,12 @@ attention column A[j', tb] scaled. And the trapezoid integral of the ranking is 
 the atoms: IG_atom = X[atom] . g with g = sum_m w_m p_j(a_m) (e_j - p(a_m)), one T-vector per
 firing. So no breakdown tensor is ever built: the ranking is one product per atom, and only
 the atoms the greedy actually zeroes (the top of the ranking) get their rows.
+
+Rotary models (ACCPP.md section 6, docs/accpp.md): a component at position t is read into the
+head's query or key space, rotated by R_t there (catalog.methods.accpp.rotation) and taken to
+singular coordinates by W_Q^+ U (W_K^+ V). On the query side every component sits at i, so one
+rotation per firing; on the key side a head slice is rotated at each key column it is written
+to, and its IG needs only the attention-weighted sums of cos_j' and sin_j' over the columns.
 """
 
 from __future__ import annotations
