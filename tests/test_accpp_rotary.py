@@ -79,7 +79,8 @@ def test_atoms_sum_to_the_hooks_score_row(family, layer):
 
 def test_ig_shortcut_equals_the_trapezoid_over_the_full_breakdown(family):
     name, _, _, items, res, weights = family
-    firings = _all_firings(res, 2, items)
+    every = _all_firings(res, 2, items)
+    firings = every.take(torch.arange(min(8, len(every))))  # the full breakdown of a few is enough here
     decomposer = LayerDecomposer(2, firings, res, weights)
     row, valid, sides = _full_rows(decomposer, firings, steps=16)
     alphas, w = trapezoid_weights(16)
