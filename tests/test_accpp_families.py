@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _accpp_compare import SIDES, reference_label, stored_decompositions, stored_seeds, tie
 
 from catalog.jobs.ingest import ingest
 from catalog.read.trace import trace
@@ -26,9 +27,6 @@ from catalog.store import open_readonly
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
 FAMILIES = ("neox", "llama", "qwen2", "qwen2-bias")
-SIDES = {"query": "dest", "key": "src"}
-KIND_OFFSETS = {"mlp": 0, "attn_bias": 1, "embed": 2, "offset": 3}  # component id = n_heads + this
-GRAPH_NAMES = {"MLP": "MLP", "b_O": "AH bias", "embed": "Embedding", "offset": "AH offset"}
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +85,8 @@ def family_catalog(request, family_checkpoints, tmp_path_factory):
     checkpoint = family_checkpoints[family]
     lm = load_model(path=checkpoint)
     tmp = tmp_path_factory.mktemp(f"accpp-{family}")
-    heads = list(meta["heads"]) + [f"{f['firing'][0]}.{f['firing'][1]}" for f in meta["extra_firings"]]  # [layer, head, dest, src]
+    # extra firings are [layer, head, dest, src]
+    heads = list(meta["heads"]) + [f"{f['firing'][0]}.{f['firing'][1]}" for f in meta["extra_firings"]]
     common = dict(model_path=checkpoint, method="accpp", loaded_model=lm, prompts_file=reference / "prompts.jsonl")
     db = tmp / "accpp.duckdb"
     runs = {
@@ -101,45 +100,13 @@ def family_catalog(request, family_checkpoints, tmp_path_factory):
     return family, lm.n_heads, db, runs
 
 
-def _component_key(kind, up_layer, up_head, up_src, written, n_heads):
-    if kind == "head":
-        return (up_layer, up_head, up_src)
-    # the reference files the embedding and the offset under layer 0, at the token written to
-    return (up_layer if up_layer is not None else 0, n_heads + KIND_OFFSETS[kind], written)
-
-
-def _stored_decompositions(con, run_id, n_heads):
-    """{(prompt, layer, head, dest, src): {side: {(up_layer, component id, token): (svs, weight)}}}."""
-    found = {}
-    for row in con.execute("""
-            SELECT e.prompt_id, e.layer, e.head, e.dest_pos, e.src_pos, e.side, e.up_kind, e.up_layer, e.up_head,
-                   e.up_src_pos, e.weight, list(s.sv ORDER BY s.rank)
-            FROM edges e JOIN edge_svs s USING (run_id, prompt_id, edge_id)
-            WHERE e.run_id = ? GROUP BY ALL""", [run_id]).fetchall():
-        prompt, layer, head, dest, src, side, kind, up_layer, up_head, up_src, weight, svs = row
-        key = _component_key(kind, up_layer, up_head, up_src, dest if side == "query" else src, n_heads)
-        found.setdefault((prompt, layer, head, dest, src), {"query": {}, "key": {}})[side][key] = (svs, weight)
-    return found
-
-
-def _tie(reference_firing, side, component, ours, theirs) -> bool:
-    """Two orders of the same sv list that differ only where the reference's IG values of the
-    swapped atoms are equal within float32 precision."""
-    if sorted(ours) != sorted(theirs):
-        return False
-    atoms = reference_firing[f"{SIDES[side]}_atoms_in_ig_order"]  # [layer, comp id, sv, token, IG, selected]
-    ig = {a[2]: a[4] for a in atoms if (a[0], a[1], a[3]) == component}
-    scale = max(abs(a[4]) for a in atoms)
-    return all(abs(ig[a] - ig[b]) <= 1e-6 * scale for a, b in zip(ours, theirs) if a != b)
-
-
 def test_same_firings_components_svs_and_weights(family_catalog):
     family, n_heads, db, runs = family_catalog
     reference = _reference(family)
     meta = json.loads((reference / "reference-meta.json").read_text())
     firings = json.loads((reference / "reference-firings.json").read_text())
     con = open_readonly(db)
-    stored = _stored_decompositions(con, runs["linear"], n_heads)
+    stored = stored_decompositions(con, runs["linear"], n_heads)
     chosen = [tuple(int(x) for x in h.split(".")) for h in meta["heads"]]
     want = {(f["prompt_idx"], f["layer"], f["head"], f["dest"], f["src"]) for f in firings
             if f["group"] == "chosen_heads"}
@@ -156,25 +123,11 @@ def test_same_firings_components_svs_and_weights(family_catalog):
             got = stored.get(key, {"query": {}, "key": {}})[side]
             assert set(got) == set(expected), f"{family} {key} {side}: components differ"
             for component, (svs, weight) in expected.items():
-                assert got[component][0] == svs or _tie(firing, side, component, got[component][0], svs), \
+                assert got[component][0] == svs or tie(firing, side, component, got[component][0], svs), \
                     (family, key, side, component, got[component][0], svs)
                 assert got[component][1] == pytest.approx(weight, abs=1e-4), (family, key, side, component)
                 checked += 1
     assert checked > 100
-
-
-def _reference_label(node: str, tokens: dict[int, str], root: str) -> str:
-    """Our node name ("L2H1@16>3", "MLP 1@16", "offset@16", "root") in the reference's label form."""
-    if node == "root":
-        return root
-    name, _, positions = node.partition("@")
-    if ">" in positions:  # a firing
-        layer, head = (int(x) for x in name[1:].split("H"))
-        dest, src = (int(x) for x in positions.split(">"))
-        return str((layer, head, tokens[dest], tokens[src]))
-    t = tokens[int(positions)]
-    kind, _, layer = name.partition(" ")
-    return str((int(layer) if layer else 0, GRAPH_NAMES[kind], t, t))
 
 
 @pytest.mark.parametrize("graph_name", ["linear", "linear_s_minus_io", "prob", "prob_top1"])
@@ -187,7 +140,7 @@ def test_same_graph_nodes_edges_and_seeds(family_catalog, graph_name):
     tokens = {int(k): v for k, v in graphs["idx_to_token"].items()}
     con = open_readonly(db)
     graph = trace(con, prompt_id=prompt, run_id=runs[graph_name])
-    label = lambda node: _reference_label(node, tokens, want["root"])  # noqa: E731
+    label = lambda node: reference_label(node, tokens, want["root"])  # noqa: E731
     edge_types = {"query": "d", "key": "s", "seed": "d"}
     got = {(label(e["source"]), label(e["target"]), edge_types[e["side"]]): e["mean_weight"]
            for e in graph.edges.to_pylist()}
@@ -196,10 +149,7 @@ def test_same_graph_nodes_edges_and_seeds(family_catalog, graph_name):
     for key, weight in expected.items():
         assert got[key] == pytest.approx(weight, abs=1e-4), (family, key)
     assert {label(n) for n in graph.nodes.column("node").to_pylist()} == {n["node"] for n in want["nodes"]}
-    seeds = {_component_key(kind, layer, head, src, pos, n_heads): weight
-             for kind, layer, head, src, pos, weight in con.execute(
-                 "SELECT up_kind, up_layer, up_head, up_src_pos, pos, weight FROM seeds WHERE run_id = ? "
-                 "AND prompt_id = ?", [runs[graph_name], prompt]).fetchall()}
+    seeds = stored_seeds(con, runs[graph_name], prompt, n_heads)
     expected_seeds = {(s["layer"], s["component_id"], s["token"]): s["weight"] for s in want["seeds"]}
     assert set(seeds) == set(expected_seeds), family
     for key, weight in expected_seeds.items():

@@ -11,15 +11,14 @@ import json
 from pathlib import Path
 
 import pytest
+from _accpp_compare import SIDES, reference_label, stored_decompositions, stored_seeds, tie
 
 from catalog.jobs.ingest import ingest
 from catalog.store import open_readonly
 from catalog.read.trace import trace
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "accpp-ioi2-seed1"
-COMPONENT_IDS = {"mlp": 12, "attn_bias": 13, "embed": 14, "offset": 15}
-GRAPH_NAMES = {"mlp": "MLP", "attn_bias": "AH bias", "embed": "Embedding", "offset": "AH offset"}
-SIDES = {"query": "dest", "key": "src"}
+N_HEADS = 12  # GPT-2 small: component ids 12..15 are MLP, AH bias, Embedding, AH offset
 
 pytestmark = pytest.mark.slow
 
@@ -46,40 +45,11 @@ def reference_catalog(attn_real_checkpoint, attn_real_model, tmp_path_factory):
     return db, runs
 
 
-def _stored_decompositions(con, run_id):
-    """{(prompt, layer, head, dest, src): {side: {(up_layer, component id, token): (svs, weight)}}}."""
-    found = {}
-    for row in con.execute("""
-            SELECT e.prompt_id, e.layer, e.head, e.dest_pos, e.src_pos, e.side, e.up_kind, e.up_layer, e.up_head,
-                   e.up_src_pos, e.weight, list(s.sv ORDER BY s.rank)
-            FROM edges e JOIN edge_svs s USING (run_id, prompt_id, edge_id)
-            WHERE e.run_id = ? GROUP BY ALL""", [run_id]).fetchall():
-        prompt, layer, head, dest, src, side, kind, up_layer, up_head, up_src, weight, svs = row
-        written = dest if side == "query" else src
-        if kind == "head":
-            key = (up_layer, up_head, up_src)
-        else:  # the reference files embedding and offset under layer 0, at the token written to
-            key = (up_layer if up_layer is not None else 0, COMPONENT_IDS[kind], written)
-        found.setdefault((prompt, layer, head, dest, src), {"query": {}, "key": {}})[side][key] = (svs, weight)
-    return found
-
-
-def _tie(reference_firing, side, component, ours, theirs) -> bool:
-    """Two orders of the same sv list that differ only where the reference's IG values of the
-    swapped atoms (this component's, at these svs) are equal within float32 precision."""
-    if sorted(ours) != sorted(theirs):
-        return False
-    atoms = reference_firing[f"{SIDES[side]}_atoms_in_ig_order"]  # [layer, comp id, sv, token, IG, selected]
-    ig = {a[2]: a[4] for a in atoms if (a[0], a[1], a[3]) == component}
-    scale = max(abs(a[4]) for a in atoms)
-    return all(abs(ig[a] - ig[b]) <= 1e-6 * scale for a, b in zip(ours, theirs) if a != b)
-
-
 def test_same_firings_components_svs_and_weights(reference_catalog):
     db, runs = reference_catalog
     reference = _load("reference-firings.json")
     con = open_readonly(db)
-    stored = _stored_decompositions(con, runs["linear"])
+    stored = stored_decompositions(con, runs["linear"], N_HEADS)
     name_movers = {(f["prompt_idx"], f["layer"], f["head"], f["dest"], f["src"]) for f in reference
                    if f["group"] == "name_mover_heads"}
     ours = {key for key in con.execute(
@@ -95,26 +65,11 @@ def test_same_firings_components_svs_and_weights(reference_catalog):
             got = stored.get(key, {"query": {}, "key": {}})[side]
             assert set(got) == set(want), f"{key} {side}: components differ"
             for component, (svs, weight) in want.items():
-                assert got[component][0] == svs or _tie(firing, side, component, got[component][0], svs), \
+                assert got[component][0] == svs or tie(firing, side, component, got[component][0], svs), \
                     (key, side, component)
                 assert got[component][1] == pytest.approx(weight, abs=1e-4), (key, side, component)
                 checked += 1
     assert checked > 200
-
-
-def _reference_label(node: str, tokens: dict[int, str], root: str) -> str:
-    """Our node name ("L9H9@16>0", "MLP 3@16", "offset@16", "root") in the reference's label form."""
-    if node == "root":
-        return root
-    name, _, positions = node.partition("@")
-    if ">" in positions:  # a firing
-        layer, head = (int(x) for x in name[1:].split("H"))
-        dest, src = (int(x) for x in positions.split(">"))
-        return str((layer, head, tokens[dest], tokens[src]))
-    t = tokens[int(positions)]
-    kind, _, layer = name.partition(" ")
-    label = {"MLP": "MLP", "b_O": "AH bias", "embed": "Embedding", "offset": "AH offset"}[kind]
-    return str((int(layer) if layer else 0, label, t, t))
 
 
 @pytest.mark.parametrize("graph_name", ["linear", "prob", "prob_top1"])
@@ -124,7 +79,7 @@ def test_same_graph_nodes_edges_and_seeds(reference_catalog, graph_name):
     want = reference[graph_name]
     tokens = {int(k): v for k, v in reference["idx_to_token"].items()}
     graph = trace(open_readonly(db), prompt_id=reference["prompt_idx"], run_id=runs[graph_name])
-    label = lambda node: _reference_label(node, tokens, want["root"])
+    label = lambda node: reference_label(node, tokens, want["root"])
     edge_types = {"query": "d", "key": "s", "seed": "d"}
     got = {(label(e["source"]), label(e["target"]), edge_types[e["side"]]): e["mean_weight"]
            for e in graph.edges.to_pylist()}
@@ -134,12 +89,7 @@ def test_same_graph_nodes_edges_and_seeds(reference_catalog, graph_name):
         assert got[key] == pytest.approx(weight, abs=1e-4), key
     nodes = {label(n) for n in graph.nodes.column("node").to_pylist()}
     assert nodes == {n["node"] for n in want["nodes"]}
-    seeds = {}
-    for kind, layer, head, src, pos, weight in open_readonly(db).execute(
-            "SELECT up_kind, up_layer, up_head, up_src_pos, pos, weight FROM seeds WHERE run_id = ? AND prompt_id = ?",
-            [runs[graph_name], reference["prompt_idx"]]).fetchall():
-        key = (layer, head, src) if kind == "head" else (layer if layer is not None else 0, COMPONENT_IDS[kind], pos)
-        seeds[key] = weight
+    seeds = stored_seeds(open_readonly(db), runs[graph_name], reference["prompt_idx"], N_HEADS)
     expected_seeds = {(s["layer"], s["component_id"], s["token"]): s["weight"] for s in want["seeds"]}
     assert set(seeds) == set(expected_seeds)
     for key, weight in expected_seeds.items():

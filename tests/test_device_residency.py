@@ -134,6 +134,18 @@ def test_an_accpp_batch_stays_on_the_device_but_for_its_frontier(seeding, tmp_pa
     assert "tensors.py:rows_of" in sites and sites <= set(ACCPP_EXITS), sites - set(ACCPP_EXITS)
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "llama", "qwen2"])
+def test_an_accpp_batch_of_a_rotary_model_stays_on_the_device_but_for_its_frontier(family, tmp_path, monkeypatch):
+    tokenizer = llama_style_tokenizer() if family == "llama" else None
+    checkpoint = save_random_family(family, tmp_path / "model", tokenizer=tokenizer)
+    summary, device, batch_transfers, _ = _ingest_on_second_device(
+        tmp_path, monkeypatch, checkpoint, method="accpp", seeding="linear", heads="2.1", ig_steps=8)
+    assert summary["firings"] > 0 and summary["edges"] > 0
+    assert device.problems == []
+    sites = {t.site for t in batch_transfers}
+    assert "tensors.py:rows_of" in sites and sites <= set(ACCPP_EXITS), sites - set(ACCPP_EXITS)
+
+
 # Interventions: the clean pass and every intervened copy run on the device; what leaves it is
 # the stored rows, and the sizes that steer the incremental forward pass.
 INTERVENTION_EXITS = {

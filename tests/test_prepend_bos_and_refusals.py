@@ -82,3 +82,26 @@ def test_unread_gpt2_variant_is_refused_before_loading(tmp_path):
     checkpoint = _config_only(tmp_path, model_type="gpt2", scale_attn_by_inverse_layer_idx=True)
     with pytest.raises(CatalogError, match="scales attention scores per layer"):
         ingest(tmp_path / "c.duckdb", model_path=checkpoint, method="accpp", n_prompts=2)
+
+
+def test_cli_refusal_before_loading_is_one_error_line(tmp_path):
+    from click.testing import CliRunner
+
+    from catalog.cli import main
+
+    checkpoint = _config_only(tmp_path, model_type="qwen2", num_hidden_layers=2, num_attention_heads=4)
+    result = CliRunner().invoke(main, ["ingest", "--db", str(tmp_path / "c.duckdb"), "--model-path", str(checkpoint),
+                                       "--method", "accpp", "--seeding", "none", "--heads", "1.7"])
+    assert result.exit_code != 0
+    assert result.stderr.strip().splitlines() == ["error: no head 1.7: the model has heads 0..3 in each layer"]
+
+
+def test_a_cached_hub_models_family_is_checked_before_loading(tmp_path, monkeypatch):
+    """A hub name whose config.json is in the local cache is checked from it, without the network."""
+    import huggingface_hub
+
+    config = _config_only(tmp_path, model_type="mamba") / "config.json"
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda name, filename: str(config) if name == "someone/mamba-tiny" else None)
+    with pytest.raises(CatalogError, match="someone/mamba-tiny is a model of type 'mamba'"):
+        ingest(tmp_path / "c.duckdb", model="someone/mamba-tiny", method="accpp", n_prompts=2)

@@ -26,7 +26,7 @@ def check_job(settings, allowed_dirs: list[Path], max_prompts: int = DEFAULT_MAX
     from catalog.models.loading import check_family, resolve_device
     from catalog.service.jobs import ingest_keywords
 
-    job, _, _ = resolve_settings(**ingest_keywords(settings))
+    job, chosen, method_settings = resolve_settings(**ingest_keywords(settings))
     if job.n_prompts > max_prompts:
         raise CatalogError(f"--n-prompts must be at most {max_prompts:,} in this service, got {job.n_prompts:,}")
     if job.model_path is not None:
@@ -34,7 +34,9 @@ def check_job(settings, allowed_dirs: list[Path], max_prompts: int = DEFAULT_MAX
         _check_inside(given, "--model-path", allowed_dirs)
         if not Path(given).expanduser().exists():
             raise CatalogError(f"--model-path {given}: no such file or directory")
-        check_family(job.model, Path(given).expanduser())
+        config = check_family(job.model, Path(given).expanduser())
+        if config is not None and chosen.check_config is not None:
+            chosen.check_config(method_settings, config)  # e.g. --heads the checkpoint lacks
     elif _names_a_local_path(job.model):  # Hugging Face loads a local directory given as a model name
         _check_inside(job.model, "--model", allowed_dirs)
     resolve_device(job.device)

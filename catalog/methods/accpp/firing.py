@@ -11,6 +11,12 @@ attention column A[j', tb] scaled. And the trapezoid integral of the ranking is 
 the atoms: IG_atom = X[atom] . g with g = sum_m w_m p_j(a_m) (e_j - p(a_m)), one T-vector per
 firing. So no breakdown tensor is ever built: the ranking is one product per atom, and only
 the atoms the greedy actually zeroes (the top of the ranking) get their rows.
+
+Rotary models (ACCPP.md section 6, docs/accpp.md): a component at position t is read into the
+head's query or key space, rotated by R_t there (catalog.methods.accpp.rotation) and taken to
+singular coordinates by W_Q^+ U (W_K^+ V). On the query side every component sits at i, so one
+rotation per firing; on the key side a head slice is rotated at each key column it is written
+to, and its IG needs only the attention-weighted sums of cos_j' and sin_j' over the columns.
 """
 
 from __future__ import annotations
@@ -252,7 +258,8 @@ class LayerDecomposer:
 
         # Key side: IG = acoef[k] * sum_j' (v_k . y(j')) g[j'].
         if rot is None:
-            Ag = torch.einsum("fntp,ft->fnp", self.A[b, :, :T, :T], g32[:, :T] / self.scale[b, :T])  # [F, layer*head, tb]
+            # [F, layer*head, tb]
+            Ag = torch.einsum("fntp,ft->fnp", self.A[b, :, :T, :T], g32[:, :T] / self.scale[b, :T])
             key_heads = self.Pv_heads[..., :T].index_select(0, q).mul_(Ag.unsqueeze(2))
             dense_g = _per_head(_weighted_by_prompt(self.dense[:, :T], b, g32[:, :T]), self.V, h)  # [F, 2L + 1, r]
             offset_g = self.cv[h] * g32.sum(1, keepdim=True)
@@ -276,7 +283,8 @@ class LayerDecomposer:
             coef = acoef[fs, k]  # [F', K]
             n = (up * H + comp).clamp(max=L * H - 1)
             if rot is None:
-                head_rows = (coef * self.Pv_heads[q[fs], n, k, tb]).unsqueeze(-1) * self.A[bs, n, :, tb] / self.scale[bs]
+                head_rows = ((coef * self.Pv_heads[q[fs], n, k, tb]).unsqueeze(-1) * self.A[bs, n, :, tb]
+                             / self.scale[bs])
                 offset_rows = (coef * self.cv[hs, k]).unsqueeze(-1).expand(-1, -1, n_pos)
             else:  # the slice's projection at every key column j', rotated by R_j': [F', K, pos]
                 vec, back = self.Pk_heads[q[fs], n, tb], self.Bk.transpose(-1, -2)[hs, k]  # [F', K, r] each
