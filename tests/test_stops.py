@@ -235,3 +235,37 @@ def test_a_job_cancelled_before_its_first_batch_resumes_after_a_restart(tiny_che
     reference = tmp_path / "uncancelled.duckdb"
     ingest(reference, **settings)
     assert_same_run(db, reference, again["run_id"], 1)
+
+
+def test_a_job_cancelled_after_its_run_row_stays_cancelled_across_a_restart(tiny_checkpoint, tmp_path):
+    """Cancelled between the run's row and its first batch: the job names its run (so the run can
+    be cancelled by its id), a restart leaves the run alone, and the same settings resume it."""
+    from catalog.jobs.ingest import ingest
+
+    db = tmp_path / "run-row.duckdb"
+    settings = dict(model_path=str(tiny_checkpoint), n_prompts=6, batch_size=2, seed=11)
+    with ServerProcess(db, args=allow(tiny_checkpoint), prelude=prelude("analysis", 3)) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as client:
+        job = submit(client, **settings)
+        _wait_for_log(server, "slow phase: analysis")
+        named = wait_for(client, job["job_id"], lambda j: j["run_id"] is not None, timeout=30)
+        assert named["status"] == "running" and named["prompts_by_job"] == 0, named
+        assert client.delete(f"/api/v1/runs/{named['run_id']}").status_code == 202
+        cancelled = wait_for(client, job["job_id"], lambda j: j["status"] not in ("queued", "running"))
+        assert cancelled["status"] == "cancelled" and cancelled["prompts_by_job"] == 0, cancelled
+        assert server.stop() == 0, server.log()
+    with duckdb.connect(str(db), read_only=True) as con:  # the run's row, no batch, the job naming it
+        assert con.execute("SELECT run_id, status, (SELECT count(*) FROM run_batches) FROM runs").fetchall() \
+            == [(named["run_id"], "running", 0)]
+        assert con.execute("SELECT status, run_id FROM service_jobs").fetchall() == [("cancelled", named["run_id"])]
+    with ServerProcess(db, args=allow(tiny_checkpoint)) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as client:
+        jobs = client.get("/api/v1/jobs").json()
+        assert [(j["status"], j["run_id"]) for j in jobs] == [("cancelled", named["run_id"])]  # not resumed
+        again = wait_for(client, submit(client, **settings)["job_id"], lambda j: j["status"] in ("finished", "failed"))
+        assert again["status"] == "finished" and again["summary"]["resumed"] is True, again
+        assert again["run_id"] == named["run_id"] and again["prompts_by_job"] == 6, again
+        assert server.stop() == 0, server.log()
+    reference = tmp_path / "uncancelled.duckdb"
+    ingest(reference, **settings)
+    assert_same_run(db, reference, named["run_id"], 1)

@@ -154,7 +154,7 @@ def file_prompts(job: IngestSettings) -> list | None:
 
 
 def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=None, show_progress: bool = False,
-           on_batch=None, loaded_model=None, engine=None, **keywords) -> dict:
+           on_batch=None, on_run=None, loaded_model=None, engine=None, **keywords) -> dict:
     """Run (or resume) an ingest into the catalog at db_path; return a summary dict.
 
     The twin of `circuit-catalog ingest`: `settings` (catalog.jobs.settings.IngestSettings) and/or
@@ -168,6 +168,8 @@ def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=N
     device ('cpu', 'cuda', 'auto') and dtype ('float32', 'bfloat16') are where and in what the model
     runs; a bfloat16 model has other weights (its digest differs), so its runs are another model's.
     on_batch(batch_index) is called after each committed batch (tests use it to interrupt).
+    on_run(run_id) is called once the run's row exists (created or found to resume), before its
+    first batch: a service's job knows its run even if it is stopped before a batch commits.
     loaded_model lets a caller reuse a model it has already loaded.
     engine (catalog.jobs.ray_engine.RayEngine) analyses the batches elsewhere; this process stays
     their only writer. None: they are analysed here.
@@ -239,10 +241,13 @@ def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=N
             run_id, resumed = cat.create_run(row, prompts, tokens), False
         else:
             run_id, resumed = run["run_id"], True
+        if on_run is not None:
+            on_run(run_id)
         check_stop()  # after the decomposition, before the batches (on_batch checks between them)
         done = cat.committed_batches(run_id)
         context = _analysis_context(cat, lm, model_id, method_settings, items, token_lists, answers, wrongs, say)
         analyse = chosen.load_analysis()(context)  # also stores the forms the method keeps (once per model)
+        check_stop()  # storing those forms takes a while for a large model
         analysed = (lambda pending: ((b, ids, analyse(ids)) for b, ids in pending)) if engine is None \
             else engine.analysed(job, chosen, context)
         return _run_batches(cat, run_id, resumed, len(items), batch_size, analysed, done, show_progress,

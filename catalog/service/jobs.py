@@ -3,7 +3,9 @@
 A job calls `catalog.jobs.ingest.ingest` exactly as `circuit-catalog ingest` does; batches are
 committed one by one, so a job survives what the CLI ingest survives. Stopping the service
 lets the batch being written commit and then stops the job (the run stays 'running'); the next
-start resumes every unfinished run with the settings recorded in its `runs.params`.
+start resumes every unfinished run with the settings recorded in its `runs.params`, except a run
+whose last job was cancelled (it waits until the same settings are submitted again). A job learns
+its run as soon as the run's row exists, so this holds for a job cancelled before its first batch.
 
 Every job is also a row of the catalog's `service_jobs` table, written as it changes: a restart
 starts the jobs that were still queued, keeps the history, and numbers new jobs after the old
@@ -253,13 +255,15 @@ class JobQueue:
         self.busy, self.writes = True, self.writes + 1
         cursor = self.catalog.cursor()
 
-        def on_batch(batch: int) -> None:
-            # The service is the only writer and runs one job at a time, so the newest committed
-            # batch with this index is this job's.
-            run_id, n = cursor.execute(
-                "SELECT run_id, last_prompt - first_prompt + 1 FROM run_batches WHERE batch = ? "
-                "ORDER BY committed_at DESC LIMIT 1", [batch]).fetchall()[0]
+        def on_run(run_id: int) -> None:
+            # Recorded before the first batch: a job cancelled (or a service killed) before any
+            # batch commits still names its run, so a restart leaves a cancelled job's run alone.
             job.run_id = run_id
+            save_job(cursor, job)
+
+        def on_batch(batch: int) -> None:
+            n = cursor.execute("SELECT last_prompt - first_prompt + 1 FROM run_batches WHERE run_id = ? AND batch = ?",
+                               [job.run_id, batch]).fetchall()[0][0]
             job.prompts_by_job += n
             save_job(cursor, job)
             self.writes += 1
@@ -269,7 +273,8 @@ class JobQueue:
         try:
             save_job(cursor, job)
             with stop_when(lambda: self._stop.is_set() or job.cancel_requested):
-                summary = ingest(self.catalog.path, **ingest_keywords(job.settings), on_batch=on_batch)
+                summary = ingest(self.catalog.path, **ingest_keywords(job.settings), on_batch=on_batch,
+                                 on_run=on_run)
             job.summary = {k: v for k, v in summary.items() if k != "db"}
             job.run_id = summary["run_id"]
             status = "finished"

@@ -17,6 +17,8 @@ import time
 PHASES = {
     "load": ("catalog.models.loading", "load_model"),
     "decompose": ("catalog.methods.shared.svd", "decompose"),  # called once per layer
+    # after the run's row is created, before its first batch (a method's forms being stored)
+    "analysis": ("catalog.jobs.ingest", "_analysis_context"),
 }
 
 
