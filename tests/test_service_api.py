@@ -245,12 +245,12 @@ def test_answers_are_kept_until_something_writes(served):
 @pytest.mark.parametrize("path, params, status, words", [
     ("/api/v1/edges_into/9.9", {}, 400, "no head 9.9"),
     ("/api/v1/edges_into/nine", {}, 400, "not a head"),
-    ("/api/v1/edges_into/2.1", {"run_id": 99}, 400, "no run 99"),
+    ("/api/v1/edges_into/2.1", {"run_id": 99}, 404, "no run 99"),
     ("/api/v1/edges_into/2.1", {"role": "hero"}, 400, "role 'hero'"),
     ("/api/v1/edges_into/2.1", {"side": "left"}, 400, "side must be"),
     ("/api/v1/edges_into/2.1", {"top": "many"}, 422, "top"),
     ("/api/v1/trace", {"roots": "2.1", "format": "svg"}, 400, "format"),
-    ("/api/v1/trace", {"roots": "2.1", "prompt_id": 500}, 400, "no prompt 500"),
+    ("/api/v1/trace", {"roots": "2.1", "prompt_id": 500}, 404, "no prompt 500"),
     ("/api/v1/trace", {"dest_role": "S1", "src_role": "end"}, 400, "--root"),  # no roots from the data
     ("/api/v1/edges_into/2.1", {"dest_role": "hero"}, 400, "role 'hero'"),
     ("/api/v1/runs/77", {}, 404, "no run 77"),
@@ -262,6 +262,42 @@ def test_answers_are_kept_until_something_writes(served):
 def test_bad_input_is_a_4xx_with_one_line(served, path, params, status, words):
     _, client, _ = served
     assert words in assert_one_line_error(client.get(path, params=params), status)
+
+
+# Every route that names a run, a job or a prompt, with one the catalog does not hold.
+UNKNOWN_IDS = [
+    ("GET", "/api/v1/runs/77", {}, "no run 77"),
+    ("DELETE", "/api/v1/runs/77", {}, "no run 77"),
+    ("POST", "/api/v1/runs/77/resume", {}, "no run 77"),
+    ("GET", "/api/v1/jobs/77", {}, "no ingest job 77"),
+    ("DELETE", "/api/v1/jobs/77", {}, "no ingest job 77"),
+    ("GET", "/api/v1/heads", {"run_id": 77}, "no run 77"),
+    ("GET", "/api/v1/heads/2.1", {"run_id": 77}, "no run 77"),
+    ("GET", "/api/v1/heads/2.1/firings", {"run_id": 77}, "no run 77"),
+    ("GET", "/api/v1/edges_into/2.1", {"run_id": 77}, "no run 77"),
+    ("GET", "/api/v1/edges_from/2.1", {"run_id": 77}, "no run 77"),
+    ("GET", "/api/v1/trace", {"roots": "2.1", "run_id": 77}, "no run 77"),
+    ("GET", "/api/v1/trace", {"roots": "2.1", "prompt_id": 500}, "no prompt 500"),
+    ("GET", "/api/v1/firings/0/2.1/0/0", {"run_id": 77}, "no run 77"),
+    ("GET", "/api/v1/firings/500/2.1/0/0", {}, "no firing"),
+    ("GET", "/api/v1/prompts", {"run_id": 77}, "no run 77"),
+    ("GET", "/api/v1/prompts/500", {}, "no prompt 500"),
+    ("GET", "/api/v1/prompts/0", {"run_id": 77}, "no run 77"),
+    ("GET", "/api/v1/roles", {"run_id": 77}, "no run 77"),
+]
+
+
+@pytest.mark.parametrize("method, path, params, words", UNKNOWN_IDS)
+def test_an_unknown_run_job_or_prompt_is_404_with_one_line(served, method, path, params, words):
+    server, client, _ = served
+    error = assert_one_line_error(client.request(method, path, params=params), 404)
+    assert words in error and str(server.db_path) not in error, error
+
+
+def test_cancelling_a_known_run_without_a_job_is_400(served):
+    _, client, _ = served
+    error = assert_one_line_error(client.delete(f"/api/v1/runs/{OLDER_RUN}"), 400)
+    assert "nothing to cancel" in error, error
 
 
 # -- SQL ------------------------------------------------------------------------------------------

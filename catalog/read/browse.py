@@ -20,11 +20,8 @@ import pyarrow as pa
 
 from catalog.errors import CatalogError
 from catalog.read.fragments import same_form
-from catalog.read.runs import HEAD_TABLES, RUN_TABLES, check_role, fetch, require_tables, resolve_run, rows
-
-
-class NotFound(CatalogError):
-    """A run, prompt or firing that the catalog does not hold (the service answers 404)."""
+from catalog.read.runs import (HEAD_TABLES, RUN_TABLES, NotFound, check_role, fetch, require_tables, resolve_run,
+                               rows)
 
 
 # Per run: prompts, firings and edges committed so far (run_batches is written with each batch).

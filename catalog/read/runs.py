@@ -60,6 +60,11 @@ def per_offset_forms(con: duckdb.DuckDBPyConnection, run: Run) -> bool:
                      [run.model_id, run.sv_form])[0][0])
 
 
+class NotFound(CatalogError):
+    """A run, prompt, firing or job that is not there (the service answers 404; the CLI, as any
+    CatalogError, one error line)."""
+
+
 def database_path(con: duckdb.DuckDBPyConnection) -> str:
     """The file behind a connection, for error messages."""
     found = rows(con, "SELECT path FROM duckdb_databases() WHERE database_name = current_database()")
@@ -122,7 +127,7 @@ def resolve_run(con: duckdb.DuckDBPyConnection, run_id: int | None = None, table
         found = rows(con, f"SELECT {columns} FROM {source} WHERE r.run_id = ?", [int(run_id)])
         if not found:
             known = [r[0] for r in rows(con, "SELECT run_id FROM runs ORDER BY run_id")]
-            raise CatalogError(f"no run {run_id} in {database_path(con)} (runs: {', '.join(map(str, known)) or 'none'})")
+            raise NotFound(f"no run {run_id} in {database_path(con)} (runs: {', '.join(map(str, known)) or 'none'})")
     return Run(*found[0])
 
 

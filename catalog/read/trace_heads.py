@@ -27,7 +27,7 @@ from catalog.heads import parse_head
 from catalog.read.fragments import (EFFECT, aggregated_token, edge_token_join, edges_of_firing, effect_match,
                                     firing_offset, head_name_sql, no_svs, token_pos, top_svs)
 from catalog.read.graph import TraceGraph
-from catalog.read.runs import Run, check_role, fetch, head_name, per_offset_forms, rows, rows_table
+from catalog.read.runs import NotFound, Run, check_role, fetch, head_name, per_offset_forms, rows, rows_table
 
 # The IOI name movers (Wang et al. 2022), traced from `end` to `IO` unless told otherwise.
 DEFAULT_ROOTS = ("9.6", "9.9", "10.0")
@@ -357,7 +357,7 @@ def trace_heads(con, run: Run, options) -> TraceGraph:
     if prompt_id is not None and not rows(
             con, "SELECT 1 FROM prompts WHERE run_id = ? AND prompt_id = ?", [run.run_id, int(prompt_id)]):
         n = rows(con, "SELECT count(*) FROM prompts WHERE run_id = ?", [run.run_id])[0][0]
-        raise CatalogError(f"run {run.run_id} has no prompt {prompt_id} (prompts 0..{n - 1})")
+        raise NotFound(f"run {run.run_id} has no prompt {prompt_id} (prompts 0..{n - 1})")
     root_heads, notes = roots_for(con, run, options.roots, dest_role, src_role, prompt_id)
     reached = reached_firings(con, run, root_heads, dest_role, src_role, prompt_id)
     root_names = [head_name(l, h) for l, h in root_heads]

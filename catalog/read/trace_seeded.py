@@ -24,7 +24,7 @@ import pyarrow as pa
 from catalog.errors import CatalogError
 from catalog.read.fragments import EFFECT, NO_SVS, aggregated_token, edges_of_firing, effect_join, token_pos, top_svs
 from catalog.read.graph import TraceGraph
-from catalog.read.runs import Run, check_kinds, fetch, rows, rows_table
+from catalog.read.runs import NotFound, Run, check_kinds, fetch, rows, rows_table
 
 # Label of a token: its position for one prompt, its role (or "other", never its position: the same
 # position is a different word in each template) over all prompts.
@@ -133,7 +133,7 @@ def trace_seeded(con, run: Run, options) -> TraceGraph:
     if prompt_id is not None and not rows(
             con, "SELECT 1 FROM prompts WHERE run_id = ? AND prompt_id = ?", [run.run_id, int(prompt_id)]):
         n = rows(con, "SELECT count(*) FROM prompts WHERE run_id = ?", [run.run_id])[0][0]
-        raise CatalogError(f"run {run.run_id} has no prompt {prompt_id} (prompts 0..{n - 1})")
+        raise NotFound(f"run {run.run_id} has no prompt {prompt_id} (prompts 0..{n - 1})")
     graph = _graph_rows(con, run, prompt_id, kinds)
     n_graphs = len(set(graph.column("prompt_id").to_pylist())) or 1
     con.register("_accpp_graph", graph)

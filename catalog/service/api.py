@@ -144,10 +144,12 @@ def resume_run(request: Request, run_id: int):
 
 @router.delete("/runs/{run_id}", status_code=202, summary="Cancel the queued or running ingest job of a run")
 def cancel_run(request: Request, run_id: int):
-    jobs = _service(request).jobs
-    job = jobs.for_run(run_id)
+    service = _service(request)
+    with service.reader() as con:
+        query.resolve_run(con, run_id)  # an unknown run: 404, as everywhere
+    job = service.jobs.for_run(run_id)
     if job is None or job.status not in ACTIVE:
-        raise CatalogError(f"no queued or running ingest job works on run {run_id}")
+        raise CatalogError(f"no queued or running ingest job works on run {run_id}: nothing to cancel")
     return _cancel(request, job.job_id)
 
 

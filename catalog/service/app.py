@@ -84,7 +84,8 @@ def create_app(service, token: str | None = None, resume: bool = True, sql_timeo
     async def catalog_error(request: Request, err: CatalogError):
         status = 404 if isinstance(err, NotFound) else 408 if isinstance(err, SqlTimeout) \
             else 503 if isinstance(err, SqlBusy) else 413 if isinstance(err, ResultTooLarge) else 400
-        return _error(status, str(err))
+        # The read layer names the catalog's file (for the CLI): not the server's business to show.
+        return _error(status, scrub(str(err), service.private_paths))
 
     @app.exception_handler(duckdb.ConversionException)
     @app.exception_handler(duckdb.OutOfRangeException)
