@@ -107,3 +107,14 @@ def test_bad_probes_are_one_error_line(tmp_path, tiny_checkpoint, probe_file, ex
             "--method", "accpp", "--seeding", "probe"] + [paths.get(a, a) for a in extra]
     line = _error_line(CliRunner().invoke(main, args))
     assert line.startswith("error:") and says in line
+
+
+def test_a_service_job_reads_no_probe_outside_its_allowed_directories(tmp_path, probe_file):
+    from catalog.errors import CatalogError
+    from catalog.service.jobs import IngestSettings as JobModel
+    from catalog.service.validation import check_job
+
+    job = JobModel(method="accpp", seeding="probe", probe=str(probe_file), probe_layer=1)
+    with pytest.raises(CatalogError, match="--probe .*not inside a directory this service may read"):
+        check_job(job, allowed_dirs=[tmp_path / "elsewhere"])
+    check_job(job, allowed_dirs=[probe_file.parent])  # inside: the probe is read and accepted
