@@ -167,3 +167,13 @@ def test_an_unknown_dataset_is_one_error_line(tmp_path, tiny_checkpoint):
                                        str(tiny_checkpoint), "--dataset", "arithmetic", "--n-prompts", "2"])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1].startswith("error: unknown dataset 'arithmetic'")
+
+
+def test_the_service_checks_the_dataset_as_ingest_does():
+    from catalog.service.jobs import IngestSettings as JobModel
+    from catalog.service.validation import check_job
+
+    for dataset in ("ioi", "greater-than", "pronouns", "factual"):
+        check_job(JobModel(dataset=dataset, n_prompts=4), allowed_dirs=[])
+    with pytest.raises(CatalogError, match="unknown dataset 'arithmetic'"):
+        check_job(JobModel(dataset="arithmetic", n_prompts=4), allowed_dirs=[])
