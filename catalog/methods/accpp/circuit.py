@@ -105,9 +105,9 @@ def _seed(res, prompts: BatchPrompts, settings, logits, W_U, b_U, frontier, rows
     text = lambda token_id: repr(tokenizer.decode([token_id]))
     probe = None
     if settings.seeding == "probe":
-        from catalog.methods.accpp.settings import load_probe
+        from catalog.methods.accpp.probe import read_probe
 
-        probe = torch.from_numpy(load_probe(settings.probe)).to(res.pattern.device)
+        probe = torch.from_numpy(read_probe(settings.probe)).to(res.pattern.device)
     for b, (end, prompt_id) in enumerate(zip(prompts.end_pos, prompts.prompt_ids)):
         answer, wrong = prompts.answer_ids[b], prompts.wrong_ids[b]
         if settings.seeding == "linear":
