@@ -149,11 +149,14 @@ def test_deterministic_in_the_seed(gpt2, dataset):
 def test_ingest_each_dataset_with_sad(tmp_path, tiny_checkpoint, gpt2, dataset):
     db = tmp_path / "c.duckdb"
     result = CliRunner().invoke(main, ["ingest", "--db", str(db), "--model-path", str(tiny_checkpoint),
-                                       "--dataset", dataset, "--n-prompts", "4", "--seed", "9", "--method", "sad"])
+                                       "--dataset", dataset, "--n-prompts", "4", "--seed", "4", "--method", "sad"])
     assert result.exit_code == 0, result.output
-    expected = built_in_prompts(dataset, 4, 9, gpt2).prompts
+    built = built_in_prompts(dataset, 4, 4, gpt2)
+    expected = built.prompts
+    if built.dropped:  # greater-than, seed 4: GPT-2 has single tokens for some four-digit years
+        assert f"--dataset {dataset}: {built.dropped} template fills dropped" in result.output
     con = duckdb.connect(str(db), read_only=True)
-    assert con.execute("SELECT dataset, seed FROM runs").fetchall() == [(dataset, 9)]
+    assert con.execute("SELECT dataset, seed FROM runs").fetchall() == [(dataset, 4)]
     stored = con.execute("SELECT text, answer_token_id, wrong_token_id, end_pos FROM prompts ORDER BY prompt_id").fetchall()
     assert stored == [(p.text, p.answer, p.wrong, p.roles["end"]) for p in expected]
     roles = con.execute("SELECT prompt_id, role, pos FROM tokens WHERE role IS NOT NULL").fetchall()
