@@ -118,3 +118,30 @@ def test_a_service_job_reads_no_probe_outside_its_allowed_directories(tmp_path, 
     with pytest.raises(CatalogError, match="--probe .*not inside a directory this service may read"):
         check_job(job, allowed_dirs=[tmp_path / "elsewhere"])
     check_job(job, allowed_dirs=[probe_file.parent])  # inside: the probe is read and accepted
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_probe_totals_on_rotary_families(tmp_path, family):
+    """On GPT-NeoX (parallel attention and MLP) and Llama (RMSNorm, GQA) too, a prompt's probe
+    total is the direction . blocks.L.hook_resid_post at its end, and no seed lies above L; the
+    prompts are the pronouns dataset's, so it runs there as well."""
+    from catalog.models.loading import load_model
+    from catalog.testing.families import save_random_family
+
+    checkpoint = save_random_family(family, tmp_path / family)
+    lm = load_model(path=checkpoint)
+    probe = tmp_path / "d.npy"
+    np.save(probe, np.random.default_rng(1).normal(size=lm.d_model))
+    db = tmp_path / "c.duckdb"
+    ingest(db, model_path=checkpoint, dataset="pronouns", n_prompts=2, seed=0, method="accpp", seeding="probe",
+           probe=probe, probe_layer=LAYER, loaded_model=lm)
+    d = torch.tensor(np.load(probe))
+    con = open_readonly(db)
+    for prompt_id, end, total in con.execute("SELECT prompt_id, pos, total FROM roots ORDER BY prompt_id").fetchall():
+        ids = [t for (t,) in con.execute("SELECT token_id FROM tokens WHERE prompt_id = ? ORDER BY pos",
+                                         [prompt_id]).fetchall()]
+        resid = lm.bridge.run_with_cache(torch.tensor([ids]))[1][f"blocks.{LAYER}.hook_resid_post"][0, end]
+        expected = float(resid.double() @ d)
+        assert total == pytest.approx(expected, abs=1e-4 * max(1.0, abs(expected)))
+    assert con.execute("SELECT count(*) FROM seeds WHERE up_layer > ?", [LAYER]).fetchone()[0] == 0
+    con.close()
