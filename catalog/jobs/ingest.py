@@ -71,14 +71,19 @@ def _decompose_by_layer(W_Q, b_Q, W_K, b_K):
     return Decomposition(*(torch.cat([getattr(d, name) for d in layers]) for name in ("sigma", "U", "V")))
 
 
-def load_prompts(dataset: str, n_prompts: int, seed: int, items, lm):
-    """The prompt set (items read from a JSONL file, or the built-in IOI set) and its tokenization
-    for the model `lm`, validated (CatalogError on any mismatch)."""
+def load_prompts(dataset: str, n_prompts: int, seed: int, items, lm, say=lambda text: None):
+    """The prompt set (items read from a JSONL file, or a built-in dataset, catalog.datasets) and its
+    tokenization for the model `lm`, validated (CatalogError on any mismatch)."""
     from catalog import prompts as prompt_sets
+    from catalog.datasets import built_in_prompts
     from catalog.models.families.base import token_limit
 
     if items is None:
-        items = prompt_sets.ioi_prompts(n_prompts, seed, lm.tokenizer)
+        built = built_in_prompts(dataset, n_prompts, seed, lm.tokenizer)
+        items = built.prompts
+        if built.dropped:
+            say(f"--dataset {dataset}: {built.dropped} template fills dropped (words not single tokens "
+                "for this tokenizer)")
     max_tokens, limit = token_limit(lm.n_ctx, lm.adapter.rotary)
     return items, prompt_sets.tokenize_prompts(items, lm.tokenizer, max_tokens=max_tokens, limit=limit)
 
@@ -144,12 +149,14 @@ def file_prompts(job: IngestSettings) -> list | None:
     """The job's prompts read from its JSONL file (checked), or None for the built-in prompt set;
     one CatalogError line for a bad file or an unknown dataset. The service checks a submitted job
     with it too."""
+    from catalog.datasets import DATASETS
     from catalog.prompts import read_jsonl
 
     if job.prompts_file is not None:
         return read_jsonl(job.prompts_file)
-    if job.dataset != "ioi":
-        raise CatalogError(f"unknown dataset '{job.dataset}': use --dataset ioi or --prompts FILE.jsonl")
+    if job.dataset not in DATASETS:
+        raise CatalogError(f"unknown dataset '{job.dataset}': use --dataset {', '.join(DATASETS)} "
+                           "or --prompts FILE.jsonl")
     return None
 
 
@@ -217,7 +224,7 @@ def ingest(db_path, *, settings: IngestSettings | None = None, method_settings=N
         lm = load_model(model, model_path, device=device, dtype=dtype)
     # Prompts are tokenized and checked before the catalog is touched: bad prompts store nothing.
     check_stop()
-    items, token_lists = load_prompts(dataset, n_prompts, seed, items, lm)
+    items, token_lists = load_prompts(dataset, n_prompts, seed, items, lm, say)
     answers, wrongs = answer_tokens(items, token_lists, lm.tokenizer)
     if chosen.check_inputs is not None:
         chosen.check_inputs(method_settings, lm, items, answers, wrongs)
@@ -284,14 +291,14 @@ def _finished_run(db_path, files_digest, model, model_path, dataset, n_prompts, 
 
     if not Path(db_path).exists():
         return None
-    if items is None:  # the IOI prompts depend on the tokenizer: read it from the checkpoint's files
+    if items is None:  # the built-in prompts depend on the tokenizer: read it from the checkpoint's files
+        from catalog.datasets import built_in_prompts
         from catalog.models.checkpoint import file_tokenizer
-        from catalog.prompts import ioi_prompts
 
         tokenizer = file_tokenizer(model, model_path)
         if tokenizer is None:
             return None
-        items = ioi_prompts(n_prompts, seed, tokenizer)
+        items = built_in_prompts(dataset, n_prompts, seed, tokenizer).prompts
     digest = prompts_digest(items)
     with Catalog(db_path) as cat:
         model_ids = [r[0] for r in cat.con.execute(

@@ -31,7 +31,8 @@ class IngestSettings:
     device: str = option("cpu", "Where the model runs (auto: cuda when a GPU is usable).", choices=DEVICES)
     dtype: str = option("float32", "The model's weights and activations (bfloat16: see the README's numbers).",
                         choices=DTYPES)
-    dataset: str = option("ioi", "Built-in prompt set (ioi).")
+    dataset: str = option("ioi", "Built-in prompt set: ioi, greater-than, pronouns or factual "
+                                 "(docs/datasets.md).")
     n_prompts: int = option(256, "Prompts to generate.", rules=(at_least(1),))
     seed: int = option(0, "Seed of the prompt generator.")
     prompts_file: Path | None = option(None, 'A JSONL file: {"text": ..., "roles": {"IO": 2, ..., "end": 18}} '

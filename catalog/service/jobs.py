@@ -59,9 +59,11 @@ class IngestSettings(BaseModel):
     # method 'accpp' (ACC++)
     threshold: float | Literal["dynamic"] = "dynamic"
     ig_steps: int = Field(64, ge=1)
-    seeding: Literal["linear", "prob", "none"] = "linear"
+    seeding: Literal["linear", "prob", "probe", "none"] = "linear"
     prob_target: Literal["answer", "top1"] = "answer"
     tau: float = 0.8
+    probe: str | None = None
+    probe_layer: int | None = Field(None, ge=0)
     heads: str | list[str] | None = None
     dest_roles: str | list[str] | None = None
     batch_size: int = Field(16, ge=1)

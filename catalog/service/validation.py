@@ -26,6 +26,8 @@ def check_job(settings, allowed_dirs: list[Path], max_prompts: int = DEFAULT_MAX
     from catalog.models.loading import check_family, resolve_device
     from catalog.service.jobs import ingest_keywords
 
+    if getattr(settings, "probe", None) is not None:  # before the settings read the probe file
+        _check_inside(str(settings.probe), "--probe", allowed_dirs)
     job, chosen, method_settings = resolve_settings(**ingest_keywords(settings))
     if job.n_prompts > max_prompts:
         raise CatalogError(f"--n-prompts must be at most {max_prompts:,} in this service, got {job.n_prompts:,}")

@@ -42,7 +42,7 @@ def ioi_sentences(left_out=()) -> list[str]:
 
 
 def llama_style_tokenizer(vocab_size: int = 4096, left_out=(), isolate_punctuation: bool = True,
-                          append_eos: bool = False):
+                          append_eos: bool = False, extra_sentences=()):
     """A Llama-style BPE tokenizer as a transformers PreTrainedTokenizerFast (`len()` is its
     vocabulary size, `save_pretrained` and `AutoTokenizer.from_pretrained` round-trip offline).
 
@@ -53,7 +53,9 @@ def llama_style_tokenizer(vocab_size: int = 4096, left_out=(), isolate_punctuati
     its own is "▁", "▁Mary" but inside "When Mary" just "▁Mary"; it keeps punctuation apart
     from words (unless isolate_punctuation is False: then it learns tokens such as "▁store,"
     and words merge with the comma after them), and prepends the BOS "<s>" to every text (and
-    appends the EOS "</s>" with append_eos, as some tokenizers do).
+    appends the EOS "</s>" with append_eos, as some tokenizers do). `extra_sentences` are trained
+    on too (the other built-in datasets' texts, catalog.datasets); none by default, so the
+    vocabulary is the IOI one.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -74,7 +76,7 @@ def llama_style_tokenizer(vocab_size: int = 4096, left_out=(), isolate_punctuati
         initial_alphabet=sorted(set(string.printable.strip()) | {WORD_START}),
         show_progress=False,
     )
-    backend.train_from_iterator(ioi_sentences(left_out), trainer)
+    backend.train_from_iterator(ioi_sentences(left_out) + list(extra_sentences), trainer)
     end = f" {EOS}" if append_eos else ""
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A{end}", pair=f"{BOS} $A{end} {BOS} $B{end}",

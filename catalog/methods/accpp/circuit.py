@@ -17,7 +17,7 @@ import torch
 
 from catalog.methods.accpp.components import HOOKS, component_kind, residual_components
 from catalog.methods.accpp.firing import SIDES, Firings, LayerDecomposer, threshold_at
-from catalog.methods.accpp.seeds import linear_seeds, prob_seeds
+from catalog.methods.accpp.seeds import linear_seeds, prob_seeds, probe_seeds
 from catalog.methods.accpp.settings import AccppSettings
 from catalog.methods.accpp.weights import AccppWeights, accpp_weights
 from catalog.methods.shared.tensors import pad_tokens, rows_of
@@ -103,11 +103,19 @@ COLUMNS = {
 def _seed(res, prompts: BatchPrompts, settings, logits, W_U, b_U, frontier, rows, tokenizer) -> None:
     n_heads = res.pattern.shape[2]
     text = lambda token_id: repr(tokenizer.decode([token_id]))
+    probe = None
+    if settings.seeding == "probe":
+        from catalog.methods.accpp.probe import read_probe
+
+        probe = torch.from_numpy(read_probe(settings.probe)).to(res.pattern.device)
     for b, (end, prompt_id) in enumerate(zip(prompts.end_pos, prompts.prompt_ids)):
         answer, wrong = prompts.answer_ids[b], prompts.wrong_ids[b]
         if settings.seeding == "linear":
             seeds = linear_seeds(res, b, end, W_U[:, answer] - W_U[:, wrong],
                                  f"logit({text(answer)}) - logit({text(wrong)})")
+        elif settings.seeding == "probe":
+            seeds = probe_seeds(res, b, end, probe, settings.probe_layer,
+                                f"probe {settings.probe.name} at layer {settings.probe_layer}")
         else:
             target = answer if settings.prob_target == "answer" else int(logits[b, end].argmax())
             seeds = prob_seeds(res, b, end, W_U, b_U, [target], settings.tau, settings.ig_steps,

@@ -11,6 +11,8 @@ def check_inputs(settings, model, items, answers, wrongs) -> None:
     prompt has, or a prompt without the answer/wrong token its seeding needs."""
     for layer, head in settings.heads:
         parse_head(f"{layer}.{head}", model.n_layers, model.n_heads)
+    if settings.seeding == "probe":
+        _check_probe(settings, model.n_layers, model.d_model)
     for role in settings.dest_roles:
         if not any(role in p.roles for p in items):
             raise CatalogError(f"--dest-roles: no prompt has a token with role '{role}'")
@@ -31,3 +33,17 @@ def check_config(settings, config: dict) -> None:
     if isinstance(n_layers, int) and isinstance(n_heads, int):
         for layer, head in settings.heads:
             parse_head(f"{layer}.{head}", n_layers, n_heads)
+    d_model = config.get("hidden_size", config.get("n_embd"))
+    if settings.seeding == "probe" and isinstance(n_layers, int) and isinstance(d_model, int):
+        _check_probe(settings, n_layers, d_model)
+
+
+def _check_probe(settings, n_layers: int, d_model: int) -> None:
+    """The probe's layer exists and its direction is a d_model vector."""
+    from catalog.methods.accpp.settings import load_probe
+
+    if not 0 <= settings.probe_layer < n_layers:
+        raise CatalogError(f"--probe-layer {settings.probe_layer} is not a layer of this model (0..{n_layers - 1})")
+    size = load_probe(settings.probe).shape[0]
+    if size != d_model:
+        raise CatalogError(f"--probe: {settings.probe} holds {size} numbers, but the model's d_model is {d_model}")

@@ -7,6 +7,10 @@ whose sum is ln_final.hook_normalized[e]. A seed is a component that explains th
 * linear: contrib_c = r_c . (W_U[:, answer] - W_U[:, wrong]); keep every component at or
   above a cutoff (the first sorted value whose running sum exceeds the total, at most half
   the total). Seed weights are logits.
+* probe (the library's trace_from_probe): contrib_c = r_c . d for a linear probe's direction d
+  at the output position, with r_c the raw (not ln_final-scaled) output of the components of
+  layers 0..L, whose sum is blocks.L.hook_resid_post[e]; the same cutoff rule. Seed weights are
+  probe units (the direction's dot product with the residual).
 * prob: integrated gradients of J = sum_t q*_t log softmax(z)_t along z(a) = b_U + a z_clean,
   then greedily the components of largest attribution until their removal drops J by tau of
   the completeness C = J(z_clean + b_U) - J(b_U). Seed weights are nats.
@@ -76,7 +80,20 @@ def _decode(index: torch.Tensor, shape) -> tuple[list[int], list[int], list[int]
 
 def linear_seeds(res: Residual, prompt: int, end: int, direction: torch.Tensor, objective: str) -> PromptSeeds:
     """Seeds along a logit direction (get_upstream_contributors_seed with frac 1.0)."""
-    scores = component_scores(res, prompt, end, direction.double())
+    return _linear_rule(component_scores(res, prompt, end, direction.double()), objective)
+
+
+def probe_seeds(res: Residual, prompt: int, end: int, direction: torch.Tensor, layer: int,
+                objective: str) -> PromptSeeds:
+    """Seeds along a probe direction in the residual stream after `layer` (blocks.L.hook_resid_post)."""
+    scores = component_scores(res, prompt, end, direction.double()) * res.final_scale[prompt, end].double()
+    scores[layer + 1:] = 0.0  # later layers' heads, MLPs and b_O (the embedding sits at layer 0)
+    return _linear_rule(scores, objective)
+
+
+def _linear_rule(scores: torch.Tensor, objective: str) -> PromptSeeds:
+    """Keep every component at or above the cutoff (the first sorted value whose running sum
+    exceeds the total, at most half the total), heaviest first."""
     index, contrib = _nonzero_components(scores)
     total = float(contrib.sum())
     if total <= 0:

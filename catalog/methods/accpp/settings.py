@@ -3,12 +3,14 @@ in runs.settings."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import hashlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from catalog.errors import CatalogError
 from catalog.settings import Rule, at_least, in_unit_interval, option
 
-SEEDINGS = ("linear", "prob", "none")
+SEEDINGS = ("linear", "prob", "probe", "none")
 PROB_TARGETS = ("answer", "top1")
 
 
@@ -24,16 +26,24 @@ class AccppSettings:
     ig_steps: int = option(64, "Trapezoid intervals of the integrated gradients.", rules=(at_least(1),))
     seeding: str = option(
         "linear", "Root each prompt's circuit at the logit difference answer - wrong (linear), the "
-                  "log-probability of a token (prob), or decompose only --heads (none).", choices=SEEDINGS)
+                  "log-probability of a token (prob), a linear probe's direction at --probe-layer (probe), "
+                  "or decompose only --heads (none).", choices=SEEDINGS)
     prob_target: str = option("answer", "--seeding prob: the token whose probability is explained.",
                               choices=PROB_TARGETS)
     tau: float = option(0.8, "--seeding prob: share of the objective the seeds must remove.",
                         rules=(in_unit_interval(),))
+    probe: Path | None = option(None, "--seeding probe: a .npy or .pt file holding the probe's direction "
+                                      "(a d_model vector).", metavar="FILE", kind=Path)
+    probe_layer: int | None = option(None, "--seeding probe: the layer whose residual output the probe reads "
+                                           "(blocks.L.hook_resid_post).", metavar="L", kind=int,
+                                     rules=(at_least(0),))
     heads: tuple[tuple[int, int], ...] = option(
         (), "Also decompose every firing of these heads (e.g. 9.9,9.6,10.0).", metavar="L.H,...", kind=str)
     dest_roles: tuple[str, ...] = option(
         (), "With --heads: only their firings whose destination token has one of these roles.",
         metavar="ROLE,...", kind=str)
+    # The probe file's sha256, set by parsed(): a run is the same run only with the same direction.
+    probe_digest: str | None = field(default=None, compare=False)
 
     def parsed(self) -> "AccppSettings":
         """User values made typed: a threshold 'dynamic' or a number, heads "9.9,9.6" or a list."""
@@ -52,6 +62,15 @@ class AccppSettings:
             raise CatalogError("--seeding none decomposes nothing without --heads L.H,...")
         if made.dest_roles and not made.heads:
             raise CatalogError("--dest-roles applies to the firings of --heads; give --heads too")
+        if made.seeding == "probe":
+            if made.probe is None or made.probe_layer is None:
+                raise CatalogError("--seeding probe needs --probe FILE (.npy or .pt) and --probe-layer L")
+            probe = Path(made.probe)
+            load_probe(probe)  # a bad file fails here, before the model is loaded
+            made = replace(made, probe=probe, probe_layer=int(made.probe_layer),
+                           probe_digest=hashlib.sha256(probe.read_bytes()).hexdigest())
+        elif made.probe is not None or made.probe_layer is not None:
+            raise CatalogError("--probe and --probe-layer apply to --seeding probe")
         return made
 
     def columns(self) -> dict:
@@ -63,7 +82,18 @@ class AccppSettings:
         return {"threshold": self.threshold, "ig_steps": self.ig_steps, "seeding": self.seeding,
                 "prob_target": self.prob_target if self.seeding == "prob" else None,
                 "tau": self.tau if self.seeding == "prob" else None,
-                "heads": [f"{l}.{h}" for l, h in self.heads], "dest_roles": list(self.dest_roles)}
+                "heads": [f"{l}.{h}" for l, h in self.heads], "dest_roles": list(self.dest_roles),
+                **({"probe": str(self.probe), "probe_layer": self.probe_layer, "probe_digest": self.probe_digest}
+                   if self.seeding == "probe" else {})}
+
+
+def load_probe(path: Path):
+    """The probe's direction as a 1-D float64 numpy array (catalog.methods.accpp.probe). Imported
+    by name when called, as the registry loads a method's analysis: reading a .pt file needs torch,
+    which the modules the read path imports (this one among them) must not import."""
+    import importlib
+
+    return importlib.import_module("catalog.methods.accpp.probe").read_probe(path)
 
 
 def _split(value) -> list:
