@@ -123,8 +123,10 @@ def _ingest_process(db, checkpoint, *args):
 
 
 def _wait_for_line(process, fragment: str, timeout: float = 300) -> list[str]:
-    """Read stderr until a line holds `fragment` (tqdm's bar ends its repaints with \\r)."""
+    """Read stderr until a line holds `fragment`, a regular expression (tqdm's bar ends its repaints
+    with \\r)."""
     import os
+    import re
     import select
 
     deadline, seen, buffer = time.monotonic() + timeout, [], ""
@@ -136,7 +138,7 @@ def _wait_for_line(process, fragment: str, timeout: float = 300) -> list[str]:
             if not chunk:
                 break
             buffer += chunk
-            if fragment in buffer:
+            if re.search(fragment, buffer):
                 return buffer
     process.kill()
     raise AssertionError(f"no {fragment!r} within {timeout} s: {buffer[-2000:]}")
@@ -162,7 +164,7 @@ def test_cli_ingest_stops_during_a_batch_and_resumes(tiny_checkpoint, tmp_path, 
     args = ("--n-prompts", "64", "--batch-size", "2", "--seed", "3")
     process = _ingest_process(db, tiny_checkpoint, *args)
     try:
-        _wait_for_line(process, "/64")  # the progress bar: batches are being written
+        _wait_for_line(process, r"\b[1-9][0-9]*/64")  # the progress bar: a batch is saved, more are coming
         process.send_signal(sig)
         _, err = process.communicate(timeout=20)
     finally:
