@@ -49,7 +49,7 @@ ACCPP_EXITS = {
     "circuit.py:_collect": "the upstream firings an edge reaches, added to the frontier",
     "circuit.py:_add_head_firings": "the firings of --heads, added to the frontier",
     "seeds.py:_decode": "a prompt's seed components, added to the frontier",
-    "seeds.py:linear_seeds": "a prompt's total and cutoff, and its seeds' weights",
+    "seeds.py:_linear_rule": "a prompt's total and cutoff, and its seeds' weights (linear and probe seeding)",
     "seeds.py:prob_seeds": "the attribution of the next seed candidate, and the seeds' weights",
     "seeds.py:J": "the objective after removing a seed (one number)",
     "weights.py:through_output": "the distinct heads of a layer's firings, to cache their projections",
