@@ -20,29 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from catalog.errors import CatalogError
+from catalog.jobs.intervene import finished_run
 
 KIND = "attn_sae"
 
 
 def open_run(cat, run_id: int | None) -> dict:
-    con = cat.con
-    columns = ["run_id", "model_id", "method", "status", "params", "append_constant"]
-    if run_id is None:
-        found = con.execute(f"SELECT {', '.join(columns)} FROM runs WHERE status = 'finished' "
-                            "ORDER BY run_id DESC LIMIT 1").fetchall()
-        if not found:
-            raise CatalogError("no finished run in the catalog: ingest prompts first")
-    else:
-        found = con.execute(f"SELECT {', '.join(columns)} FROM runs WHERE run_id = ?", [int(run_id)]).fetchall()
-        if not found:
-            raise CatalogError(f"no run {run_id} in the catalog")
-    run = dict(zip(columns, found[0]))
-    if run["status"] != "finished":
-        raise CatalogError(f"run {run['run_id']} is not finished: finish its ingest first")
-    model = con.execute("SELECT name, n_layers, n_heads, d_head, weights_digest FROM models WHERE model_id = ?",
-                        [run["model_id"]]).fetchall()[0]
-    run.update(zip(("model_name", "n_layers", "n_heads", "d_head", "weights_digest"), model))
-    run["method"] = run["method"] or "sad"
+    run = finished_run(cat.con, run_id)
     run["params"] = run["params"] if isinstance(run["params"], dict) else json.loads(run["params"] or "{}")
     return run
 

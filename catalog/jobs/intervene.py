@@ -75,7 +75,7 @@ def intervene_run(db_path, *, settings: InterveneSettings | None = None, loaded_
         raise CatalogError(f"no catalog at {db_path}: create one with `circuit-catalog ingest --db {db_path}`")
     started = time.perf_counter()
     with Catalog(db_path) as cat:
-        run = _finished_run(cat.con, run_id)
+        run = finished_run(cat.con, run_id)
         _check_family(run)  # before anything is selected or loaded
         head_keys = [layer * 1000 + head for layer, head in _heads(heads, run)]
         if prompt_id is not None and not cat.con.execute(
@@ -108,8 +108,10 @@ def intervene_run(db_path, *, settings: InterveneSettings | None = None, loaded_
     return summary
 
 
-def _finished_run(con, run_id: int | None) -> dict:
-    columns = ["run_id", "model_id", "method", "status", "params"]
+def finished_run(con, run_id: int | None) -> dict:
+    """The run (the latest finished one when run_id is None) with its model's shape and family, or
+    one CatalogError line; what intervene and features (catalog.jobs.features) both start from."""
+    columns = ["run_id", "model_id", "method", "status", "params", "append_constant"]
     if run_id is None:
         found = con.execute(f"SELECT {', '.join(columns)} FROM runs WHERE status = 'finished' "
                             "ORDER BY run_id DESC LIMIT 1").fetchall()
@@ -124,9 +126,9 @@ def _finished_run(con, run_id: int | None) -> dict:
     if run["status"] != "finished":
         raise CatalogError(f"run {run['run_id']} is not finished: finish its ingest first (run the same "
                            "ingest command again)")
-    shape = con.execute("SELECT n_layers, n_heads, name, weights_digest FROM models WHERE model_id = ?",
+    shape = con.execute("SELECT n_layers, n_heads, d_head, name, weights_digest FROM models WHERE model_id = ?",
                         [run["model_id"]]).fetchall()[0]
-    run.update(n_layers=shape[0], n_heads=shape[1], model_name=shape[2], weights_digest=shape[3])
+    run.update(zip(("n_layers", "n_heads", "d_head", "model_name", "weights_digest"), shape))
     run["method"] = run["method"] or "sad"
     family = con.execute("SELECT family FROM model_families WHERE model_id = ?", [run["model_id"]]).fetchall()
     run["family"] = family[0][0] if family else "gpt2"  # catalogs before model_families held GPT-2 only
