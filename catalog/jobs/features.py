@@ -244,7 +244,7 @@ def features_run(db_path, sae_dirs: list, *, qk_dirs: list = (), n_pairs: int = 
                 lm = lm or load_run_model(run, model, model_path, device)
                 n_edges, table = _batch_rows(cat, run, lm, sae.to(lm.device), dictionary_id, batch)
                 if table is not None:
-                    _write(cat, table, run["run_id"])
+                    cat.append_rows("edge_features", table, run_id=run["run_id"])
                     summary["rows"] += table.num_rows
                 summary["edges"] += n_edges
                 if say is not None:
@@ -325,14 +325,3 @@ def _batch_rows(cat, run, lm, sae, dictionary_id: int, batch: list[int]):
         piece(every_edge, "constant", nothing, nothing, parts.constant_part)
     table = pa.concat_tables(pieces)
     return n_edges, table
-
-
-def _write(cat, table, run_id: int) -> None:
-    """One batch of prompts in one transaction."""
-    cat.con.execute("BEGIN TRANSACTION")
-    try:
-        cat._append("edge_features", table, run_id=run_id)
-        cat.con.execute("COMMIT")
-    except BaseException:
-        cat.con.execute("ROLLBACK")
-        raise

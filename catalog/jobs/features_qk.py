@@ -182,13 +182,7 @@ def store_qk_pairs(cat, run: dict, lm, qk_dirs: list, n_pairs: int, batch_size: 
             pairs = split_scores(qk, x[b, dest], x[b, src], cache[hooks[1]][b, dest, qk.head],
                                  cache[hooks[2]][b, src, qk.head], maps)
             table = _pair_rows(firings, pairs, n_pairs, qk, dictionary_id, sigma)
-            cat.con.execute("BEGIN TRANSACTION")
-            try:
-                cat._append("firing_feature_pairs", table, run_id=run["run_id"])
-                cat.con.execute("COMMIT")
-            except BaseException:
-                cat.con.execute("ROLLBACK")
-                raise
+            cat.append_rows("firing_feature_pairs", table, run_id=run["run_id"])
             summary["firings"] += len(firings)
             summary["pair_rows"] += table.num_rows
             if say is not None:

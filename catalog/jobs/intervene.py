@@ -309,7 +309,7 @@ def _intervene_and_store(cat, run, lm, edges: dict, mode, boost, batch_size, max
                 "signal_norm", "norm_ratio", "cos_sim", "attn_before", "attn_after", "logit_diff_before",
                 "logit_diff_after", "kl_div", "other_logit_change")},
         })
-        _write(cat, table, run["run_id"])
+        cat.append_rows("interventions", table, run_id=run["run_id"], created_at=datetime.now())
         changes.append(rows_of(result.attn_after - result.attn_before))
         n_done += len(sel)
         if say is not None:
@@ -323,14 +323,3 @@ def _floats(values) -> "object":
     import pyarrow as pa
 
     return pa.array(values.double().cpu().numpy(), pa.float64(), from_pandas=True).cast(pa.float32())
-
-
-def _write(cat, table, run_id: int) -> None:
-    """One batch of rows in one transaction."""
-    cat.con.execute("BEGIN TRANSACTION")
-    try:
-        cat._append("interventions", table, run_id=run_id, created_at=datetime.now())
-        cat.con.execute("COMMIT")
-    except BaseException:
-        cat.con.execute("ROLLBACK")
-        raise

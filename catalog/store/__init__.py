@@ -356,9 +356,14 @@ class Catalog:
 
     def add_singular_vectors(self, model_id: int, singular_vectors) -> None:
         """Another form's singular vectors of a stored model (an Arrow table without model_id), in one transaction."""
+        self.append_rows("singular_vectors", singular_vectors, model_id=model_id)
+
+    def append_rows(self, table: str, data, **constants) -> None:
+        """Append an Arrow table's rows (plus `constants` as columns, e.g. run_id) in one transaction:
+        a batch of a job that writes one table (interventions, features) is all there or absent."""
         self.con.execute("BEGIN TRANSACTION")
         try:
-            self._append("singular_vectors", singular_vectors, model_id=model_id)
+            self._append(table, data, **constants)
             self.con.execute("COMMIT")
         except BaseException:
             self.con.execute("ROLLBACK")
